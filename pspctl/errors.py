@@ -1,0 +1,66 @@
+"""Errors pspctl raises for bad input. The CLI prints their message on one line and exits with `exit_code`.
+
+Any other exception escaping the library is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PspctlError(Exception):
+    """Base class: a user-facing problem with a one-line message."""
+
+    exit_code = 1
+
+
+class InputError(PspctlError):
+    """A path is missing, unreadable, not a checkpoint, truncated or corrupt."""
+
+    exit_code = 2
+
+
+class MismatchError(PspctlError):
+    """Inputs disagree with each other (keys, shapes, dtypes) or with a model."""
+
+    exit_code = 3
+
+
+class UnsafeCheckpointError(PspctlError):
+    """A checkpoint would need arbitrary pickle execution to load."""
+
+    exit_code = 4
+
+
+class FormatError(PspctlError):
+    """A file is not a pspctl superposed file, or has an unknown format version."""
+
+    exit_code = 5
+
+
+class ContextError(PspctlError):
+    """A context index is out of range or a label is unknown."""
+
+    exit_code = 6
+
+
+class PolicyError(PspctlError):
+    """A merge cannot be done as asked: non-finite weights, rotation fan-in over the limit, ..."""
+
+    exit_code = 7
+
+
+class OutputError(PspctlError):
+    """The output path is unusable: exists without --force, equals an input, is a file not a dir."""
+
+    exit_code = 8
+
+
+class TaskError(PspctlError):
+    """A task file is missing a required function, or its model/data do not fit."""
+
+    exit_code = 9
+
+
+class ValidationError(PspctlError):
+    """An exported graph or a trained model failed its check against PyTorch."""
+
+    exit_code = 10
