@@ -1,0 +1,3 @@
+from pspctl.cli import main
+
+main()

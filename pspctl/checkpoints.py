@@ -1,0 +1,207 @@
+"""Reading and writing plain checkpoints, safe by default.
+
+`.safetensors` files are read lazily, one tensor at a time. `.pt`/`.pth`/`.bin` files are
+loaded with `torch.load(weights_only=True, mmap=True)`: no pickle code runs and tensors stay
+on disk until touched. A pickled whole `nn.Module` needs pickle execution, so it is refused
+unless the caller passes `trust_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from pspctl.errors import InputError, OutputError, UnsafeCheckpointError
+from pspctl.policy import TensorInfo
+
+__all__ = [
+    "Checkpoint",
+    "atomic_path",
+    "dtype_name",
+    "open_checkpoint",
+    "save_state_dict",
+    "sha256_file",
+]
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+}  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32."""
+    return str(dtype).removeprefix("torch.")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Checkpoint:
+    """A read-only view of one state_dict: ordered names, shapes and dtypes up front, tensors on demand."""
+
+    def __init__(self, path: Path, infos: dict[str, TensorInfo], getter, notes: list[str]):
+        self.path = path
+        self.infos = infos
+        self._get = getter
+        self.notes = notes  # what was done to the file's keys, e.g. a stripped prefix
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._get(name)
+
+    def nbytes(self) -> int:
+        """Bytes of all its tensors (not the file size)."""
+        return sum(i.numel * _itemsize(i.dtype) for i in self.infos.values())
+
+
+def _itemsize(dtype: str) -> int:
+    return getattr(torch, dtype).itemsize
+
+
+def _strip_prefixes(names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Map stripped name -> stored name, removing DDP's `module.` and torch.compile's `_orig_mod.`."""
+    notes = []
+    mapping = {n: n for n in names}
+    for prefix in WRAPPER_PREFIXES:
+        if mapping and all(k.startswith(prefix) for k in mapping):
+            mapping = {k[len(prefix) :]: v for k, v in mapping.items()}
+            notes.append(f"stripped prefix '{prefix}'")
+    return mapping, notes
+
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        names = list(handle.keys())
+        meta = handle.metadata() or {}
+        slices = {n: handle.get_slice(n) for n in names}
+        raw = {
+            n: (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), s.get_dtype())) for n, s in slices.items()
+        }
+    except SafetensorError as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") == "pspctl":
+        raise InputError(f"{path}: is a pspctl superposed file; extract its models first (pspctl extract)")
+    mapping, notes = _strip_prefixes(names)
+    infos = {n: TensorInfo(n, *raw[stored]) for n, stored in mapping.items()}
+
+    def get(name: str) -> Tensor:
+        try:
+            return handle.get_tensor(mapping[name])
+        except SafetensorError as e:
+            raise InputError(f"{path}: cannot read tensor {name!r} ({e})") from None
+
+    return Checkpoint(path, infos, get, notes)
+
+
+def _unwrap(obj: object, path: Path) -> tuple[Mapping[str, Tensor], list[str]]:
+    notes = []
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            notes.append(f"unwrapped '{key}'")
+            break
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+        notes.append("took state_dict() of a pickled module")
+    if not isinstance(obj, Mapping) or not obj:
+        raise InputError(f"{path}: no state_dict found (expected a dict of tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise InputError(f"{path}: not a state_dict: entries {bad[:3]} are not tensors")
+    return obj, notes
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> object:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":
+        raise InputError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise UnsafeCheckpointError(
+            f"{path}: loading it would execute pickled code{what}; a malicious pickle can run "
+            "anything. Re-save it as a state_dict, or pass --trust-pickle if you trust its source"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
+    """Open a state_dict checkpoint for reading.
+
+    Raises:
+        InputError: missing, unreadable, truncated, or not a state_dict.
+        UnsafeCheckpointError: a pickled module or other object, without `trust_pickle`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return _open_safetensors(path)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise InputError(f"{path}: unknown checkpoint type (expected .safetensors, .pt, .pth, .bin or .ckpt)")
+    state, notes = _unwrap(_torch_load(path, trust_pickle), path)
+    mapping, strip_notes = _strip_prefixes(list(state))
+    infos = {n: TensorInfo(n, tuple(state[s].shape), dtype_name(state[s].dtype)) for n, s in mapping.items()}
+    return Checkpoint(path, infos, lambda name: state[mapping[name]], notes + strip_notes)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s directory; rename it onto `path` only on success."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    if path.exists() and not force:
+        raise OutputError(f"{path}: already exists (pass --force to overwrite)")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: no such directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def save_state_dict(state: Mapping[str, Tensor], path: str | Path, *, force: bool = False) -> None:
+    """Write a plain state_dict atomically: safetensors for `.safetensors`, torch.save otherwise."""
+    path = Path(path)
+    if path.suffix not in PICKLE_SUFFIXES | {".safetensors"}:
+        raise OutputError(f"{path}: unknown output type (use .safetensors, .pt, .pth or .bin)")
+    with atomic_path(path, force=force) as tmp:
+        if path.suffix == ".safetensors":
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        else:
+            torch.save(dict(state), tmp)

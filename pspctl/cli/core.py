@@ -1,0 +1,201 @@
+"""`merge`, `extract`, `info`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pspctl.cli import app, console, handle_errors, human_bytes, print_json, progress_bar
+
+DEFAULT_FILE = Path("w.safetensors")
+FileArg = Annotated[Path, typer.Argument(help="The superposed file.", show_default=True)]
+
+
+@app.command()
+@handle_errors
+def merge(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Two or more checkpoints (.pt/.pth/.bin/.safetensors) with identical keys, shapes and dtypes."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="The superposed .safetensors file to write.")
+    ] = DEFAULT_FILE,
+    kind: Annotated[
+        str, typer.Option(help="Context kind: binary, complex, rotation or onepower.")
+    ] = "binary",
+    seed: Annotated[int, typer.Option(help="Seed of the contexts; they are also stored in the file.")] = 0,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated context labels (default: the input file stems)."),
+    ] = None,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(help="Glob of tensor names to store per context. Repeatable."),
+    ] = None,
+    superpose: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Glob of tensor names to superpose regardless of the rules ('*' = all). Repeatable."
+        ),
+    ] = None,
+    max_interference: Annotated[
+        float, typer.Option(help="Keep per context tensors whose (K-1)/fan_in exceeds this.")
+    ] = 0.02,
+    min_share: Annotated[
+        float,
+        typer.Option(help="Keep per context tensors holding less than this share of the parameters."),
+    ] = 0.05,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Stored dtype of superposed tensors: float32, float16 or bfloat16 (default: as input)."
+        ),
+    ] = None,
+    max_rotation_fan_in: Annotated[
+        int,
+        typer.Option(help="Refuse rotation contexts over a larger fan-in (they cost K×M² floats)."),
+    ] = 4096,
+    task: Annotated[
+        str | None, typer.Option(help="Task file to record for analyze/export (path or module).")
+    ] = None,
+    allow_nonfinite: Annotated[
+        bool, typer.Option("--allow-nonfinite", help="Merge weights containing NaN/Inf.")
+    ] = False,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow pickled modules: runs code from the file. Only for files you trust.",
+        ),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON instead of a table.")
+    ] = False,
+) -> None:
+    """Superpose several checkpoints into one .safetensors file."""
+    from pspctl.errors import PolicyError
+    from pspctl.merge import MergeOptions
+    from pspctl.merge import merge as run_merge
+    from pspctl.policy import Policy
+
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        raise PolicyError(f"--dtype {dtype}: expected float32, float16 or bfloat16")
+    options = MergeOptions(
+        kind=_kind(kind),
+        seed=seed,
+        labels=labels.split(",") if labels else None,
+        policy=Policy(max_interference, min_share, tuple(keep or ()), tuple(superpose or ())),
+        dtype=dtype,
+        max_rotation_fan_in=max_rotation_fan_in,
+        allow_nonfinite=allow_nonfinite,
+        trust_pickle=trust_pickle,
+        force=force,
+        task=task,
+        command=shlex.join(["pspctl", *sys.argv[1:]]),
+    )
+    with progress_bar("merging", quiet=quiet or json_out) as update:
+        report = run_merge(inputs, output, options, progress=update)
+    if json_out:
+        print_json(report.to_dict())
+        return
+    table = Table(title=f"{report.output}: {report.num_contexts} models, {report.kind} contexts")
+    for col in ("tensor", "role", "why", "fan-in", "share", "(K-1)/M", "bytes"):
+        table.add_column(col, justify="left" if col in ("tensor", "role", "why") else "right")
+    for d in report.decisions:
+        table.add_row(
+            d.name, d.role.value, d.reason, str(d.fan_in), f"{d.share:.1%}", "–" if d.interference is None else f"{d.interference:.4f}",
+            human_bytes(report.stored_bytes[d.name]),
+        )  # fmt: skip
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    console.print(
+        f"inputs {human_bytes(report.input_bytes)} → output {human_bytes(report.output_bytes)}: "
+        f"storage ratio [bold]{report.storage_ratio:.2f}×[/]"
+    )
+
+
+def _kind(kind: str) -> str:
+    from pspctl.contexts import Kind
+    from pspctl.errors import PolicyError
+
+    try:
+        return Kind(kind).value
+    except ValueError:
+        raise PolicyError(f"unknown kind {kind!r}: expected binary, complex, rotation or onepower") from None
+
+
+@app.command()
+@handle_errors
+def extract(
+    file: FileArg = DEFAULT_FILE,
+    context: Annotated[str, typer.Option("--context", "-c", help="0-based index, label, or 'all'.")] = ...,  # type: ignore[assignment]
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="out.safetensors or out.pt; a directory with --context all."),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="File type per context with --context all: safetensors or pt."),
+    ] = "safetensors",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+) -> None:
+    """Write one model (or all) back out as a plain state_dict."""
+    from pspctl.errors import OutputError
+    from pspctl.extract import extract as run_extract
+
+    if fmt not in ("safetensors", "pt"):
+        raise OutputError(f"--format {fmt}: expected safetensors or pt")
+    if output is None:
+        output = Path("extracted") if context == "all" else Path(f"context-{context}.safetensors")
+    for path in run_extract(file, context, output, fmt=fmt, force=force):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+@handle_errors
+def info(
+    file: FileArg = DEFAULT_FILE,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the header as JSON.")] = False,
+) -> None:
+    """Show what a superposed file holds."""
+    from dataclasses import asdict
+
+    from pspctl.fileformat import SuperposedFile
+
+    sf = SuperposedFile(file)
+    h = sf.header
+    if json_out:
+        print_json({"path": str(file), "bytes": sf.nbytes(), **asdict(h)})
+        return
+    console.print(
+        f"[bold]{file}[/]  pspctl format v{h.format_version} (written by pspctl {h.pspctl_version})"
+    )
+    console.print(f"kind {h.kind}, seed {h.seed}, {h.num_contexts} contexts, {human_bytes(sf.nbytes())}")
+    contexts = Table("context", "label", "input", "sha256", title="contexts")
+    for k, label in enumerate(h.labels):
+        src = h.inputs[k] if k < len(h.inputs) else {}
+        contexts.add_row(str(k), label, src.get("path", ""), src.get("sha256", "")[:12])
+    console.print(contexts)
+    tensors = Table("tensor", "role", "dtype", "shape", "fan-in", "why", title="tensors")
+    for name, m in h.tensors.items():
+        tensors.add_row(
+            name, m.role, m.dtype, "×".join(map(str, m.shape)) or "scalar", str(m.fan_in), m.reason
+        )
+    console.print(tensors)
+    if h.task:
+        console.print(f"task: {h.task}")
+    if h.recipe.get("command"):
+        console.print(f"recipe: {h.recipe['command']}")
+    for step in h.history:
+        console.print(f"then: {step}")

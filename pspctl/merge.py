@@ -1,0 +1,237 @@
+"""`merge`: K checkpoints in, one superposed file out, one tensor name at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_file
+from pspctl.contexts import Kind, make_contexts
+from pspctl.errors import MismatchError, OutputError, PolicyError
+from pspctl.fileformat import (
+    CONTEXTS,
+    STACKED,
+    SUPERPOSED,
+    Header,
+    TensorMeta,
+    pack,
+    write_superposed,
+)
+from pspctl.policy import Decision, Policy, Role, TensorInfo, decide
+from pspctl.superpose import bind
+
+__all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan"]
+
+MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    kind: Kind | str = Kind.BINARY
+    seed: int = 0
+    labels: Sequence[str] | None = None
+    policy: Policy = field(default_factory=Policy)
+    dtype: str | None = None  # override the stored dtype of superposed tensors
+    max_rotation_fan_in: int = 4096
+    allow_nonfinite: bool = False
+    trust_pickle: bool = False
+    force: bool = False
+    task: str | None = None
+    command: str | None = None  # the command line, recorded in the recipe
+
+
+@dataclass
+class MergeReport:
+    output: str
+    kind: str
+    num_contexts: int
+    labels: list[str]
+    decisions: list[Decision]
+    stored_bytes: dict[str, int]  # per original tensor: bytes it takes in the output
+    input_bytes: int  # tensor bytes of the K inputs together
+    output_bytes: int  # size of the output file
+    notes: list[str]
+
+    @property
+    def storage_ratio(self) -> float:
+        return self.input_bytes / max(self.output_bytes, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for d in self.decisions:
+            row = asdict(d)
+            row["role"] = d.role.value
+            row["bytes"] = self.stored_bytes.get(d.name, 0)
+            rows.append(row)
+        return {
+            "output": self.output,
+            "kind": self.kind,
+            "num_contexts": self.num_contexts,
+            "labels": self.labels,
+            "tensors": rows,
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "storage_ratio": self.storage_ratio,
+            "notes": self.notes,
+        }
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
+    """All checkpoints must share keys, shapes and dtypes; list the first differences otherwise."""
+    ref = checkpoints[0]
+    problems: list[str] = []
+    for ckpt in checkpoints[1:]:
+        for name in ref.names:
+            if name not in ckpt.infos:
+                problems.append(f"{name}: missing in {ckpt.path.name}")
+            elif ckpt.infos[name].shape != ref.infos[name].shape:
+                problems.append(
+                    f"{name}: shape {list(ckpt.infos[name].shape)} in {ckpt.path.name} vs {list(ref.infos[name].shape)}"
+                )
+            elif ckpt.infos[name].dtype != ref.infos[name].dtype:
+                problems.append(
+                    f"{name}: dtype {ckpt.infos[name].dtype} in {ckpt.path.name} vs {ref.infos[name].dtype}"
+                )
+        problems += [f"{n}: only in {ckpt.path.name}" for n in ckpt.names if n not in ref.infos]
+    if problems:
+        more = f" (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise MismatchError(f"inputs do not match: {'; '.join(problems[:MAX_LISTED])}{more}")
+
+
+def _labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
+    if labels is None:
+        stems = [p.stem for p in paths]
+        return stems if len(set(stems)) == len(stems) else [f"{s}-{i}" for i, s in enumerate(stems)]
+    labels = [s.strip() for s in labels]
+    if len(labels) != len(paths):
+        raise MismatchError(f"{len(labels)} labels for {len(paths)} inputs")
+    if len(set(labels)) != len(labels) or not all(labels):
+        raise MismatchError("labels must be unique and non-empty")
+    return labels
+
+
+def plan(infos: Sequence[TensorInfo], num_contexts: int, options: MergeOptions) -> list[Decision]:
+    """The policy's decisions, checked against the rotation fan-in limit."""
+    decisions = decide(infos, num_contexts, options.policy)
+    if Kind(options.kind) is Kind.ROTATION:
+        for d in decisions:
+            if d.role is Role.SUPERPOSED and d.fan_in > options.max_rotation_fan_in:
+                raise PolicyError(
+                    f"{d.name}: rotation fan-in {d.fan_in} exceeds the limit {options.max_rotation_fan_in} "
+                    f"(K×{d.fan_in}² floats of contexts); raise --max-rotation-fan-in or --keep it"
+                )
+    return decisions
+
+
+def _resolve_inputs(inputs: Sequence[str | Path], output: Path) -> list[Path]:
+    paths = [Path(p) for p in inputs]
+    if len(paths) < 2:
+        raise MismatchError(f"merge needs at least 2 inputs, got {len(paths)}")
+    for p in paths:
+        if p.exists() and output.exists() and p.resolve() == output.resolve():
+            raise OutputError(f"{output}: output is one of the inputs; choose another -o")
+    return paths
+
+
+def merge(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    options: MergeOptions = MergeOptions(),
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> MergeReport:
+    """Superpose K checkpoints into one pspctl file.
+
+    Reads one tensor name at a time across the inputs; nothing is written unless the whole
+    merge succeeds (the output appears by an atomic rename).
+
+    Raises:
+        PspctlError subclasses for every bad input; see pspctl.errors.
+    """
+    output = Path(output)
+    kind = Kind(options.kind)
+    paths = _resolve_inputs(inputs, output)
+    if output.exists() and not options.force:
+        raise OutputError(f"{output}: already exists (pass --force to overwrite)")
+    checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
+    check_compatible(checkpoints)
+    K = len(checkpoints)
+    labels = _labels(paths, options.labels)
+    infos = list(checkpoints[0].infos.values())
+    decisions = plan(infos, K, options)
+    out_dtype = getattr(torch, options.dtype) if options.dtype else None
+
+    tensors: dict[str, torch.Tensor] = {}
+    metas: dict[str, TensorMeta] = {}
+    stored: dict[str, int] = {}
+    for info, d in zip(infos, decisions, strict=True):
+        if progress:
+            progress(len(metas), len(infos), info.name)
+        if d.role is Role.SUPERPOSED:
+            ctx = make_contexts(kind, K, d.fan_in, options.seed, info.name)
+            weights = (_finite(c, info.name, options.allow_nonfinite) for c in checkpoints)
+            new = {
+                SUPERPOSED + info.name: pack(bind(weights, ctx), out_dtype or getattr(torch, info.dtype)),
+                CONTEXTS + info.name: ctx.stored(),
+            }
+        else:
+            per = [_finite(c, info.name, options.allow_nonfinite) for c in checkpoints]
+            new = {STACKED + info.name: torch.stack(per)}
+        tensors.update(new)
+        stored[info.name] = sum(t.nbytes for t in new.values())
+        metas[info.name] = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason)
+
+    notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes]
+    header = Header(
+        kind=kind.value,
+        seed=options.seed,
+        num_contexts=K,
+        labels=labels,
+        tensors=metas,
+        inputs=[
+            {"path": str(p), "sha256": sha256_file(p), "label": lab}
+            for p, lab in zip(paths, labels, strict=True)
+        ],
+        recipe=_recipe(options),
+        task=options.task,
+    )
+    write_superposed(output, tensors, header, force=options.force)
+    return MergeReport(
+        output=str(output),
+        kind=kind.value,
+        num_contexts=K,
+        labels=labels,
+        decisions=decisions,
+        stored_bytes=stored,
+        input_bytes=sum(c.nbytes() for c in checkpoints),
+        output_bytes=output.stat().st_size,
+        notes=notes,
+    )
+
+
+def _finite(ckpt: Checkpoint, name: str, allow: bool) -> torch.Tensor:
+    tensor = ckpt[name]
+    if not allow and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise PolicyError(
+            f"{ckpt.path}: tensor {name!r} has NaN/Inf values (pass --allow-nonfinite to merge anyway)"
+        )
+    return tensor
+
+
+def _recipe(options: MergeOptions) -> dict[str, Any]:
+    return {
+        "kind": Kind(options.kind).value,
+        "seed": options.seed,
+        "max_interference": options.policy.max_interference,
+        "min_share": options.policy.min_share,
+        "keep": list(options.policy.keep),
+        "superpose": list(options.policy.superpose),
+        "dtype": options.dtype,
+        "max_rotation_fan_in": options.max_rotation_fan_in,
+        "allow_nonfinite": options.allow_nonfinite,
+        "command": options.command,
+    }

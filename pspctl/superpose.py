@@ -1,0 +1,92 @@
+"""Bind and unbind: the superposition maths on tensors. Pure, no I/O.
+
+A weight of shape [N, *rest] is viewed as a matrix [N, M] with M = prod(rest): the fan-in
+of a Linear (in_features) or of a Conv kernel (in_channels/groups × kernel, the paper's
+eq. 8). Every context acts on that M-dim axis.
+
+    binary    W = Σ_k W_k ⊙ c_k          Ŵ_k = W ⊙ c_k
+    complex   W = Σ_k W_k ⊙ conj(c_k)    Ŵ_k = Re(W ⊙ c_k)
+    onepower  as complex with c_k = exp(i·k·φ)
+    rotation  W = Σ_k W_k C_kᵀ            Ŵ_k = W C_k
+
+Ŵ_k = W_k + residual; the residual has zero mean and, per output unit, variance
+`Kind.variance_factor` × Σ_{s≠k} ‖w_s‖²‖x‖²/M when applied to an input x (Propositions 1, 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from pspctl.contexts import ContextSet, Kind
+
+__all__ = ["bind", "fan_in", "predicted_output_error", "unbind"]
+
+
+def fan_in(shape: Sequence[int]) -> int:
+    """M: the product of every dim but dim 0 (1 for a 1-d tensor)."""
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Accumulate fp16/bf16 in fp32: summing K low-precision terms loses the small residuals.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bind(weights: Iterable[Tensor], ctx: ContextSet) -> Tensor:
+    """Superpose K weights of one shape into one tensor.
+
+    `weights` may be a generator: they are consumed one at a time, so that a merge never
+    holds K copies of a tensor. Returns a float32 (float64 for float64 inputs) tensor of
+    the weights' shape, complex64/complex128 for the complex kinds.
+    """
+    acc: Tensor | None = None
+    count = 0
+    for k, w in enumerate(weights):
+        if k >= ctx.num_contexts:
+            raise ValueError(f"more weights than the {ctx.num_contexts} contexts")
+        flat = w.reshape(w.shape[0], -1).to(_accumulator_dtype(w.dtype))
+        if flat.shape[1] != ctx.fan_in:
+            raise ValueError(f"weight fan-in {flat.shape[1]} != context fan-in {ctx.fan_in}")
+        if ctx.kind is Kind.BINARY:
+            term = flat * ctx.vector(k).to(flat.dtype)
+        elif ctx.kind is Kind.ROTATION:
+            term = flat @ ctx.matrix(k).to(flat.dtype).T
+        else:
+            term = flat * ctx.vector(k).conj().to(flat.dtype.to_complex())
+        acc = term if acc is None else acc + term
+        count += 1
+        shape = w.shape
+    if acc is None or count != ctx.num_contexts:
+        raise ValueError(f"bind needs {ctx.num_contexts} weights, got {count}")
+    return acc.reshape(shape)
+
+
+def unbind(superposed: Tensor, ctx: ContextSet, k: int) -> Tensor:
+    """Ŵ_k: retrieve model k's weight (real, float32/float64) from a superposed tensor."""
+    flat = superposed.reshape(superposed.shape[0], -1)
+    if ctx.kind is Kind.BINARY:
+        out = flat * ctx.vector(k).to(flat.dtype)
+    elif ctx.kind is Kind.ROTATION:
+        out = flat @ ctx.matrix(k).to(flat.dtype)
+    else:
+        if not flat.is_complex():
+            raise TypeError(f"{ctx.kind.value} superposition needs a complex tensor")
+        # Re(W ⊙ c) = Re(W)·cos φ − Im(W)·sin φ: no complex product needed.
+        phi = ctx.phases(k).to(flat.real.dtype)
+        out = flat.real * torch.cos(phi) - flat.imag * torch.sin(phi)
+    return out.reshape(superposed.shape)
+
+
+def predicted_output_error(kind: Kind | str, num_contexts: int, fan_in: int, eta: float) -> float:
+    """Proposition 2: expected ‖residual‖/‖signal‖ of one output unit.
+
+    noise/signal ≈ sqrt(v·(K−1)/M)/η, with η = |⟨w,x⟩|/(‖w‖‖x‖) the alignment of the
+    weights with the input, v the kind's variance factor, and the other models' rows
+    assumed as large as this one's.
+    """
+    v = Kind(kind).variance_factor
+    return math.sqrt(v * (num_contexts - 1) / fan_in) / eta
