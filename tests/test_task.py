@@ -149,3 +149,13 @@ def test_evaluate_returning_garbage_is_task_error() -> None:
     task = Task(source="t.py", build_model=lambda: nn.Linear(2, 2), evaluate=lambda m, c: 0.5)
     with pytest.raises(TaskError, match="evaluate\\(\\) must return a dict of numbers, got float"):
         task.metric(nn.Linear(2, 2), 0)
+
+
+def test_docs_examples_run() -> None:
+    # Every ```python block of docs/task-file.md that uses the sample must run as written.
+    text = (SAMPLE.parents[1] / "docs" / "task-file.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    runnable = [b for b in blocks if "samples/digits_task.py" in b]
+    assert runnable
+    for block in runnable:
+        exec(compile(block, "docs/task-file.md", "exec"), {})
