@@ -61,9 +61,7 @@ class Task:
             raise self._missing("load_data")
         batches = list(self.load_data(context, split))
         if not batches:
-            raise TaskError(
-                f"task file {self.source}: load_data({context}, {split!r}) returned no batches"
-            )
+            raise TaskError(f"task file {self.source}: load_data({context}, {split!r}) returned no batches")
         return batches
 
     def metric(self, model: nn.Module, context: int) -> dict[str, float]:
@@ -96,15 +94,12 @@ class Task:
         finally:
             model.train(was_training)
         if total == 0:
-            raise TaskError(
-                f"task file {self.source}: the test split of context {context} is empty"
-            )
+            raise TaskError(f"task file {self.source}: the test split of context {context} is empty")
         return {"accuracy": 100.0 * correct / total}
 
     def _missing(self, name: str) -> TaskError:
         return TaskError(
-            f"task file {self.source} has no {name}() function; "
-            f"add one (see samples/digits_task.py)"
+            f"task file {self.source} has no {name}() function; add one (see samples/digits_task.py)"
         )
 
 
@@ -123,9 +118,7 @@ def load_task(spec: str | Path) -> Task:
     functions = {name: getattr(module, name, None) for name in ("build_model", *OPTIONAL)}
     for name, value in functions.items():
         if value is not None and not callable(value):
-            raise TaskError(
-                f"task file {source}: {name} is a {type(value).__name__}, not a function"
-            )
+            raise TaskError(f"task file {source}: {name} is a {type(value).__name__}, not a function")
     build_model = functions.pop("build_model")
     if build_model is None:
         raise TaskError(
@@ -165,8 +158,7 @@ def _import(spec: str | Path) -> ModuleType:
         missing = exc.name or ""
         if str(spec) == missing or str(spec).startswith(missing + "."):
             raise InputError(
-                f"task module {spec} not found; pass a path to a .py file or an importable "
-                f"module name"
+                f"task module {spec} not found; pass a path to a .py file or an importable module name"
             ) from exc
         raise TaskError(f"task module {spec} failed to import: {_one_line(exc)}") from exc
     except Exception as exc:
