@@ -144,11 +144,11 @@ def test_proposition_3_gradient(kind):
     torch.testing.assert_close(unbound, _standalone_gradient(w_hat, x, t), atol=1e-5, rtol=1e-4)
 
     true = _standalone_gradient(weights[k], x, t)
-    draws = torch.stack([_unbound_gradient(kind, weights, x, t, k, seed=s)[0] for s in range(100)])
+    draws = torch.stack([_unbound_gradient(kind, weights, x, t, k, seed=s)[0] for s in range(64)])
     single_error = ((draws - true).norm(dim=(1, 2)) / true.norm()).mean()
     mean_error = (draws.mean(0) - true).norm() / true.norm()
     assert single_error > 0.05  # one draw is noisy...
-    assert mean_error < single_error / 5  # ...but unbiased: averaging 100 draws shrinks it ~10×
+    assert mean_error < single_error / 4  # ...but unbiased: averaging 64 draws shrinks it ~8×
 
 
 def test_inactive_contexts_get_no_gradient():

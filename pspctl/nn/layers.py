@@ -49,6 +49,8 @@ class PSPLinear(PSPLayer):
 
 
 class PSPConv(PSPLayer):
+    _conv: nn.Conv1d | nn.Conv2d | nn.Conv3d
+
     """A Conv1d/2d/3d whose kernel is bound to the context (the paper's eq. 8/10).
 
     For convolutions the kernel is far smaller than the input, so the context multiplies the
@@ -78,6 +80,8 @@ class PSPConv(PSPLayer):
 
 
 class PerContext(PSPLayer):
+    _module: nn.Module
+
     """Any other module with tensors (norms, embeddings, …), run with context k's tensors.
 
     The module's own forward runs through `torch.func.functional_call` with each tensor
@@ -99,7 +103,7 @@ class PerContext(PSPLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         k = self.context
-        tensors = {name: _current(b, k) for name, b in self.tensors.items()}
+        tensors = {name: _current(b, k) for name, b in self.tensors.items()}  # type: ignore[arg-type]
         return torch.func.functional_call(self._module, tensors, args, kwargs)
 
     def extra_repr(self) -> str:

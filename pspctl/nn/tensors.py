@@ -63,6 +63,14 @@ class Superposed(nn.Module):
         value: the superposed weight, real (binary, rotation) or complex (complex, onepower).
     """
 
+    weight: nn.Parameter
+    real: nn.Parameter
+    imag: nn.Parameter
+    cos: Tensor
+    sin: Tensor
+    signs: Tensor
+    rotations: Tensor
+
     def __init__(self, ctx: ContextSet, value: Tensor):
         super().__init__()
         self.ctx = ctx
@@ -123,6 +131,9 @@ class Stacked(nn.Module):
     them with stale momentum while another context trains.
     """
 
+    items: nn.ParameterList
+    stack: Tensor
+
     def __init__(self, tensors: Sequence[Tensor], *, trainable: bool):
         super().__init__()
         self.trainable = trainable
@@ -133,7 +144,7 @@ class Stacked(nn.Module):
 
     def get(self, k: int) -> Tensor:
         # A view of the buffer: in-place updates (BatchNorm running stats) land in copy k.
-        return self.items[k] if self.trainable else self.stack[k]
+        return self.items[k] if self.trainable else self.stack[k]  # type: ignore[no-any-return]
 
     def stacked(self) -> Tensor:
         """The K copies stacked on a new dim 0, detached."""
