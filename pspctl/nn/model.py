@@ -263,7 +263,7 @@ def check_fits(file: SuperposedFile, model: nn.Module) -> None:
         raise TaskError(f"the task's model does not fit {file.path}: {'; '.join(problems[:3])}{more}")
 
 
-def load(path: str | Path, model: nn.Module) -> PSPModel:
+def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
     """The PSP model stored in a pspctl file, built on `model`'s architecture.
 
     `model` (e.g. a task's `build_model()`) supplies the modules; every tensor comes from
