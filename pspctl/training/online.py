@@ -102,7 +102,7 @@ def _build(task: Task, options: TrainOptions) -> nn.Module:
 
 def train(
     task: Task,
-    output: str | Path,
+    output: str | Path | None,
     options: TrainOptions,
     *,
     metrics_path: str | Path | None = None,
@@ -113,7 +113,7 @@ def train(
 
     The output (a pspctl file, or with `baseline` a plain state_dict) and the metrics JSON
     are rewritten at the end of every block, so an interrupted or diverged run leaves the
-    last good pair behind.
+    last good pair behind. With `output=None` nothing is written (library use, benchmarks).
 
     Raises:
         InputError: steps, cycles or contexts < 1.
@@ -125,7 +125,7 @@ def train(
     check_steps(options.cycles, "--cycles")
     check_steps(options.num_contexts, "--contexts")
     task.require("load_data")
-    output = Path(output)
+    output = None if output is None else Path(output)
     for path in (output, metrics_path):
         if path is not None and Path(path).exists() and not force:
             raise OutputError(f"{path}: already exists (pass --force to overwrite)")
@@ -135,7 +135,7 @@ def train(
     optimizer = make_optimizer(model.parameters(), options.optimizer, options.lr)
     total = options.steps * options.cycles * K
     recorded = {**asdict(options), "kind": Kind(options.kind).value, "policy": asdict(options.policy)}
-    report = TrainReport(str(output), "", [], [], 0, 0.0, recorded)
+    report = TrainReport(str(output or ""), "", [], [], 0, 0.0, recorded)
     start = time.perf_counter()
 
     def evaluate(step: int, context: int) -> None:
@@ -168,8 +168,9 @@ def train(
             evaluate(step, k)
             model.train()
             report.wall_s = time.perf_counter() - start
-            _write(model, output, report, metrics_path, options)
-            kept = f"kept the last good file {output} (step {step})"
+            if output is not None:
+                _write(model, output, report, metrics_path, options)
+                kept = f"kept the last good file {output} (step {step})"
     return report
 
 
