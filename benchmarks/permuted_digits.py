@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", type=int, default=10)
     p.add_argument("--width", type=int, default=512, help="units per hidden layer")
@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write task 1's accuracy over training (the paper's Figure 6)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     start = time.perf_counter()
     results = run(args)
     total = time.perf_counter() - start
