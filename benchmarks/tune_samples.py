@@ -7,6 +7,8 @@ within --target points of the originals' mean, and the wall time.
 
     python benchmarks/tune_samples.py                 # the numbers in docs/training.md
     python benchmarks/tune_samples.py --all-weights   # superpose every weight: a harder merge
+    python benchmarks/tune_samples.py --hidden 2048 --contexts 8 --kinds binary
+                                      # trains 8 wider models on the fly first (not committed)
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from pspctl.merge import MergeOptions, merge  # noqa: E402
 from pspctl.policy import Policy  # noqa: E402
-from pspctl.task import load_task  # noqa: E402
+from pspctl.task import Task, load_task  # noqa: E402
 from pspctl.training import TuneOptions, tune  # noqa: E402
 from pspctl.training.common import mean_primary  # noqa: E402
+from samples import digits_task  # noqa: E402
 
 KINDS = ("binary", "complex", "onepower", "rotation")
 
@@ -40,17 +43,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--all-weights", action="store_true", help="superpose every weight, not the default policy"
     )
+    p.add_argument("--hidden", type=int, default=256, help="hidden width; not 256: train models first")
+    p.add_argument("--contexts", type=int, default=4, help="models to merge; not 4: train models first")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per model trained on the fly")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     task_path = ROOT / "samples" / "digits_task.py"
     task = load_task(task_path)
-    inputs = [ROOT / "samples" / "models" / f"digits_{k}.pt" for k in range(4)]
     policy = Policy(superpose=("*weight",)) if args.all_weights else Policy()
-    print("| kind | context | original | merged | tuned |")
-    print("|---|---|---:|---:|---:|")
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
+        if (args.hidden, args.contexts) == (256, 4):
+            inputs = [ROOT / "samples" / "models" / f"digits_{k}.pt" for k in range(4)]
+        else:
+            task, inputs = _train_models(args, Path(tmp))
+        print("| kind | context | original | merged | tuned |")
+        print("|---|---|---:|---:|---:|")
         for kind in args.kinds:
             merged = Path(tmp) / f"{kind}.safetensors"
             merge(inputs, merged, MergeOptions(kind=kind, policy=policy, task=str(task_path)))
@@ -71,6 +80,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {kind} | {o:.2f} | {b:.2f} | {a:.2f} | {a - o:+.2f} | {reached if reached is not None else '–'} "
               f"| {r.steps} | {r.wall_s:.1f} |")  # fmt: skip
     print(f"\nsettings: {vars(args)}; objective {summary[0][1].objective}")
+
+
+def _train_models(args: argparse.Namespace, folder: Path) -> tuple[Task, list[Path]]:
+    """K models of width args.hidden, one per task, trained like samples/train.py."""
+    from samples.train import train_model
+
+    digits_task.HIDDEN = args.hidden  # build_model() reads it at call time
+    paths = []
+    for k in range(args.contexts):
+        model = train_model(k, epochs=args.epochs)
+        paths.append(folder / f"digits_{k}.pt")
+        torch.save(model.state_dict(), paths[-1])
+    print(f"trained {args.contexts} models 64->{args.hidden}->{args.hidden}->10, {args.epochs} epochs each")
+    task = Task(source="samples/digits_task.py", build_model=digits_task.build_model,
+                load_data=digits_task.load_data, evaluate=digits_task.evaluate)  # fmt: skip
+    return task, paths
 
 
 if __name__ == "__main__":

@@ -79,14 +79,14 @@ def train_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
-    from pspctl.errors import OutputError
+    from pspctl.errors import InputError, OutputError
     from pspctl.policy import Policy
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
     from pspctl.training.plot import plot_first_task
 
     if optimizer not in ("adam", "sgd"):
-        raise OutputError(f"--optimizer {optimizer}: expected adam or sgd")
+        raise InputError(f"--optimizer {optimizer}: expected adam or sgd")
     output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
     metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
     if plot is not None and plot.exists() and not force:

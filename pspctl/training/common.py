@@ -23,6 +23,8 @@ __all__ = [
     "batch_stream",
     "check_steps",
     "evaluate_all",
+    "guard",
+    "mean_primary",
     "primary",
     "task_loss",
     "write_json",

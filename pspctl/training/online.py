@@ -18,7 +18,7 @@ from torch import nn
 
 from pspctl.checkpoints import save_state_dict
 from pspctl.contexts import Kind
-from pspctl.errors import OutputError
+from pspctl.errors import InputError, OutputError
 from pspctl.nn import PSPModel, save, superpose
 from pspctl.policy import Policy
 from pspctl.task import Task
@@ -75,11 +75,12 @@ class TrainReport:
 
 
 def make_optimizer(params: Any, name: str, lr: float) -> torch.optim.Optimizer:
+    """Adam, or SGD with momentum 0.9. Raises InputError for any other name."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {name!r}: expected adam or sgd")
+    raise InputError(f"--optimizer {name}: expected adam or sgd")
 
 
 def _build(task: Task, options: TrainOptions) -> nn.Module:
