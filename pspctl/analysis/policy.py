@@ -22,6 +22,7 @@ import glob
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from pspctl.fileformat import pack
 from pspctl.policy import FLOAT_DTYPES, Policy, _matches
 from pspctl.superpose import bind, fan_in, unbind
 
-__all__ = ["CandidateResult", "MeasuredPolicy", "measured_policy"]
+__all__ = ["CandidateResult", "MeasuredPolicy", "measured_policy", "policy_for_merge"]
 
 
 @dataclass
@@ -64,9 +65,9 @@ class MeasuredPolicy:
 
     def policy(self, base: Policy = Policy()) -> Policy:
         """A Policy for merge that reproduces this choice; its decisions say "measured"."""
-        esc = tuple(glob.escape(n) for n in self.superpose)
-        return Policy(base.max_interference, base.min_share, tuple(glob.escape(n) for n in self.keep),
-                      esc, origin="measured")  # fmt: skip
+        superpose = tuple(glob.escape(n) for n in self.superpose) + base.superpose
+        keep = tuple(glob.escape(n) for n in self.keep) + base.keep
+        return Policy(base.max_interference, base.min_share, keep, superpose, origin="measured")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,3 +213,35 @@ def measured_policy(
         original=[c.accuracy for c in contexts], drop=drops, output_error=errs,
         bytes_saved=sum(saved[n] for n in chosen), candidates=results,
     )  # fmt: skip
+
+
+def policy_for_merge(
+    inputs: Sequence[str | Path],
+    options: Any,
+    *,
+    max_drop: float,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[Policy, MeasuredPolicy]:
+    """`merge --policy measured`: measure on the task's calib data, return the Policy to merge with.
+
+    Args:
+        inputs: the checkpoints to merge.
+        options: the MergeOptions (kind, seed, dtype, task, trust_pickle and the user's policy).
+
+    Raises:
+        PolicyError: no --task; TaskError, MismatchError, InputError as for merge and analyze.
+    """
+    from pspctl.checkpoints import open_checkpoint
+    from pspctl.merge import check_compatible
+    from pspctl.task import load_task
+
+    if options.task is None:
+        raise PolicyError("--policy measured needs --task (a task file with load_data)")
+    checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in inputs]
+    check_compatible(checkpoints)
+    task = load_task(options.task)
+    result = measured_policy(
+        checkpoints, task, kind=options.kind, seed=options.seed, max_drop=max_drop, base=options.policy,
+        dtype=options.dtype, progress=progress,
+    )  # fmt: skip
+    return result.policy(options.policy), result

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pspctl.cli import app, console, handle_errors, human_bytes, progress_bar
@@ -104,11 +105,11 @@ def analyze(
 def render(r: Report) -> None:
     """Summary first, then the details, worst layers first."""
     console.print(
-        f"[bold]{r.file}[/]: K={r.num_contexts}, {r.kind}, {human_bytes(r.input_bytes)} → "
+        f"[bold]{escape(r.file)}[/]: K={r.num_contexts}, {r.kind}, {human_bytes(r.input_bytes)} → "
         f"{human_bytes(r.file_bytes)}: storage ratio [bold]{r.storage_ratio:.2f}×[/]"
     )
     for note in r.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
     if r.inputs == "probe":
         console.print(
             "note: [bold]random probe inputs[/], not data: η ≈ 1/√M, so no attenuation is expected "
@@ -129,7 +130,7 @@ def render(r: Report) -> None:
         t.add_column(col, justify="left" if col == "context" else "right")
     for c in r.contexts:
         win = {"psp": "[green]PSP[/]", "pruning": "[red]pruning[/]", "tie": "tie"}.get(c.winner or "", "–")
-        t.add_row(f"{c.context} {c.label}", _f(c.original_metric, ".2f"), _f(c.retrieved_metric, ".2f"),
+        t.add_row(escape(f"{c.context} {c.label}"), _f(c.original_metric, ".2f"), _f(c.retrieved_metric, ".2f"),
                   _f(c.same_budget_metric, ".2f"), _f(c.output_error), _f(c.same_budget_output_error), win)  # fmt: skip
     console.print(t)
 
@@ -149,7 +150,7 @@ def render(r: Report) -> None:
             t.add_column(col, justify="left" if col in ("layer", "inputs") else "right")
         for e in r.worst_layers()[:WORST_LAYERS]:
             ratio = e.measured / e.predicted if e.predicted else None
-            t.add_row(e.name, str(e.context), str(e.fan_in), f"{e.inputs}/{e.method}", _f(e.eta_mean),
+            t.add_row(escape(e.name), str(e.context), str(e.fan_in), f"{e.inputs}/{e.method}", _f(e.eta_mean),
                       _f(e.eta_rms), _f(e.measured), _f(e.predicted), _f(ratio, ".2f"))  # fmt: skip
         console.print(t)
         if len(r.layers) > WORST_LAYERS:
@@ -160,7 +161,7 @@ def render(r: Report) -> None:
         for col in ("tensor", "role", "M", "error (mean over contexts)", "max", "expected (mean)"):
             t.add_column(col, justify="left" if col in ("tensor", "role") else "right")
         for w in r.weights:
-            t.add_row(w.name, w.role, str(w.fan_in), _f(sum(w.error) / len(w.error)), _f(max(w.error)),
+            t.add_row(escape(w.name), w.role, str(w.fan_in), _f(sum(w.error) / len(w.error)), _f(max(w.error)),
                       _f(sum(w.expected) / len(w.expected)))  # fmt: skip
         console.print(t)
 
@@ -190,7 +191,7 @@ def render(r: Report) -> None:
             rows += [(f"originals ({len(orig)}, mean)", orig)] if orig else []
             for label, ms in rows:
                 avg = lambda f, ms=ms: sum(f(m) for m in ms) / len(ms)  # noqa: E731
-                t.add_row(name, label, _f(avg(lambda m: m.rms), ".4f"), _f(avg(lambda m: m.max_abs), ".4f"),
+                t.add_row(escape(name), label, _f(avg(lambda m: m.rms), ".4f"), _f(avg(lambda m: m.max_abs), ".4f"),
                           f"{avg(lambda m: m.sparsity):.1%}",
                           *(f"{avg(lambda m, k=f'{x:g}': m.below[k]):.1%}" for x in r.thresholds))  # fmt: skip
         console.print(t)
@@ -200,7 +201,7 @@ def render(r: Report) -> None:
         for col in ("tensor", "now", "bytes saved if superposed", "function-space error (mean)", "max"):
             t.add_column(col, justify="left" if col in ("tensor", "now") else "right")
         for a in r.advice:
-            t.add_row(a.name, a.role, human_bytes(a.bytes_saved), _f(a.mean_error), _f(a.max_error))
+            t.add_row(escape(a.name), a.role, human_bytes(a.bytes_saved), _f(a.mean_error), _f(a.max_error))
         console.print(t)
     if r.recommendation:
         rec = r.recommendation
