@@ -8,7 +8,8 @@ calibration data measures, with only that tensor superposed:
     drop   = calib accuracy of the original − of the model with Ŵ_k swapped in (points)
     error  = ‖f̂(x) − f(x)‖ / ‖f(x)‖ over the calib inputs
 
-Candidates are ranked by bytes saved per unit of mean squared output error (residual
+Candidates whose superposition saves no bytes (rotation contexts cost K·M² floats) are
+kept. The others are ranked by bytes saved per unit of mean squared output error (residual
 variances add across layers, so this is the exchange rate). If all of them together stay
 within budget they are all superposed; otherwise they are added greedily in rank order,
 each kept only if the whole set still satisfies, on every context,
@@ -166,6 +167,9 @@ def measured_policy(
         stored[info.name] = (W, ctx, getattr(torch, info.dtype))
         own = math.prod(info.shape) * getattr(torch, info.dtype).itemsize
         saved[info.name] = K * own - packed.nbytes - ctx.stored().nbytes
+    # Superposing saves nothing where the contexts outweigh the copies (rotation, small N).
+    candidates = eligible
+    eligible = [i for i in candidates if saved[i.name] > 0]
 
     def measure(names: Sequence[str]) -> tuple[list[float | None], list[float]]:
         drops, errs = [], []
@@ -207,7 +211,7 @@ def measured_policy(
                 drops, errs = d, e
     for r in results:
         r.chosen = r.name in chosen
-    keep = [i.name for i in eligible if i.name not in chosen]
+    keep = [i.name for i in candidates if i.name not in chosen]
     return MeasuredPolicy(
         superpose=chosen, keep=keep, max_drop=max_drop, max_output_error=max_output_error, metric=metric,
         original=[c.accuracy for c in contexts], drop=drops, output_error=errs,

@@ -1,9 +1,10 @@
 """Magnitude pruning: of the superposed values, and of each original to the same budget.
 
-Stored values are counted, not bytes: a complex superposed tensor stores two real values
-per weight, a per-context tensor K copies. Contexts are not counted (they follow from the
-seed), nor is the index overhead a sparse format needs; both choices favour pruning, so
-"PSP wins" is a conservative verdict.
+The budget is the file's tensor bytes (superposed tensors, per-context copies and the
+contexts) divided by K: each original keeps as many values as fit in that many bytes at its
+own dtype. The index overhead a sparse format needs is not counted, which favours pruning;
+the contexts are counted although they follow from the seed, which matters only for
+rotation contexts (K·M² floats per tensor).
 
 Global thresholds come from the magnitudes themselves, exactly up to `SAMPLE_CAP` values
 and from an evenly strided subsample beyond; the achieved sparsity is always measured.
@@ -18,11 +19,10 @@ import torch
 from torch import Tensor
 
 from pspctl.fileformat import SuperposedFile
-from pspctl.policy import Role
 
 __all__ = [
     "SAMPLE_CAP",
-    "budget_values",
+    "model_size",
     "magnitude_sample",
     "prune_superposed",
     "same_budget_state",
@@ -32,15 +32,14 @@ __all__ = [
 SAMPLE_CAP = 8_000_000
 
 
-def budget_values(sf: SuperposedFile) -> tuple[int, int]:
-    """(values the file stores, values of one model)."""
-    per = 2 if sf.kind.is_complex else 1
-    stored = model = 0
+def model_size(sf: SuperposedFile) -> tuple[int, int]:
+    """(bytes, values) of one model, from the file's header."""
+    nbytes = values = 0
     for meta in sf.header.tensors.values():
         n = math.prod(meta.shape)
-        model += n
-        stored += n * per if meta.role == Role.SUPERPOSED else n * sf.num_contexts
-    return stored, model
+        values += n
+        nbytes += n * getattr(torch, meta.dtype).itemsize
+    return nbytes, values
 
 
 def magnitude_sample(tensors: Iterable[Tensor], total: int, cap: int = SAMPLE_CAP) -> Tensor:
@@ -70,8 +69,8 @@ def _prunable(t: Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 2
 
 
-def same_budget_state(state: Mapping[str, Tensor], budget: float) -> tuple[dict[str, Tensor], float]:
-    """Prune one original globally by magnitude so that it keeps `budget` values.
+def same_budget_state(state: Mapping[str, Tensor], budget_bytes: float) -> tuple[dict[str, Tensor], float]:
+    """Prune one original globally by magnitude so that its kept values fit in `budget_bytes`.
 
     1-d and non-floating tensors (biases, norms, counters) are kept whole and count
     against the budget; the ≥2-d floating tensors share the rest.
@@ -79,10 +78,12 @@ def same_budget_state(state: Mapping[str, Tensor], budget: float) -> tuple[dict[
     Returns:
         (the pruned state_dict, the fraction of the model's values kept).
     """
+    fixed_bytes = sum(t.nbytes for t in state.values() if not _prunable(t))
     fixed = sum(t.numel() for t in state.values() if not _prunable(t))
     prunable = sum(t.numel() for t in state.values() if _prunable(t))
+    per_value = sum(t.nbytes for t in state.values() if _prunable(t)) / max(prunable, 1)
     total = fixed + prunable
-    keep = int(budget) - fixed
+    keep = int((budget_bytes - fixed_bytes) // per_value) if prunable else 0
     if keep >= prunable:
         return dict(state), 1.0
     keep = max(keep, 0)

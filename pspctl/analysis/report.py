@@ -114,7 +114,7 @@ class Report:
     labels: list[str]
     file_bytes: int
     input_bytes: int  # tensor bytes of the K models stored separately
-    stored_values: int  # weight values the file stores (contexts excluded, they follow from the seed)
+    stored_bytes: int  # tensor bytes in the file (superposed, per-context and contexts): the budget
     model_values: int  # values of one model
     originals: list[str] | None
     task: str | None

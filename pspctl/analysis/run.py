@@ -18,8 +18,8 @@ from torch import Tensor
 from pspctl.analysis import sources
 from pspctl.analysis.function import capture, layer_sums, matrix_probe_sums
 from pspctl.analysis.pruning import (
-    budget_values,
     magnitude_sample,
+    model_size,
     prune_superposed,
     same_budget_state,
     thresholds,
@@ -81,12 +81,12 @@ def analyze(
         sources.check_fits(task_obj, sf)
     origs, note = sources.find_originals(sf, originals, trust_pickle=trust_pickle)
     notes += [note] if note else []
-    stored, model_values = budget_values(sf)
+    _, model_values = model_size(sf)
     K, kind = sf.num_contexts, sf.kind
     names, sup = sf.names(), sf.names(Role.SUPERPOSED)
     report = Report(
         file=str(sf.path), kind=kind.value, num_contexts=K, labels=list(sf.labels),
-        file_bytes=sf.nbytes(), input_bytes=_input_bytes(sf, origs), stored_values=stored,
+        file_bytes=sf.nbytes(), input_bytes=_input_bytes(sf, origs), stored_bytes=0,
         model_values=model_values, originals=[str(c.path) for c in origs] if origs else None,
         task=getattr(task_obj, "source", None) if task_obj else None, inputs=None, notes=notes,
         thresholds=[0.01, 0.1, 0.5], same_budget_density=None,
@@ -107,6 +107,7 @@ def analyze(
         if tp.row_sq is not None and name in sup:
             row_sq[name] = tp.row_sq
         stored_bytes[name] = tp.stored_bytes
+    report.stored_bytes = sum(stored_bytes.values())
     if origs is not None and sup:
         notes.append(
             f"weight-space error is about sqrt(v(K-1)) = {math.sqrt(kind.variance_factor * (K - 1)):.2f} by "
@@ -126,7 +127,7 @@ def analyze(
     gen = torch.Generator().manual_seed(seed)
     for k in range(K):
         tick(len(names) + k, steps, f"context {sf.labels[k]}")
-        _context_pass(report, sf, k, task_obj, origs, row_sq, taus, gen, max_samples, stored / K)
+        _context_pass(report, sf, k, task_obj, origs, row_sq, taus, gen, max_samples, report.stored_bytes / K)
     tick(steps, steps, "")
     report.advice = _advice(sf, report, stored_bytes)
     if max_drop is not None:
