@@ -59,8 +59,8 @@ def test_weight_space_error_matches_direct_norms(merged):
         for k in range(3):
             direct = float((sf.retrieve(name, k).double() - originals[k][name].double()).norm()) / norms[k]
             expected = math.sqrt(sum(n**2 for s, n in enumerate(norms) if s != k)) / norms[k]
-            assert by_name[name].error[k] == pytest.approx(direct, rel=1e-9)
-            assert by_name[name].expected[k] == pytest.approx(expected, rel=1e-9)
+            assert by_name[name].error[k] == pytest.approx(direct, rel=1e-6)
+            assert by_name[name].expected[k] == pytest.approx(expected, rel=1e-6)
             assert 0.7 < direct / expected < 1.3  # and the expectation is a good one
     for name in ("0.bias", "2.bias", "4.weight", "4.bias"):
         assert by_name[name].role == "per_context"

@@ -143,3 +143,12 @@ def test_analyze_max_drop_recommends(workdir):
     result = run("analyze", "--max-drop", "100", "-q")
     assert result.exit_code == 0, result.output
     assert "measured policy for --max-drop 100" in flat(result)
+
+
+def test_recorded_task_gone_is_a_note(workdir):
+    (workdir / "task.py").rename(workdir / "elsewhere.py")
+    result = run("analyze", "-q")
+    assert result.exit_code == 0, result.output
+    assert "task task.py (recorded by merge) not found: pass --task" in flat(result)
+    assert "random probe inputs" not in flat(result) and "function-space error per layer" in flat(result)
+    assert {r.method for r in analyze("w.safetensors").layers} == {"matrix"}

@@ -118,10 +118,13 @@ def analyze(
     sample = magnitude_sample((stored_values(sf.superposed(n)) for n in sup), sup_total)
     taus = thresholds(sample, sparsities) if sup else [-1.0 for _ in sparsities]
     prune_rows = [PruneResult(s, 0.0, [], [], []) for s in sparsities]
-    for s, tau, row in zip(sparsities, taus, prune_rows, strict=True):
-        zeros = sum(int((stored_values(prune_superposed(sf.superposed(n), tau)) == 0).sum()) for n in sup)
-        row.achieved = zeros / max(sup_total, 1)
-        del s
+    zeros = [0] * len(taus)
+    for n in sup:  # one read per tensor for every sparsity
+        mag = stored_values(sf.superposed(n)).abs()
+        for i, tau in enumerate(taus):
+            zeros[i] += int((mag <= tau).sum())
+    for row, z in zip(prune_rows, zeros, strict=True):
+        row.achieved = z / max(sup_total, 1)
     report.pruning = prune_rows
 
     gen = torch.Generator().manual_seed(seed)
@@ -191,6 +194,10 @@ def _metric(task: Any, model: torch.nn.Module, k: int) -> tuple[str, float] | No
     return name, float(metrics[name])
 
 
+def _norm(t: Tensor) -> float:
+    return float(torch.linalg.vector_norm(t))
+
+
 def _rel(a: Tensor, b: Tensor) -> float:
     den = float(b.double().norm())
     return float((a.double() - b.double()).norm()) / den if den > 0 else math.nan
@@ -245,13 +252,13 @@ def _context_pass(
     summary.retrieved_metric = m_ret[1] if m_ret else None
     if y_orig is not None and ret_model is not None and got is not None:
         summary.output_error = _rel(sources.run_model(ret_model, got[0]), y_orig)
-    del ret_model
+    del ret_model, ret_state, caps  # hold at most ~3 models at once: original, pruned, a fresh init
 
     for tau, row in zip(taus, report.pruning, strict=True):
         state = retrieved_state(sf, k, tau)
         if orig_state is not None:
-            num = sum(float((state[n].double() - orig_state[n].double()).square().sum()) for n in sup)
-            den = sum(float(orig_state[n].double().square().sum()) for n in sup)
+            num = sum(_norm(state[n].float() - orig_state[n].float()) ** 2 for n in sup)
+            den = sum(_norm(orig_state[n].float()) ** 2 for n in sup)
             row.weight_error.append(math.sqrt(num / den) if den > 0 else None)
         else:
             row.weight_error.append(None)
@@ -263,6 +270,7 @@ def _context_pass(
             if model is not None and y_orig is not None and got
             else None
         )
+        del state, model
 
     if orig_state is not None:
         base_state, density = same_budget_state(orig_state, budget)

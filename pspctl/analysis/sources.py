@@ -120,7 +120,12 @@ def find_task(sf: SuperposedFile, spec: Any = None) -> tuple[Any | None, str | N
                 "no task (merge --task or --task): function-space error on random probes of the weights only",
             )
         rel = sf.path.parent / spec
-        if spec.endswith(".py") and not Path(spec).exists() and rel.exists():
+        if spec.endswith(".py") and not Path(spec).exists():
+            if not rel.exists():
+                return (
+                    None,
+                    f"task {spec} (recorded by merge) not found: pass --task; function-space error on random probes of the weights only",
+                )
             spec = str(rel)
     task = spec if hasattr(spec, "build_model") else load_task(spec)
     task.require("build_model")
@@ -162,7 +167,11 @@ def load_model(task: Any, state: Mapping[str, Tensor], what: str) -> nn.Module:
     problems = _diff(own, {k: list(v.shape) for k, v in state.items()})
     if problems:
         raise MismatchError(f"{what} does not fit the task's build_model(): {problems}")
-    model.load_state_dict(dict(state), strict=True)
+    # assign=True makes the parameters the given tensors instead of copies, so a model and
+    # its state_dict take the memory of one model; only where the dtypes already agree.
+    params = model.state_dict()
+    same = all(params[k].dtype == v.dtype for k, v in state.items())
+    model.load_state_dict(dict(state), strict=True, assign=same)
     return model.eval()
 
 

@@ -110,10 +110,12 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
             rms.append(_rms(Wk))
             max_abs = max(max_abs, float(Wk.abs().max()) if Wk.numel() else 0.0)
             if originals is not None and floating:
-                norms_sq.append(float(Wk.double().square().sum()))
-                errs.append(float((retrieved(k).double() - Wk.double()).square().sum()))
+                # float32 norms (pairwise-summed, ~1e-7 relative): double copies of big
+                # tensors cost more time and memory than the precision is worth here.
+                norms_sq.append(float(torch.linalg.vector_norm(Wk)) ** 2)
+                errs.append(float(torch.linalg.vector_norm(retrieved(k) - Wk)) ** 2)
                 if Wk.dim() >= 2:
-                    rows.append(Wk.reshape(Wk.shape[0], -1).double().square().sum(1))
+                    rows.append(torch.linalg.vector_norm(Wk.reshape(Wk.shape[0], -1), dim=1).double() ** 2)
         if originals is not None and floating:
             total = sum(norms_sq)
             v = kind.variance_factor if superposed else 0.0
