@@ -133,6 +133,15 @@ def test_merge_policy_measured_records_measured_reasons(workdir):
     assert rows["0.bias"]["role"] == "per_context"
     assert SuperposedFile("m.safetensors").header.tensors["0.weight"].reason == "measured"
 
+    result = run(
+        "merge", "model0.pt", "model1.pt", "model2.pt", "--task", "task.py", "--policy", "measured",
+        "--max-drop", "100", "--max-output-error", "1e-9", "-o", "s.safetensors", "--json",
+    )  # fmt: skip
+    rows = {t["name"]: t for t in json.loads(result.output)["tensors"]}
+    assert all(
+        rows[n]["role"] == "per_context" and rows[n]["reason"] == "measured" for n in ("0.weight", "2.weight")
+    )
+
     result = run("merge", "model0.pt", "model1.pt", "--policy", "measured", "-o", "n.safetensors")
     assert result.exit_code == 7 and "--policy measured needs --task" in result.output
     result = run("merge", "model0.pt", "model1.pt", "--policy", "magic", "--task", "task.py")

@@ -224,6 +224,7 @@ def policy_for_merge(
     options: Any,
     *,
     max_drop: float,
+    max_output_error: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[Policy, MeasuredPolicy]:
     """`merge --policy measured`: measure on the task's calib data, return the Policy to merge with.
@@ -245,7 +246,8 @@ def policy_for_merge(
     check_compatible(checkpoints)
     task = load_task(options.task)
     result = measured_policy(
-        checkpoints, task, kind=options.kind, seed=options.seed, max_drop=max_drop, base=options.policy,
+        checkpoints, task, kind=options.kind, seed=options.seed, max_drop=max_drop,
+        max_output_error=max_output_error, base=options.policy,
         dtype=options.dtype, progress=progress,
     )  # fmt: skip
     return result.policy(options.policy), result

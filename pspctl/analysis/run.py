@@ -50,6 +50,7 @@ def analyze(
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
     max_samples: int = 256,
     max_drop: float | None = None,
+    max_output_error: float | None = None,
     trust_pickle: bool = False,
     seed: int = 0,
     progress: Progress | None = None,
@@ -62,7 +63,8 @@ def analyze(
         task: a task spec or loaded Task (default: the one the file records).
         sparsities: global magnitude-pruning levels for the superposed values.
         max_samples: calibration (or probe) inputs per context.
-        max_drop: if given, also run the measured policy for this metric drop (points).
+        max_drop: if given, also run the measured policy for this calib accuracy drop (points).
+        max_output_error: with max_drop, also bound the end-to-end output error.
         trust_pickle: allow pickled originals.
         seed: seed of the random probes.
         progress: called with (done, total, item).
@@ -134,7 +136,9 @@ def analyze(
     tick(steps, steps, "")
     report.advice = _advice(sf, report, stored_bytes)
     if max_drop is not None:
-        report.recommendation = _recommend(sf, task_obj, origs, max_drop, max_samples, notes)
+        report.recommendation = _recommend(
+            sf, task_obj, origs, max_drop, max_output_error, max_samples, notes
+        )
     return report
 
 
@@ -331,6 +335,7 @@ def _recommend(
     task: Any,
     origs: list[Checkpoint] | None,
     max_drop: float,
+    max_output_error: float | None,
     max_samples: int,
     notes: list[str],
 ) -> dict[str, Any] | None:
@@ -340,7 +345,7 @@ def _recommend(
     from pspctl.analysis.policy import measured_policy
 
     result = measured_policy(
-        origs, task, kind=sf.kind, seed=sf.header.seed, max_drop=max_drop, max_samples=max_samples,
-        dtype=None,
+        origs, task, kind=sf.kind, seed=sf.header.seed, max_drop=max_drop, max_output_error=max_output_error,
+        max_samples=max_samples, dtype=sf.header.recipe.get("dtype"),
     )  # fmt: skip
     return result.to_dict()

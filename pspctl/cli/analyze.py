@@ -63,6 +63,10 @@ def analyze(
         float | None,
         typer.Option(help="Also recommend what to superpose for this calib accuracy drop (points)."),
     ] = None,
+    max_output_error: Annotated[
+        float | None,
+        typer.Option(help="With --max-drop: also bound the end-to-end output error per context."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random probes.")] = 0,
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow pickled originals (runs code from them).")
@@ -85,7 +89,7 @@ def analyze(
     with progress_bar("analyzing", quiet=quiet) as update:
         report = run_analyze(
             file, originals=origs, task=task, sparsities=_floats(sparsity, DEFAULT_SPARSITIES),
-            max_samples=samples, max_drop=max_drop, trust_pickle=trust_pickle, seed=seed, progress=update,
+            max_samples=samples, max_drop=max_drop, max_output_error=max_output_error, trust_pickle=trust_pickle, seed=seed, progress=update,
         )  # fmt: skip
     render(report)
     if json_file is not None:
@@ -116,8 +120,12 @@ def render(r: Report) -> None:
             "and the function-space error is about the weight-space error"
         )
     metric = next((c.metric_name for c in r.contexts if c.metric_name), None) or "metric"
-    density = f" (keeps {r.same_budget_density:.0%})" if r.same_budget_density is not None else ""
-    t = Table(title=f"summary: {metric}; same-budget pruning{density} stores as many values as this file")
+    density = (
+        f" (keeps {r.same_budget_density:.0%} of the values)" if r.same_budget_density is not None else ""
+    )
+    t = Table(
+        title=f"summary: {metric}; same-budget pruning{density} takes the same bytes per model as this file"
+    )
     for col in (
         "context",
         "original",

@@ -75,6 +75,9 @@ def merge(
     max_drop: Annotated[
         float, typer.Option(help="With --policy measured: allowed calib accuracy drop per context (points).")
     ] = 0.5,
+    max_output_error: Annotated[
+        float | None, typer.Option(help="With --policy measured: also bound the end-to-end output error.")
+    ] = None,
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Merge weights containing NaN/Inf.")
     ] = False,
@@ -118,7 +121,9 @@ def merge(
         from pspctl.analysis.policy import policy_for_merge
 
         with progress_bar("measuring", quiet=quiet or json_out) as update:
-            chosen, _ = policy_for_merge(inputs, options, max_drop=max_drop, progress=update)
+            chosen, _ = policy_for_merge(
+                inputs, options, max_drop=max_drop, max_output_error=max_output_error, progress=update
+            )
         options = replace(options, policy=chosen)
     elif policy != "rules":
         raise PolicyError(f"--policy {policy}: expected rules or measured")
