@@ -123,9 +123,7 @@ def render(r: Report) -> None:
     density = (
         f" (keeps {r.same_budget_density:.0%} of the values)" if r.same_budget_density is not None else ""
     )
-    t = Table(
-        title=f"summary: {metric}; same-budget pruning{density} takes the same bytes per model as this file"
-    )
+    t = Table(title=f"summary: {metric}; same-budget pruning{density} uses the same bytes per model")
     for col in (
         "context",
         "original",
