@@ -5,12 +5,37 @@ The pure core is importable without any I/O:
     >>> import torch, pspctl
     >>> ctx = pspctl.make_contexts("binary", num_contexts=2, fan_in=4, seed=0)
     >>> W = pspctl.bind([torch.ones(3, 4), torch.zeros(3, 4)], ctx)
+    >>> pspctl.unbind(W, ctx, 0).shape
+    torch.Size([3, 4])
+
+Names are resolved lazily so that `pspctl --help` does not pay for importing torch.
 """
 
-from pspctl.contexts import ContextSet, Kind, make_contexts
-from pspctl.errors import PspctlError
-from pspctl.superpose import bind, unbind
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["ContextSet", "Kind", "PspctlError", "__version__", "bind", "make_contexts", "unbind"]
+_EXPORTS = {
+    "ContextSet": "pspctl.contexts",
+    "Kind": "pspctl.contexts",
+    "make_contexts": "pspctl.contexts",
+    "bind": "pspctl.superpose",
+    "unbind": "pspctl.superpose",
+    "Policy": "pspctl.policy",
+    "PspctlError": "pspctl.errors",
+    "SuperposedFile": "pspctl.fileformat",
+    "merge": "pspctl.merge",
+    "MergeOptions": "pspctl.merge",
+    "extract": "pspctl.extract",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pspctl' has no attribute {name!r}")

@@ -187,12 +187,19 @@ def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
         raise OutputError(f"{path.parent}: no such directory")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user expects their umask
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_state_dict(state: Mapping[str, Tensor], path: str | Path, *, force: bool = False) -> None:

@@ -199,3 +199,34 @@ def info(
         console.print(f"recipe: {h.recipe['command']}")
     for step in h.history:
         console.print(f"then: {step}")
+
+
+@app.command()
+@handle_errors
+def demo(
+    samples: Annotated[Path, typer.Option(help="The bundled samples folder.")] = Path("samples"),
+    outdir: Annotated[Path, typer.Option("-o", "--output", help="Where to write <kind>.safetensors.")] = Path(
+        "demo-out"
+    ),
+    kind: Annotated[
+        list[str] | None, typer.Option(help="Kinds to try (default: all four). Repeatable.")
+    ] = None,
+) -> None:
+    """Merge the bundled digit models with each kind; show per-context accuracy, original vs retrieved."""
+    from pspctl.demo import run_demo
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    kinds = [_kind(k) for k in kind] if kind else ["binary", "complex", "rotation", "onepower"]
+    rows = run_demo(samples, outdir, kinds=kinds)
+    table = Table(title="bundled permuted-digits models: test accuracy (%)")
+    for col in ("kind", "context", "original", "retrieved", "Δ", "storage ratio"):
+        table.add_column(col, justify="left" if col in ("kind", "context") else "right")
+    for r in rows:
+        delta = r.retrieved - r.original
+        color = "green" if delta > -1 else "red"
+        table.add_row(
+            r.kind, f"{r.context} {r.label}", f"{r.original:.2f}", f"{r.retrieved:.2f}",
+            f"[{color}]{delta:+.2f}[/]", f"{r.storage_ratio:.2f}×",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"superposed files in {outdir}/; try: pspctl info {outdir}/binary.safetensors")

@@ -1,0 +1,133 @@
+"""The CLI end to end with typer's CliRunner: exit codes and the text a user sees."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pspctl.cli import app
+from pspctl.fileformat import SuperposedFile
+from tests.conftest import mlp, save_models
+
+runner = CliRunner()
+
+
+def run(*args, cwd=None):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    save_models([mlp(i, width=256) for i in range(3)], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_merge_info_extract_happy_path(workdir):
+    result = run("merge", "model0.pt", "model1.pt", "model2.pt", "--kind", "complex", "--seed", "3", "-q")
+    assert result.exit_code == 0, result.output
+    assert "3 models, complex contexts" in result.output
+    assert "storage ratio" in result.output and "2.weight" in result.output
+    sf = SuperposedFile("w.safetensors")
+    assert sf.header.seed == 3 and sf.header.recipe["kind"] == "complex"
+
+    info = run("info")
+    assert info.exit_code == 0 and "kind complex, seed 3, 3 contexts" in info.output
+
+    result = run("extract", "--context", "2", "-o", "m2.pt")
+    assert result.exit_code == 0 and "wrote m2.pt" in result.output
+    model = mlp(0, width=256)
+    model.load_state_dict(torch.load("m2.pt", weights_only=True))
+    assert torch.equal(model.state_dict()["0.weight"], torch.load("model2.pt", weights_only=True)["0.weight"])
+
+    result = run("extract", "--context", "all", "-o", "out")
+    assert result.exit_code == 0 and sorted(p.name for p in (workdir / "out").iterdir()) == [
+        "model0.safetensors", "model1.safetensors", "model2.safetensors",
+    ]  # fmt: skip
+
+
+def test_json_outputs(workdir):
+    result = run("merge", "model0.pt", "model1.pt", "--json")
+    data = json.loads(result.output)
+    assert data["num_contexts"] == 2 and data["output_bytes"] == (workdir / "w.safetensors").stat().st_size
+    roles = {t["name"]: t["role"] for t in data["tensors"]}
+    assert roles["2.weight"] == "superposed" and roles["0.weight"] == "per_context"
+    assert data["storage_ratio"] == pytest.approx(data["input_bytes"] / data["output_bytes"])
+    info = json.loads(run("info", "--json").output)
+    assert info["format_version"] == 1 and info["tensors"]["2.weight"]["role"] == "superposed"
+    assert info["inputs"][1]["path"] == "model1.pt" and len(info["inputs"][1]["sha256"]) == 64
+
+
+def test_keep_and_superpose_globs(workdir):
+    result = run("merge", "model0.pt", "model1.pt", "--superpose", "*", "--keep", "2.*", "--json")
+    roles = {t["name"]: (t["role"], t["reason"]) for t in json.loads(result.output)["tensors"]}
+    assert roles["0.weight"] == ("superposed", "--superpose")
+    assert roles["2.weight"] == ("superposed", "--superpose")  # --superpose wins over --keep
+    assert roles["0.bias"][0] == "per_context"
+    result = run("merge", "model0.pt", "model1.pt", "--keep", "2.*", "--json", "--force")
+    roles = {t["name"]: t["reason"] for t in json.loads(result.output)["tensors"]}
+    assert roles["2.weight"] == "--keep"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["merge", "model0.pt"], 3, "merge needs at least 2 inputs, got 1"),
+        (["merge", "model0.pt", "missing.pt"], 2, "missing.pt: no such file"),
+        (["merge", "model0.pt", "model1.pt", "--kind", "quantum"], 7, "unknown kind 'quantum'"),
+        (["merge", "model0.pt", "model1.pt", "-o", "model0.pt", "--force"], 8, "output is one of the inputs"),
+        (["merge", "model0.pt", "model1.pt", "--kind", "rotation", "--superpose", "*", "--max-rotation-fan-in", "100"],
+         7, "rotation fan-in 256 exceeds the limit 100"),
+        (["info", "model0.pt"], 2, "not a readable safetensors file"),
+        (["extract", "--context", "0"], 2, "w.safetensors: no such file"),
+    ],
+)  # fmt: skip
+def test_bad_input_gives_one_line_and_an_exit_code(workdir, args, code, message):
+    result = run(*args)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (workdir / "w.safetensors").exists()
+
+
+def test_context_errors_and_existing_outputs(workdir):
+    assert run("merge", "model0.pt", "model1.pt", "-q").exit_code == 0
+    result = run("extract", "--context", "7", "-o", "x.pt")
+    assert result.exit_code == 6 and "context 7 out of range" in result.output
+    result = run("extract", "--context", "nope", "-o", "x.pt")
+    assert result.exit_code == 6 and "unknown context 'nope'; labels are model0, model1" in result.output
+    assert not (workdir / "x.pt").exists()
+    result = run("merge", "model0.pt", "model1.pt", "-q")
+    assert result.exit_code == 8 and "already exists (pass --force to overwrite)" in result.output
+
+
+def test_pickled_module_refused_without_trust_pickle(workdir):
+    torch.save(mlp(5, width=256), "whole.pt")
+    result = run("merge", "whole.pt", "model1.pt")
+    assert result.exit_code == 4 and "--trust-pickle" in result.output
+    result = run("merge", "whole.pt", "model1.pt", "--trust-pickle", "-q")
+    assert result.exit_code == 0, result.output
+
+
+def test_nonfinite_refused(workdir):
+    sd = torch.load("model1.pt", weights_only=True)
+    sd["2.weight"][3, 3] = float("inf")
+    torch.save(sd, "inf.pt")
+    result = run("merge", "model0.pt", "inf.pt")
+    assert result.exit_code == 7 and "NaN/Inf" in result.output
+    assert sorted(p.name for p in workdir.iterdir() if not p.name.startswith("model")) == ["inf.pt"]
+
+
+def test_python_dash_m_and_help_are_fast_to_import():
+    out = subprocess.run(
+        [sys.executable, "-m", "pspctl", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "merge" in out.stdout and "extract" in out.stdout
+    # --help must not import torch (typer + rich only).
+    code = "import sys, pspctl.cli; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )

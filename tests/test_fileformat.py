@@ -1,0 +1,94 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pspctl.errors import ContextError, FormatError, InputError
+from pspctl.fileformat import SuperposedFile
+from tests.data.make_golden import HERE, inputs
+
+
+@pytest.mark.parametrize("kind", ["binary", "complex"])
+def test_golden_v1_file_still_reads(kind):
+    """Files written by format v1 must extract the same forever."""
+    sf = SuperposedFile(HERE / f"golden-v1-{kind}.safetensors")
+    originals = inputs()
+    assert sf.header.format_version == 1 and sf.kind.value == kind and sf.labels == ["golden-a", "golden-b"]
+    assert sf.header.inputs[0]["path"] == "golden-a.safetensors"
+    for k, name in enumerate(["a", "b"]):
+        sd = sf.state_dict(k)
+        for key in ("lin.bias", "head.weight", "steps"):
+            assert torch.equal(sd[key], originals[name][key])
+        # The superposed weight decodes by the documented rule from the stored contexts.
+        other = originals["b" if k == 0 else "a"]["lin.weight"]
+        if kind == "binary":
+            bits = sf.raw("contexts/lin.weight")
+            signs = ((bits.unsqueeze(-1) >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1).reshape(2, -1)[
+                :, :10
+            ] * 2.0 - 1
+            expected = originals[name]["lin.weight"] + other * signs[0] * signs[1]
+        else:
+            phi = sf.raw("contexts/lin.weight")
+            expected = originals[name]["lin.weight"] + other * torch.cos(phi[k] - phi[1 - k])
+        assert torch.allclose(sd["lin.weight"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["binary", "complex"])
+def test_writer_reproduces_the_golden_tensors(tmp_path, kind, monkeypatch):
+    """Same inputs and seed give the same tensors and header: contexts and layout are pinned."""
+    from pspctl.merge import MergeOptions, merge
+    from pspctl.policy import Policy
+
+    for name in ("golden-a.safetensors", "golden-b.safetensors"):
+        shutil.copy(HERE / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    merge(["golden-a.safetensors", "golden-b.safetensors"], "new.safetensors",
+          MergeOptions(kind=kind, seed=0, policy=Policy(superpose=("lin.weight",))))  # fmt: skip
+    golden, new = load_file(HERE / f"golden-v1-{kind}.safetensors"), load_file(tmp_path / "new.safetensors")
+    assert golden.keys() == new.keys()
+    assert all(torch.equal(golden[k], new[k]) for k in golden)
+    headers = []
+    for path in (HERE / f"golden-v1-{kind}.safetensors", tmp_path / "new.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            header = json.loads(f.metadata()["pspctl.header"])
+        header.pop("pspctl_version")
+        headers.append(header)
+    assert headers[0] == headers[1]
+
+
+def _rewrite_metadata(src, dst, **changes):
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(changes)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_unknown_version_and_plain_files_are_refused(tmp_path):
+    src = HERE / "golden-v1-binary.safetensors"
+    _rewrite_metadata(src, tmp_path / "v9.safetensors", **{"pspctl.format_version": "9"})
+    with pytest.raises(FormatError, match="format version 9, this pspctl reads version 1"):
+        SuperposedFile(tmp_path / "v9.safetensors")
+    with pytest.raises(FormatError, match="plain safetensors file, not a pspctl"):
+        SuperposedFile(HERE / "golden-a.safetensors")
+    _rewrite_metadata(src, tmp_path / "bad.safetensors", **{"pspctl.header": "{not json"})
+    with pytest.raises(FormatError, match="corrupt pspctl header"):
+        SuperposedFile(tmp_path / "bad.safetensors")
+
+
+def test_truncated_superposed_file(tmp_path):
+    data = (HERE / "golden-v1-binary.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-10])
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        SuperposedFile(tmp_path / "t.safetensors")
+
+
+def test_context_errors():
+    sf = SuperposedFile(HERE / "golden-v1-binary.safetensors")
+    with pytest.raises(ContextError, match=r"context 2 out of range: this file holds contexts 0..1"):
+        sf.state_dict(2)
+    with pytest.raises(ContextError, match="unknown context 'c'; labels are golden-a, golden-b"):
+        sf.state_dict("c")

@@ -1,0 +1,161 @@
+"""Tests for pspctl.task: loading task files and the default metric."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import samples.digits_task
+from pspctl.errors import InputError, TaskError
+from pspctl.task import Task, load_task
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "digits_task.py"
+
+
+def write_task(directory: Path, body: str, name: str = "task.py") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_load_sample_by_path() -> None:
+    task = load_task(SAMPLE)
+    assert task.source == str(SAMPLE)
+    model = task.build_model()
+    assert list(model.state_dict()) == [
+        "0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"
+    ]  # fmt: skip
+    task.require("example_inputs", "load_data", "evaluate")
+    (x,) = task.example_inputs()
+    assert model(x).shape == (len(x), 10)
+
+
+def test_load_sample_by_module_name() -> None:
+    task = load_task("samples.digits_task")
+    assert task.build_model is samples.digits_task.build_model
+    assert task.evaluate is samples.digits_task.evaluate
+
+
+def test_missing_file_is_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "nope.py"
+    with pytest.raises(InputError, match="^task file .*nope.py does not exist"):
+        load_task(path)
+
+
+def test_unknown_module_is_input_error() -> None:
+    with pytest.raises(InputError, match="^task module no_such_pkg.task not found"):
+        load_task("no_such_pkg.task")
+
+
+def test_import_failure_is_one_line_task_error(tmp_path: Path) -> None:
+    path = write_task(tmp_path, "raise RuntimeError('bad\\nconfig')\n")
+    with pytest.raises(TaskError) as info:
+        load_task(path)
+    assert str(info.value) == f"task file {path} failed to import: RuntimeError: bad config"
+
+
+def test_missing_build_model(tmp_path: Path) -> None:
+    path = write_task(tmp_path, "def load_data(context, split):\n    return []\n")
+    with pytest.raises(TaskError) as info:
+        load_task(path)
+    assert str(info.value) == (
+        f"task file {path} has no build_model() function; "
+        "it must return the torch.nn.Module the checkpoints belong to"
+    )
+
+
+def test_non_callable_function_is_rejected(tmp_path: Path) -> None:
+    path = write_task(tmp_path, "build_model = 3\n")
+    with pytest.raises(TaskError, match="build_model is a int, not a function"):
+        load_task(path)
+
+
+def test_same_file_name_in_two_dirs_does_not_collide(tmp_path: Path) -> None:
+    body = "import torch\ndef build_model():\n    return torch.nn.Linear({}, 1)\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = load_task(write_task(tmp_path / "a", body.format(2)))
+    second = load_task(write_task(tmp_path / "b", body.format(3)))
+    assert first.build_model().in_features == 2
+    assert second.build_model().in_features == 3
+
+
+def test_require_names_the_missing_function(tmp_path: Path) -> None:
+    task = load_task(write_task(tmp_path, "def build_model():\n    return None\n"))
+    assert task.load_data is None and task.example_inputs is None and task.evaluate is None
+    with pytest.raises(TaskError) as info:
+        task.require("load_data")
+    assert str(info.value) == (
+        f"task file {task.source} has no load_data() function; add one (see samples/digits_task.py)"
+    )
+
+
+def test_empty_load_data(tmp_path: Path) -> None:
+    body = """
+        import torch
+        def build_model():
+            return torch.nn.Linear(2, 2)
+        def load_data(context, split):
+            yield from ()
+    """
+    task = load_task(write_task(tmp_path, body))
+    message = f"task file {task.source}: load_data(0, 'test') returned no batches"
+    with pytest.raises(TaskError) as info:
+        task.batches(0, "test")
+    assert str(info.value) == message
+    with pytest.raises(TaskError) as info:
+        task.metric(task.build_model(), 0)
+    assert str(info.value) == message
+
+
+def test_metric_without_data_is_task_error() -> None:
+    task = Task(source="t.py", build_model=lambda: nn.Linear(2, 2))
+    with pytest.raises(TaskError, match="has no load_data"):
+        task.metric(nn.Linear(2, 2), 0)
+
+
+def test_default_metric_matches_hand_computed_accuracy() -> None:
+    # Identity weights: the predicted class is the larger of the two inputs.
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 3.0], [5.0, 4.0]])
+    y = torch.tensor([0, 1, 1, 1, 0])  # the third label is wrong on purpose: 4 of 5 right
+
+    def load_data(context: int, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        assert (context, split) == (7, "test")
+        return [(x[:2], y[:2]), (x[2:], y[2:])]  # uneven batches: counts, not mean of means
+
+    task = Task(source="t.py", build_model=lambda: model, load_data=load_data)
+    model.train()
+    assert task.metric(model, 7) == {"accuracy": 80.0}
+    assert model.training  # mode restored
+
+
+def test_metric_prefers_evaluate() -> None:
+    task = Task(
+        source="t.py",
+        build_model=lambda: nn.Linear(2, 2),
+        evaluate=lambda model, context: {"accuracy": 12, "loss": context},
+    )
+    assert task.metric(nn.Linear(2, 2), 3) == {"accuracy": 12.0, "loss": 3.0}
+
+
+def test_evaluate_returning_garbage_is_task_error() -> None:
+    task = Task(source="t.py", build_model=lambda: nn.Linear(2, 2), evaluate=lambda m, c: 0.5)
+    with pytest.raises(TaskError, match="evaluate\\(\\) must return a dict of numbers, got float"):
+        task.metric(nn.Linear(2, 2), 0)
+
+
+def test_docs_examples_run() -> None:
+    # Every ```python block of docs/task-file.md that uses the sample must run as written.
+    text = (SAMPLE.parents[1] / "docs" / "task-file.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    runnable = [b for b in blocks if "samples/digits_task.py" in b]
+    assert runnable
+    for block in runnable:
+        exec(compile(block, "docs/task-file.md", "exec"), {})
