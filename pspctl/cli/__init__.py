@@ -83,4 +83,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`; import them last.
-from pspctl.cli import core  # noqa: E402,F401
+from pspctl.cli import core, export  # noqa: E402,F401

@@ -36,10 +36,14 @@ DEFAULT_RTOL = 1e-3
 class TaskLike(Protocol):
     """What export needs of a task (pspctl.task.Task fits): absent functions are None."""
 
-    source: str
-    build_model: Callable[[], nn.Module] | None
-    example_inputs: Callable[[], Any] | None
-    load_data: Callable[[int, str], Iterable[Any]] | None
+    @property
+    def source(self) -> str: ...
+    @property
+    def build_model(self) -> Callable[[], nn.Module] | None: ...
+    @property
+    def example_inputs(self) -> Callable[[], Any] | None: ...
+    @property
+    def load_data(self) -> Callable[[int, str], Iterable[Any]] | None: ...
 
 
 @dataclass
@@ -75,8 +79,10 @@ class ExportReport:
 
 def _fresh_model(task: TaskLike, file: SuperposedFile) -> nn.Module:
     if task.build_model is None or task.example_inputs is None:
-        missing = [n for n in ("build_model", "example_inputs") if getattr(task, n, None) is None]
-        raise TaskError(f"{task.source}: export needs {' and '.join(missing)}() in the task file")
+        missing = next(n for n in ("build_model", "example_inputs") if getattr(task, n, None) is None)
+        raise TaskError(
+            f"task file {task.source} has no {missing}() function; export needs it to build and trace the model"
+        )
     model = task.build_model()
     if not isinstance(model, nn.Module):
         raise TaskError(f"{task.source}: build_model() returned {type(model).__name__}, not an nn.Module")

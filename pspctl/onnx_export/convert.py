@@ -34,18 +34,23 @@ def check_fit(model: nn.Module, file: SuperposedFile, source: str) -> None:
     """
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     stored = {k: list(m.shape) for k, m in file.header.tensors.items()}
-    problems = [f"missing {k}" for k in expected if k not in stored]
-    problems += [f"unexpected {k}" for k in stored if k not in expected]
-    problems += [
-        f"{k} is {stored[k]} in the file, {expected[k]} in the model"
-        for k in expected
-        if k in stored and stored[k] != expected[k]
-    ]
+    groups = {
+        "missing from the file": [k for k in expected if k not in stored],
+        "not in the model": [k for k in stored if k not in expected],
+        "other shape": [
+            f"{k} {stored[k]} in the file vs {expected[k]} in the model"
+            for k in expected
+            if k in stored and stored[k] != expected[k]
+        ],
+    }
+    problems = [f"{what}: {_listed(keys)}" for what, keys in groups.items() if keys]
     if problems:
-        more = f" (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise MismatchError(
-            f"{file.path}: weights do not fit the model of {source}: {'; '.join(problems[:MAX_LISTED])}{more}"
-        )
+        raise MismatchError(f"{file.path}: weights do not fit the model of {source}: {'; '.join(problems)}")
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
 
 
 def _dynamic_batch(args: Sequence[object], varargs: bool) -> tuple[object, ...]:

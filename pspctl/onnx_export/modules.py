@@ -51,6 +51,10 @@ class ContextSlot:
 class _Contexts(nn.Module):
     """The contexts of one superposed tensor as buffers, in the form the graph uses."""
 
+    signs: Tensor
+    rotations: Tensor
+    phases: Tensor
+
     def __init__(self, ctx: ContextSet, dtype: torch.dtype):
         super().__init__()
         self.kind = ctx.kind
@@ -89,6 +93,9 @@ def _as_matrix(superposed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor |
 class Retriever(nn.Module):
     """Ŵ_k of one superposed tensor, computed in the graph: the weight-side binding (Conv, eq. 8)."""
 
+    real: Tensor
+    imag: Tensor  # None for the real kinds
+
     def __init__(self, superposed: Tensor, ctx: ContextSet, dtype: torch.dtype, slot: ContextSlot):
         super().__init__()
         self.shape = tuple(superposed.shape)
@@ -122,6 +129,8 @@ class BoundLinear(nn.Module):
     `bias` keeps the Linear's parameter name so the wrapper can substitute b_k for it.
     `weight` is Ŵ_k, for code that reads `linear.weight` directly (nn.MultiheadAttention).
     """
+
+    bound_weight: Tensor
 
     def __init__(self, linear: nn.Linear, superposed: Tensor, ctx: ContextSet, slot: ContextSlot):
         super().__init__()
