@@ -34,7 +34,7 @@ __all__ = ["BoundLinear", "ContextSlot", "MultiContextModel", "Retriever"]
 
 
 class ContextSlot:
-    """The clamped context index, shape [1] int64, shared by the bound layers of one forward.
+    """The clamped context index, an int64 scalar, shared by the bound layers of one forward.
 
     A plain object rather than a module attribute: torch.export rejects tensors assigned to
     module attributes during tracing, but a Python object passed around is just Python.
@@ -55,7 +55,7 @@ class _Contexts(nn.Module):
     rotations: Tensor
     phases: Tensor
 
-    def __init__(self, ctx: ContextSet, dtype: torch.dtype):
+    def __init__(self, ctx: ContextSet, dtype: torch.dtype, *, transposed: bool = False):
         super().__init__()
         self.kind = ctx.kind
         if ctx.kind is Kind.BINARY:
@@ -63,23 +63,25 @@ class _Contexts(nn.Module):
             self.register_buffer("signs", ctx.data.to(dtype))
         elif ctx.kind is Kind.ROTATION:
             self.register_buffer("rotations", ctx.data.to(dtype))
+            if transposed:  # C_kᵀ stored as such: no Transpose of an M×M matrix per call
+                self.rotations = self.rotations.transpose(1, 2).contiguous()
         else:  # complex [K, M] or onepower [M]: phases in float32, trig is cheap at O(M)
             self.register_buffer("phases", ctx.data.float())
 
     def phase(self, k: Tensor) -> Tensor:
-        """φ_k, [1, M]."""
+        """φ_k, [M]. Indexing with a scalar tensor exports as one Gather, with no Squeeze."""
         if self.kind is Kind.ONEPOWER:
             # k·φ in float32 equals ContextSet.phases' float64 product rounded once, for k < 2**24.
-            return (k.to(torch.float32) * self.phases).unsqueeze(0)
-        return self.phases.index_select(0, k)
+            return k.to(torch.float32) * self.phases
+        return self.phases[k]
 
     def sign(self, k: Tensor) -> Tensor:
-        """c_k, [1, M] (binary)."""
-        return self.signs.index_select(0, k)
+        """c_k, [M] (binary)."""
+        return self.signs[k]
 
     def rotation(self, k: Tensor) -> Tensor:
-        """C_k, [M, M] (rotation)."""
-        return self.rotations.index_select(0, k).squeeze(0)
+        """C_k, [M, M] (rotation); C_kᵀ if built with `transposed`."""
+        return self.rotations[k]
 
 
 def _as_matrix(superposed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -138,7 +140,7 @@ class BoundLinear(nn.Module):
         dtype = linear.weight.dtype
         self.dtype = dtype
         self.slot = slot
-        self.contexts = _Contexts(ctx, dtype)
+        self.contexts = _Contexts(ctx, dtype, transposed=True)
         real, imag = _as_matrix(superposed, dtype)
         self.register_buffer("bound_weight", real if imag is None else torch.cat([real, -imag], dim=1))
         self.bias = linear.bias  # replaced by b_k at run time; dropped from the graph as unused
@@ -149,7 +151,7 @@ class BoundLinear(nn.Module):
         if kind is Kind.BINARY:
             x = x * self.contexts.sign(k)
         elif kind is Kind.ROTATION:
-            x = x @ self.contexts.rotation(k).T
+            x = x @ self.contexts.rotation(k)  # x C_kᵀ: (C_k x) for row vectors
         else:
             phi = self.contexts.phase(k)
             x = torch.cat([x * torch.cos(phi).to(self.dtype), x * torch.sin(phi).to(self.dtype)], dim=-1)
@@ -163,7 +165,7 @@ class BoundLinear(nn.Module):
         if kind is Kind.BINARY:
             return w * self.contexts.sign(k)
         if kind is Kind.ROTATION:
-            return w @ self.contexts.rotation(k)
+            return w @ self.contexts.rotation(k).T
         phi = self.contexts.phase(k)
         m = self.in_features
         return w[:, :m] * torch.cos(phi).to(self.dtype) + w[:, m:] * torch.sin(phi).to(self.dtype)
@@ -210,14 +212,11 @@ class MultiContextModel(nn.Module):
 
     def forward(self, context: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         K = self.num_contexts
-        valid = (context >= 0) & (context < K)
-        self.slot.index = context.clamp(0, K - 1).reshape(1)
+        k = context.reshape(()).clamp(0, K - 1)
+        valid = k == context  # one Equal: false exactly when clamping changed the context
+        self.slot.index = k
         try:
-            k = self.slot.index
-            params = {
-                name: getattr(self.stacked, key).index_select(0, k).squeeze(0)
-                for name, key in self._stacked_names.items()
-            }
+            params = {name: getattr(self.stacked, key)[k] for name, key in self._stacked_names.items()}
             for name, key in self._retrieved_names.items():
                 params[name] = getattr(self.retrievers, key)()
             out = functional_call(self.model, params, inputs)
