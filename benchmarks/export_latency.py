@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `pspctl`, `samples` importable
 
 from pspctl.merge import MergeOptions, merge  # noqa: E402
 from pspctl.onnx_export import export_contexts, export_multi  # noqa: E402
@@ -149,7 +149,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--kinds", nargs="+", default=["binary", "complex", "onepower", "rotation"])
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the raw rows here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -166,6 +166,7 @@ def main() -> None:
     print(markdown(rows, args))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

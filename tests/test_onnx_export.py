@@ -253,3 +253,13 @@ def test_validation_failure_keeps_no_graph(tmp_path, monkeypatch):
     assert [c.passed for c in e.value.report.checks] == [False, False]
     assert e.value.report.checks[0].max_abs == pytest.approx(1e-3, rel=1e-2)
     assert_nothing_left(tmp_path, before)
+
+
+@pytest.mark.slow
+def test_latency_benchmark_runs(capsys):
+    from benchmarks import export_latency
+
+    rows = export_latency.main(["--models", "digits", "--kinds", "binary", "--runs", "3", "--warmup", "1"])
+    assert [(r["model"], r["batch"]) for r in rows] == [("digits", 1), ("digits", 64)]
+    assert all(r["ratio"] > 0 and r["multi_bytes"] < r["per_context_total_bytes"] for r in rows)
+    assert "| digits | binary | 64 |" in capsys.readouterr().out
