@@ -63,15 +63,32 @@ def assert_nothing_left(folder: Path, before: set[str]) -> None:
     assert {p.name for p in folder.iterdir()} == before
 
 
+BUILDERS = {"mlp": (mlp, MLP_IN), "cnn": (cnn, CNN_IN)}
+
+
+@pytest.fixture(scope="module")
+def multi_graphs(tmp_path_factory):
+    """(superposed file, multi-context graph, report) per (model, kind), exported once per module."""
+    cache: dict[tuple[str, str], tuple[Path, Path, object]] = {}
+
+    def get(model: str, kind: str):
+        if (model, kind) not in cache:
+            build, shape = BUILDERS[model]
+            folder = tmp_path_factory.mktemp(f"{model}-{kind}")
+            file = merged(folder, [build(i) for i in range(3)], kind)
+            out = folder / "multi.onnx"
+            report = export_multi(file, task_of(lambda: build(0), shape), out, measure_per_context=False)
+            cache[model, kind] = (file, out, report)
+        return cache[model, kind]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(
-    ("build", "shape"), [(lambda: mlp(0), MLP_IN), (lambda: cnn(0), CNN_IN)], ids=["mlp", "cnn"]
-)
-def test_multi_context_graph_matches_torch_for_every_context(tmp_path, kind, build, shape):
-    models = [mlp(i) for i in range(3)] if shape == MLP_IN else [cnn(i) for i in range(3)]
-    file = merged(tmp_path, models, kind)
-    out = tmp_path / "multi.onnx"
-    report = export_multi(file, task_of(build, shape), out, measure_per_context=False)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_multi_context_graph_matches_torch_for_every_context(multi_graphs, model, kind):
+    build, shape = BUILDERS[model]
+    file, out, report = multi_graphs(model, kind)
     assert report.passed and [c.context for c in report.checks] == [0, 1, 2]
     assert report.files == {str(out): out.stat().st_size}
 
@@ -79,7 +96,7 @@ def test_multi_context_graph_matches_torch_for_every_context(tmp_path, kind, bui
     for x in fresh_inputs(shape):
         for k in range(3):
             got, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
-            np.testing.assert_allclose(got, reference(build, file, k, x), atol=1e-5, rtol=1e-4)
+            np.testing.assert_allclose(got, reference(lambda: build(0), file, k, x), atol=1e-5, rtol=1e-4)
             assert bool(valid)
     # Out of range: clamped to the nearest context and flagged, never an error or garbage.
     x = fresh_inputs(shape)[1].numpy()
@@ -90,10 +107,8 @@ def test_multi_context_graph_matches_torch_for_every_context(tmp_path, kind, bui
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_multi_graph_binds_linear_on_the_input_side(tmp_path, kind):
-    file = merged(tmp_path, [mlp(i) for i in range(3)], kind)
-    out = tmp_path / "multi.onnx"
-    export_multi(file, task_of(lambda: mlp(0), MLP_IN), out, measure_per_context=False)
+def test_multi_graph_binds_linear_on_the_input_side(multi_graphs, kind):
+    _, out, _ = multi_graphs("mlp", kind)
     graph = onnx.load(str(out)).graph
     shapes = {i.name: list(i.dims) for i in graph.initializer}
     wide = 2 if Kind(kind).is_complex else 1  # [Re W, −Im W]
@@ -107,6 +122,8 @@ def test_multi_graph_binds_linear_on_the_input_side(tmp_path, kind):
         assert {"Cast", "Cos", "Sin"} <= ops
     if kind == "binary":
         assert shapes["model.2.contexts.signs"] == [3, 48] and not {"Cos", "Sin"} & ops
+    if kind == "rotation":  # C_kᵀ gathered and multiplied with no Transpose per call
+        assert shapes["model.2.contexts.rotations"] == [3, 48, 48] and "Transpose" not in ops
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -263,3 +280,39 @@ def test_latency_benchmark_runs(capsys):
     assert [(r["model"], r["batch"]) for r in rows] == [("digits", 1), ("digits", 64)]
     assert all(r["ratio"] > 0 and r["multi_bytes"] < r["per_context_total_bytes"] for r in rows)
     assert "| digits | binary | 64 |" in capsys.readouterr().out
+
+
+class TwoHeads(nn.Module):
+    """Two inputs, two outputs: graph names become input_0/input_1 and output_0/output_1."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp(0)
+        self.side = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        return self.body(x), self.side(y)
+
+
+def test_several_inputs_and_outputs_with_a_batch_of_one(tmp_path):
+    models = []
+    for i in range(2):
+        torch.manual_seed(i)
+        models.append(TwoHeads())
+    file = merged(tmp_path, models, "binary")
+    task = SimpleNamespace(
+        source="two-heads", build_model=TwoHeads, load_data=None,
+        example_inputs=lambda: (torch.randn(1, 16), torch.randn(1, 16)),  # traced at batch 2
+    )  # fmt: skip
+    export_multi(file, task, tmp_path / "m.onnx", measure_per_context=False)
+    sess = session(tmp_path / "m.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["context", "input_0", "input_1"]
+    assert [o.name for o in sess.get_outputs()] == ["output_0", "output_1", "context_valid"]
+    x, y = torch.randn(5, 16), torch.randn(5, 16)
+    ref = TwoHeads()
+    ref.load_state_dict(SuperposedFile(file).state_dict(1))
+    with torch.no_grad():
+        want = [t.numpy() for t in ref.eval()(x, y)]
+    got = sess.run(None, {"context": np.array(1), "input_0": x.numpy(), "input_1": y.numpy()})
+    for g, w in zip(got[:2], want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
