@@ -80,6 +80,7 @@ def test_failed_validation_exits_10_and_writes_nothing(workdir):
     ("args", "code", "message"),
     [
         (["--multi", "--context", "0"], 2, "pass exactly one of --context K|LABEL|all and --multi"),
+        (["--multi", "--atol", "-1"], 2, "--atol -1 / --rtol 0.001: tolerances cannot be negative"),
         (["--context", "d"], 6, "unknown context 'd'; labels are a, b, c"),
         (["--context", "7"], 6, "context 7 out of range: this file holds contexts 0..2"),
         (["--multi", "--task", "no_inputs.py"], 9, "task file no_inputs.py has no example_inputs() function"),

@@ -55,6 +55,8 @@ def export(
 
     if multi == (context is not None):
         raise InputError("pass exactly one of --context K|LABEL|all and --multi")
+    if atol < 0 or rtol < 0:
+        raise InputError(f"--atol {atol:g} / --rtol {rtol:g}: tolerances cannot be negative")
     spec = task or SuperposedFile(file).header.task
     if spec is None:
         raise TaskError(f"{file} records no task file; pass --task")

@@ -24,6 +24,8 @@ DEFAULT_OPSET = 20  # onnxruntime ≥ 1.17 runs it; the dynamo exporter's own de
 EXTERNAL_DATA_BYTES = 1_800_000_000
 MAX_LISTED = 5
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CLASS = re.compile(r"<class '([\w.]+)'>:")
+_WHERE = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
 
 
 def check_fit(model: nn.Module, file: SuperposedFile, source: str) -> None:
@@ -61,31 +63,36 @@ def _dynamic_batch(args: Sequence[object], varargs: bool) -> tuple[object, ...]:
 
 
 def _reason(error: BaseException) -> str:
-    """The exporter's reason as one readable paragraph: its summary, without colours or advice."""
+    """The exporter's reason as one readable paragraph: the exception's first paragraph and the
+    user code that raised it, without the colours, advice and debugging flags around them."""
     text = _ANSI.sub("", str(error))
-    summary = text.split("## Exception summary", 1)[-1]
-    summary = summary.split("(Refer to the full stack trace", 1)[0]
-    summary = summary.split("For more information about this error", 1)[0]
-    summary = " ".join(summary.split())
-    if not summary:  # some errors carry their reason only in their cause
-        cause = error.__cause__
-        summary = " ".join(_ANSI.sub("", str(cause)).split()) if cause else type(error).__name__
-    return summary if len(summary) <= 600 else summary[:597] + "..."
+    summary = text.split("## Exception summary", 1)[-1].strip()
+    first = summary.split("\n\n", 1)[0]
+    first = _CLASS.sub(lambda m: m.group(1).rsplit(".", 1)[-1] + ":", first)
+    reason = " ".join(first.split()) or type(error).__name__
+    where = _WHERE.search(text)
+    if where:
+        reason += f" (at {where.group(1)}:{where.group(2)} in {where.group(3)}: {where.group(4).strip()})"
+    return reason if len(reason) <= 600 else reason[:597] + "..."
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the exporter: its warnings (not actionable by users, and errors under pytest's
-    filterwarnings=error), its progress prints and its logs (e.g. 'torchvision is not installed')."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    filterwarnings=error), its prints and graph dumps, and its logs ('torchvision is not installed')."""
+    # Global but restored: torch's loggers (export, dynamo, fx, onnx) each set their own levels.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(previous)
 
 
 def to_onnx(
