@@ -55,7 +55,7 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
     """A rich progress bar driven by callbacks of (done, total, item); silent with quiet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if quiet:
+    if quiet or not err_console.is_terminal:  # no bar in logs and pipes
         yield lambda done, total, item: None
         return
     with Progress(
