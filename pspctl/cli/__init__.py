@@ -85,4 +85,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`; import them last.
-from pspctl.cli import analyze, core, export  # noqa: E402,F401
+from pspctl.cli import analyze, core, export, train  # noqa: E402,F401
