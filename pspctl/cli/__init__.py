@@ -57,7 +57,7 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
     """A rich progress bar driven by callbacks of (done, total, item); silent with quiet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if quiet:
+    if quiet or not err_console.is_terminal:  # no bar in logs and pipes
         yield lambda done, total, item: None
         return
     with Progress(
@@ -85,4 +85,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`; import them last.
-from pspctl.cli import analyze, core  # noqa: E402,F401
+from pspctl.cli import analyze, core, export, train  # noqa: E402,F401

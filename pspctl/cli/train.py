@@ -1,0 +1,213 @@
+"""`train` (the paper's online protocol) and `tune` (heal a post-hoc merge)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pspctl.cli import app, console, handle_errors, print_json, progress_bar
+from pspctl.cli.core import DEFAULT_FILE, _kind
+
+TaskOpt = Annotated[
+    str, typer.Option("--task", help="Task file (path or module) with build_model and load_data.")
+]
+
+
+def _command() -> str:
+    return shlex.join(["pspctl", *sys.argv[1:]])
+
+
+def _fmt(rows: list[dict[str, float]] | None, k: int, metric: str) -> str:
+    return "–" if rows is None else f"{rows[k][metric]:.2f}"
+
+
+@app.command("train")
+@handle_errors
+def train_command(
+    task: TaskOpt = ...,  # type: ignore[assignment]
+    contexts: Annotated[int, typer.Option("--contexts", "-k", help="Number of tasks/contexts K.")] = ...,  # type: ignore[assignment]
+    kind: Annotated[
+        str, typer.Option(help="Context kind: binary, complex, rotation or onepower.")
+    ] = "binary",
+    steps: Annotated[int, typer.Option(help="Training steps per context (per cycle).")] = 500,
+    cycles: Annotated[int, typer.Option(help="Passes over the K contexts.")] = 1,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd (momentum 0.9).")] = "adam",
+    eval_every: Annotated[
+        int, typer.Option(help="Evaluate every context every N steps (0: at the end of each context).")
+    ] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the contexts, the initialisation and the batch order.")
+    ] = 0,
+    baseline: Annotated[
+        bool,
+        typer.Option("--baseline", help="Train the plain model (no superposition) on the same schedule."),
+    ] = False,
+    mixture: Annotated[
+        bool,
+        typer.Option(
+            "--mixture", help="Mixture of neighbouring contexts (paper §5.1); needs --kind complex."
+        ),
+    ] = False,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated context labels.")] = None,
+    keep: Annotated[
+        list[str] | None, typer.Option(help="Glob of tensors to keep per context. Repeatable.")
+    ] = None,
+    superpose: Annotated[
+        list[str] | None,
+        typer.Option(help="Glob of tensors to superpose regardless of the rules. Repeatable."),
+    ] = None,
+    max_interference: Annotated[float, typer.Option(help="Policy: as in merge.")] = 0.02,
+    min_share: Annotated[float, typer.Option(help="Policy: as in merge.")] = 0.05,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Superposed file (with --baseline: a plain state_dict)."),
+    ] = None,
+    metrics: Annotated[
+        Path | None, typer.Option(help="Metrics JSON (default: <output stem>.metrics.json).")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write the first task's metric over steps (.png/.pdf/.svg).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
+    from pspctl.errors import OutputError
+    from pspctl.policy import Policy
+    from pspctl.task import load_task
+    from pspctl.training import TrainOptions, train
+    from pspctl.training.plot import plot_first_task
+
+    if optimizer not in ("adam", "sgd"):
+        raise OutputError(f"--optimizer {optimizer}: expected adam or sgd")
+    output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
+    metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
+    if plot is not None and plot.exists() and not force:
+        raise OutputError(f"{plot}: already exists (pass --force to overwrite)")
+    options = TrainOptions(
+        num_contexts=contexts,
+        kind=_kind(kind),
+        steps=steps,
+        cycles=cycles,
+        lr=lr,
+        optimizer=optimizer,
+        eval_every=eval_every,
+        seed=seed,
+        baseline=baseline,
+        mixture=mixture,
+        policy=Policy(max_interference, min_share, tuple(keep or ()), tuple(superpose or ())),
+        labels=tuple(labels.split(",")) if labels else None,
+        task_spec=task,
+        command=_command(),
+    )
+    loaded = load_task(task)
+    with progress_bar("training", quiet=quiet or json_out) as update:
+        report = train(loaded, output, options, metrics_path=metrics, force=force, progress=update)
+    if plot is not None:
+        name = "standard" if baseline else f"psp {options.kind}"
+        plot_first_task({name: report.evaluations}, plot, metric=report.metric, block=steps)
+    if json_out:
+        print_json(report.to_dict())
+        return
+    what = "standard (no superposition)" if baseline else f"{options.kind} superposition"
+    table = Table(title=f"{what}: {report.metric} after {report.steps} steps")
+    table.add_column("context")
+    table.add_column("after its own block", justify="right")
+    table.add_column("at the end", justify="right")
+    for k in range(contexts):
+        own = _own_block(report.evaluations, k)
+        table.add_row(str(k), f"{own[report.metric]:.2f}", f"{report.final[k][report.metric]:.2f}")
+    console.print(table)
+    console.print(f"mean {report.metric} {report.mean_final:.2f} · {report.wall_s:.1f} s")
+    console.print(f"wrote {output}, {metrics}" + (f", {plot}" if plot else ""))
+
+
+def _own_block(evaluations: list[dict[str, Any]], k: int) -> dict[str, float]:
+    """Context k's metrics at the end of its own (last) block, before later tasks interfered."""
+    row = [e for e in evaluations if e["context"] == k and e["step"] > 0][-1]
+    return row["metrics"][k]  # type: ignore[no-any-return]
+
+
+@app.command("tune")
+@handle_errors
+def tune_command(
+    file: Annotated[
+        Path, typer.Argument(help="The superposed file to heal (never modified).")
+    ] = DEFAULT_FILE,
+    task: Annotated[
+        str | None, typer.Option("--task", help="Task file (default: the one the file records).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Training steps, round-robin over the contexts.")] = 200,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="distill (match the original models), task (labels), or auto: distill if they exist."
+        ),
+    ] = "auto",
+    lr: Annotated[float, typer.Option(help="Learning rate (Adam).")] = 1e-4,
+    eval_every: Annotated[
+        int, typer.Option(help="Also evaluate every N steps (0: before and after only).")
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The tuned file (default: <file stem>.tuned.safetensors)."),
+    ] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Heal a post-hoc merge: fine-tune the superposed weights, one context at a time."""
+    from pspctl.errors import OutputError, TaskError
+    from pspctl.fileformat import SuperposedFile
+    from pspctl.task import load_task
+    from pspctl.training import TuneOptions, default_output, tune
+    from pspctl.training.common import write_json
+
+    spec = task or SuperposedFile(file).header.task
+    if spec is None:
+        raise TaskError(f"{file} records no task; pass --task")
+    output = output or default_output(file)
+    if metrics is not None and metrics.exists() and not force:
+        raise OutputError(f"{metrics}: already exists (pass --force to overwrite)")
+    options = TuneOptions(
+        steps=steps,
+        objective=objective,
+        lr=lr,
+        eval_every=eval_every,
+        seed=seed,
+        task_spec=spec,
+        command=_command(),
+    )
+    loaded = load_task(spec)
+    with progress_bar("tuning", quiet=quiet or json_out) as update:
+        report = tune(file, loaded, output, options, force=force, progress=update)
+    data = {"command": "tune", **report.to_dict()}
+    if metrics is not None:
+        write_json(data, metrics)
+    if json_out:
+        print_json(data)
+        return
+    m = report.metric
+    table = Table(title=f"{file} → {output}: {m}, {report.objective} objective, {report.steps} steps")
+    for col in ("context", "original", "before", "after"):
+        table.add_column(col, justify="left" if col == "context" else "right")
+    for k in range(len(report.before)):
+        table.add_row(
+            str(k), _fmt(report.originals, k, m), _fmt(report.before, k, m), _fmt(report.after, k, m)
+        )
+    console.print(table)
+    d = report.to_dict()
+    line = f"mean {m} {d['mean_before']:.2f} → {d['mean_after']:.2f}"
+    if d["mean_originals"] is not None:
+        line += f" (originals {d['mean_originals']:.2f})"
+    console.print(f"{line} · {report.wall_s:.1f} s")
+    console.print(f"wrote {output}")

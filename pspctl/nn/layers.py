@@ -1,0 +1,116 @@
+"""PSP layers: Linear and Conv with superposed weights, and a wrapper for every other module.
+
+Each layer reads the active context from its `context` attribute, which `PSPModel` sets on
+all of them at once. Biases, norms and anything the policy keeps per context are `Stacked`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pspctl.nn.tensors import Stacked, Superposed
+
+__all__ = ["PSPConv", "PSPLayer", "PSPLinear", "PerContext"]
+
+Binding = Superposed | Stacked
+
+
+def _current(binding: Binding, k: int) -> Tensor:
+    return binding.retrieve(k) if isinstance(binding, Superposed) else binding.get(k)
+
+
+class PSPLayer(nn.Module):
+    """Base of the PSP layers: `context` selects which of the K models runs."""
+
+    context: int = 0
+
+
+class PSPLinear(PSPLayer):
+    """y = W (c_k ⊙ x) + b_k (the paper's eq. 7); a per-context weight gives y = W_k x + b_k."""
+
+    def __init__(self, weight: Binding, bias: Stacked | None = None):
+        super().__init__()
+        if len(_shape(weight)) != 2:
+            raise ValueError(f"a Linear weight has 2 dims, got shape {_shape(weight)}")
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.context
+        bias = None if self.bias is None else self.bias.get(k)
+        if isinstance(self.weight, Superposed):
+            y = self.weight.linear(x, k)
+            return y if bias is None else y + bias
+        return F.linear(x, self.weight.get(k), bias)
+
+
+class PSPConv(PSPLayer):
+    _conv: nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+    """A Conv1d/2d/3d whose kernel is bound to the context (the paper's eq. 8/10).
+
+    For convolutions the kernel is far smaller than the input, so the context multiplies the
+    kernel (over in_channels/groups × kernel size, the fan-in) instead of the image.
+
+    Args:
+        conv: the original layer; its geometry (stride, padding, groups…) is reused, its
+            tensors are dropped.
+    """
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, weight: Binding, bias: Stacked | None):
+        super().__init__()
+        conv.register_parameter("weight", None)
+        conv.register_parameter("bias", None)
+        # Kept out of the module tree: it only lends its `_conv_forward` and geometry.
+        self.__dict__["_conv"] = conv
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.context
+        bias = None if self.bias is None else self.bias.get(k)
+        return self._conv._conv_forward(x, _current(self.weight, k), bias)
+
+    def extra_repr(self) -> str:
+        return repr(self._conv)
+
+
+class PerContext(PSPLayer):
+    _module: nn.Module
+
+    """Any other module with tensors (norms, embeddings, …), run with context k's tensors.
+
+    The module's own forward runs through `torch.func.functional_call` with each tensor
+    replaced by context k's: copy k of a per-context tensor, Ŵ_k of a superposed one.
+    """
+
+    def __init__(self, module: nn.Module, bindings: dict[str, Binding]):
+        super().__init__()
+        for name in bindings:
+            if name in module._parameters:
+                module.register_parameter(name, None)
+        self.__dict__["_module"] = module
+        self.tensors = nn.ModuleDict(bindings)
+
+    def train(self, mode: bool = True) -> PerContext:
+        # The wrapped module is outside the module tree; its mode (BatchNorm, Dropout) must follow.
+        self._module.train(mode)
+        return super().train(mode)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        k = self.context
+        tensors = {name: _current(b, k) for name, b in self.tensors.items()}  # type: ignore[arg-type]
+        return torch.func.functional_call(self._module, tensors, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return type(self._module).__name__
+
+
+def _shape(binding: Binding) -> tuple[int, ...]:
+    if isinstance(binding, Superposed):
+        return binding.shape
+    return tuple(binding.stacked().shape[1:])

@@ -1,0 +1,295 @@
+"""`superpose`, `save`, `load`: a model in superposition, as a module and as a pspctl file."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pspctl.checkpoints import dtype_name
+from pspctl.contexts import Kind, make_contexts
+from pspctl.errors import ContextError, PolicyError, TaskError, ValidationError
+from pspctl.fileformat import CONTEXTS, STACKED, SUPERPOSED, Header, SuperposedFile, TensorMeta, pack
+from pspctl.fileformat import write_superposed as _write
+from pspctl.merge import MergeOptions, plan
+from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
+from pspctl.nn.tensors import Stacked, Superposed, initial_superposed, mix_contexts
+from pspctl.policy import Policy, Role, TensorInfo
+
+__all__ = ["PSPModel", "load", "save", "superpose"]
+
+Binding = Superposed | Stacked
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class PSPModel(nn.Module):
+    """K models in one: `module` with its layers replaced by PSP layers.
+
+    Use `set_context(k)` or `with model.context(k): ...` to choose which model runs.
+    `tensors` maps each original state_dict key to its `Superposed` or `Stacked` tensor;
+    `metas` holds what a saved file records about each.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        tensors: dict[str, Binding],
+        metas: dict[str, TensorMeta],
+        *,
+        kind: Kind,
+        seed: int,
+        labels: Sequence[str],
+        mixture: bool = False,
+    ):
+        super().__init__()
+        self.module = module
+        self.tensors = tensors  # a plain dict: the layers already own these modules
+        self.metas = metas
+        self.kind = kind  # as stored: a mixture is saved as complex contexts
+        self.seed = seed
+        self.labels = list(labels)
+        self.mixture = mixture
+        self.set_context(0)
+
+    @property
+    def num_contexts(self) -> int:
+        return len(self.labels)
+
+    @property
+    def active_context(self) -> int:
+        return self._context
+
+    def set_context(self, k: int) -> None:
+        """Make context k (0-based) the active model.
+
+        Raises:
+            ContextError: k out of range.
+        """
+        if not 0 <= k < self.num_contexts:
+            raise ContextError(
+                f"context {k} out of range: this model holds contexts 0..{self.num_contexts - 1}"
+            )
+        self._context = k
+        for m in self.module.modules():
+            if isinstance(m, PSPLayer):
+                m.context = k
+
+    @contextmanager
+    def context(self, k: int) -> Iterator[PSPModel]:
+        """Run context k inside the block, then restore the previous one."""
+        previous = self._context
+        self.set_context(k)
+        try:
+            yield self
+        finally:
+            self.set_context(previous)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def state_dict_for(self, k: int) -> dict[str, Tensor]:
+        """Context k's plain state_dict (retrieved weights in the original dtypes), like extract."""
+        out = {}
+        for name, b in self.tensors.items():
+            t = b.retrieve(k) if isinstance(b, Superposed) else b.get(k)
+            out[name] = t.detach().to(getattr(torch, self.metas[name].dtype)).clone()
+        return out
+
+
+def _direct_tensors(module: nn.Module) -> list[str]:
+    params = [n for n, p in module._parameters.items() if p is not None]
+    buffers = [
+        n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set
+    ]
+    return params + buffers
+
+
+def _convert(model: nn.Module, tensors: Mapping[str, Binding]) -> nn.Module:
+    """Replace every module owning tensors with its PSP layer; returns the new root."""
+    root = model
+    for prefix, module in list(model.named_modules()):
+        names = _direct_tensors(module)
+        if not names:
+            continue
+        if next(module.children(), None) is not None:
+            raise TaskError(
+                f"module {prefix or '<root>'} ({type(module).__name__}) owns tensors and has submodules; "
+                "pspctl.nn supports tensors on leaf modules only"
+            )
+        full = {n: f"{prefix}.{n}" if prefix else n for n in names}
+        bindings = {n: tensors[f] for n, f in full.items()}
+        bias = bindings.get("bias")
+        new: nn.Module
+        if type(module) is nn.Linear:
+            new = PSPLinear(bindings["weight"], bias)  # type: ignore[arg-type]
+        elif type(module) in CONVS:
+            new = PSPConv(module, bindings["weight"], bias)  # type: ignore[arg-type]
+        else:
+            new = PerContext(module, bindings)
+        if not prefix:
+            root = new
+        else:
+            parent_name, _, child = prefix.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
+    return root
+
+
+def _trainable(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def superpose(
+    model: nn.Module,
+    num_contexts: int,
+    *,
+    kind: Kind | str = Kind.BINARY,
+    seed: int = 0,
+    policy: Policy | None = None,
+    mixture: bool = False,
+    labels: Sequence[str] | None = None,
+    max_rotation_fan_in: int = 4096,
+) -> PSPModel:
+    """A PSP copy of `model` holding `num_contexts` models; `model` itself is left unchanged.
+
+    Each tensor is superposed or kept per context as `merge` would decide for this model
+    (same `policy`, same contexts for the same seed and tensor name). Context 0 starts as
+    `model` exactly; the others start as `model`'s weights scrambled by their contexts.
+
+    Args:
+        mixture: use the paper's mixture of contexts (Section 5.1); needs kind complex.
+
+    Raises:
+        PolicyError: bad kind, mixture without complex contexts, rotation fan-in over the limit.
+        TaskError: a module owns tensors and has submodules.
+    """
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise PolicyError(f"unknown kind {kind!r}: expected binary, complex, rotation or onepower") from None
+    if mixture and kind is not Kind.COMPLEX:
+        raise PolicyError(f"a mixture of contexts needs --kind complex, not {kind.value}")
+    if num_contexts < 1:
+        raise PolicyError(f"need at least 1 context, got {num_contexts}")
+    model = copy.deepcopy(model)
+    state = model.state_dict(keep_vars=True)
+    trainable = _trainable(model)
+    infos = [TensorInfo(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in state.items()]
+    options = MergeOptions(
+        kind=kind, seed=seed, policy=policy or Policy(), max_rotation_fan_in=max_rotation_fan_in
+    )
+    tensors: dict[str, Binding] = {}
+    metas: dict[str, TensorMeta] = {}
+    for info, d in zip(infos, plan(infos, num_contexts, options), strict=True):
+        t = state[info.name].detach()
+        if d.role is Role.SUPERPOSED:
+            ctx = make_contexts(kind, num_contexts, d.fan_in, seed, info.name)
+            ctx = mix_contexts(ctx) if mixture else ctx
+            tensors[info.name] = Superposed(ctx, initial_superposed(t, ctx))
+            tensors[info.name].requires_grad_(info.name in trainable)
+        else:
+            tensors[info.name] = Stacked([_working(t)] * num_contexts, trainable=info.name in trainable)
+        metas[info.name] = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason)
+    labels = list(labels) if labels else [str(k) for k in range(num_contexts)]
+    stored_kind = Kind.COMPLEX if mixture else kind
+    return PSPModel(
+        _convert(model, tensors), tensors, metas, kind=stored_kind, seed=seed, labels=labels, mixture=mixture
+    )
+
+
+def _working(t: Tensor) -> Tensor:
+    # Train in float32 whatever the stored dtype; save() casts back.
+    return t.float() if t.is_floating_point() else t
+
+
+def save(
+    model: PSPModel,
+    path: str | Path,
+    *,
+    force: bool = False,
+    recipe: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    inputs: Sequence[Mapping[str, Any]] = (),
+    history: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Write `model` as an ordinary pspctl superposed file, atomically.
+
+    Raises:
+        ValidationError: a tensor holds NaN/Inf (a broken file is never written).
+        OutputError: `path` exists without `force`, or its directory does not exist.
+    """
+    out: dict[str, Tensor] = {}
+    for name, b in model.tensors.items():
+        dtype = getattr(torch, model.metas[name].dtype)
+        if isinstance(b, Superposed):
+            value = b.value()
+            out[SUPERPOSED + name] = pack(value, dtype)
+            out[CONTEXTS + name] = b.ctx.stored()
+        else:
+            value = b.stacked()
+            out[STACKED + name] = value.to(dtype).contiguous()
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            raise ValidationError(f"{name} has NaN/Inf values; refusing to write {path}")
+    header = Header(
+        kind=model.kind.value,
+        seed=model.seed,
+        num_contexts=model.num_contexts,
+        labels=model.labels,
+        tensors=dict(model.metas),
+        inputs=[dict(i) for i in inputs],
+        recipe={"mixture": model.mixture, **(recipe or {})},
+        task=task,
+        history=[dict(h) for h in history],
+    )
+    _write(Path(path), out, header, force=force)
+
+
+def check_fits(file: SuperposedFile, model: nn.Module) -> None:
+    """Raise TaskError unless `model`'s state_dict has exactly the file's keys and shapes."""
+    state = model.state_dict()
+    problems = [f"{n}: missing in the model" for n in file.names() if n not in state]
+    problems += [f"{n}: not in the file" for n in state if n not in file.header.tensors]
+    problems += [
+        f"{n}: shape {list(state[n].shape)} in the model vs {m.shape} in the file"
+        for n, m in file.header.tensors.items()
+        if n in state and list(state[n].shape) != list(m.shape)
+    ]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise TaskError(f"the task's model does not fit {file.path}: {'; '.join(problems[:3])}{more}")
+
+
+def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
+    """The PSP model stored in a pspctl file, built on `model`'s architecture.
+
+    `model` (e.g. a task's `build_model()`) supplies the modules; every tensor comes from
+    the file. All floating tensors become trainable, the file's buffers stay buffers.
+
+    Raises:
+        TaskError: `model` does not fit the file (keys or shapes differ).
+    """
+    file = path if isinstance(path, SuperposedFile) else SuperposedFile(path)
+    check_fits(file, model)
+    model = copy.deepcopy(model)
+    trainable = _trainable(model)
+    tensors: dict[str, Binding] = {}
+    for name in file.names():
+        if file.header.tensors[name].role == Role.SUPERPOSED:
+            tensors[name] = Superposed(file.contexts(name), file.superposed(name))
+            tensors[name].requires_grad_(name in trainable)
+        else:
+            stack = _working(file.stacked(name))
+            tensors[name] = Stacked(list(stack), trainable=name in trainable and stack.is_floating_point())
+    return PSPModel(
+        _convert(model, tensors),
+        tensors,
+        dict(file.header.tensors),
+        kind=file.kind,
+        seed=file.header.seed,
+        labels=file.labels,
+        mixture=bool(file.header.recipe.get("mixture", False)),
+    )

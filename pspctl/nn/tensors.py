@@ -1,0 +1,153 @@
+"""Trainable tensors in superposition: one superposed weight, or K per-context copies.
+
+`Superposed` holds the superposed weight W of one tensor and its K contexts as buffers, and
+gives each context's view Ŵ_k with the same arithmetic as `pspctl.superpose.unbind`, so
+that a model trained here and one extracted from the saved file compute the same thing.
+Complex kinds keep Re(W) and Im(W) as two real parameters: standard optimizers cannot step
+complex parameters the way the paper's real-part readout needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pspctl.contexts import ContextSet, Kind
+
+__all__ = ["Stacked", "Superposed", "initial_superposed", "mix_contexts"]
+
+
+def mix_contexts(ctx: ContextSet) -> ContextSet:
+    """The paper's mixture of contexts (Section 5.1): φ'_k = mean(φ_{k−1}, φ_k, φ_{k+1}).
+
+    Neighbouring contexts then overlap, so that slowly shifting tasks share what they learn.
+    At the ends only the neighbours that exist are averaged (context 0 and K−1 do not wrap
+    around: a sequence of tasks need not be a cycle). Returns complex contexts with the mixed
+    phases, which is how a saved file stores them, so extraction needs nothing special.
+
+    Raises:
+        ValueError: `ctx` is not complex (binary and rotation contexts have no phases to mix).
+    """
+    if ctx.kind is not Kind.COMPLEX:
+        raise ValueError(f"a mixture of contexts needs complex contexts, not {ctx.kind.value}")
+    K = ctx.num_contexts
+    phases = ctx.data.double()
+    mixed = torch.stack([phases[max(k - 1, 0) : min(k + 2, K)].mean(0) for k in range(K)])
+    return ContextSet(Kind.COMPLEX, K, ctx.fan_in, mixed.float())
+
+
+def initial_superposed(weight: Tensor, ctx: ContextSet) -> Tensor:
+    """W = bind([weight, 0, …, 0]): context 0 retrieves `weight` exactly.
+
+    Every other context then retrieves `weight` scrambled by its relative context (sign flips,
+    phase shifts or a rotation of each row): an initialisation of the same scale.
+    """
+    flat = weight.detach().reshape(weight.shape[0], -1).float()
+    if ctx.kind is Kind.BINARY:
+        out = flat * ctx.vector(0)
+    elif ctx.kind is Kind.ROTATION:
+        out = flat @ ctx.matrix(0).T
+    else:
+        out = flat * ctx.vector(0).conj()
+    return out.reshape(weight.shape)
+
+
+class Superposed(nn.Module):
+    """One superposed weight [N, *rest] (viewed as [N, M]) and its K contexts.
+
+    Args:
+        ctx: the K contexts of this tensor (fan-in M).
+        value: the superposed weight, real (binary, rotation) or complex (complex, onepower).
+    """
+
+    weight: nn.Parameter
+    real: nn.Parameter
+    imag: nn.Parameter
+    cos: Tensor
+    sin: Tensor
+    signs: Tensor
+    rotations: Tensor
+
+    def __init__(self, ctx: ContextSet, value: Tensor):
+        super().__init__()
+        self.ctx = ctx
+        self.shape = tuple(value.shape)
+        if ctx.kind.is_complex:
+            value = value.detach().to(torch.complex64)
+            self.real = nn.Parameter(value.real.clone().contiguous())
+            self.imag = nn.Parameter(value.imag.clone().contiguous())
+            phases = torch.stack([ctx.phases(k) for k in range(ctx.num_contexts)])
+            self.register_buffer("cos", torch.cos(phases))
+            self.register_buffer("sin", torch.sin(phases))
+        else:
+            if value.is_complex():
+                raise TypeError(f"{ctx.kind.value} superposition needs a real tensor")
+            self.weight = nn.Parameter(value.detach().float().clone().contiguous())
+            data = ctx.data.float()
+            self.register_buffer("signs" if ctx.kind is Kind.BINARY else "rotations", data)
+
+    def _flat(self, t: Tensor) -> Tensor:
+        return t.reshape(self.shape[0], -1)
+
+    def retrieve(self, k: int) -> Tensor:
+        """Ŵ_k in the weight's shape: differentiable, float32."""
+        kind = self.ctx.kind
+        if kind is Kind.BINARY:
+            out = self._flat(self.weight) * self.signs[k]
+        elif kind is Kind.ROTATION:
+            out = self._flat(self.weight) @ self.rotations[k]
+        else:  # Re(W ⊙ c_k), as in unbind
+            out = self._flat(self.real) * self.cos[k] - self._flat(self.imag) * self.sin[k]
+        return out.reshape(self.shape)
+
+    def linear(self, x: Tensor, k: int) -> Tensor:
+        """y = W (c_k ⊙ x) (the paper's eq. 1/7): the context binds the input, not the weight.
+
+        Costs O(B·M) per call for the diagonal kinds and O(B·M²) for rotation, rather than
+        O(N·M) / O(N·M²) for building Ŵ_k: cheaper whenever the batch is smaller than N.
+        """
+        kind = self.ctx.kind
+        if kind is Kind.BINARY:
+            return F.linear(x * self.signs[k], self.weight)
+        if kind is Kind.ROTATION:
+            return F.linear(x @ self.rotations[k].T, self.weight)
+        return F.linear(x * self.cos[k], self.real) - F.linear(x * self.sin[k], self.imag)
+
+    def value(self) -> Tensor:
+        """The superposed weight to store: complex64 for complex kinds, else float32."""
+        if self.ctx.kind.is_complex:
+            return torch.complex(self.real.detach(), self.imag.detach())
+        return self.weight.detach().clone()
+
+
+class Stacked(nn.Module):
+    """K per-context copies of one tensor; context k uses copy k.
+
+    Trainable copies are K separate parameters rather than one [K, …] tensor, so that the
+    inactive contexts get no gradient at all: optimizers then skip them instead of moving
+    them with stale momentum while another context trains.
+    """
+
+    items: nn.ParameterList
+    stack: Tensor
+
+    def __init__(self, tensors: Sequence[Tensor], *, trainable: bool):
+        super().__init__()
+        self.trainable = trainable
+        if trainable:
+            self.items = nn.ParameterList([nn.Parameter(t.detach().clone()) for t in tensors])
+        else:
+            self.register_buffer("stack", torch.stack([t.detach().clone() for t in tensors]))
+
+    def get(self, k: int) -> Tensor:
+        # A view of the buffer: in-place updates (BatchNorm running stats) land in copy k.
+        return self.items[k] if self.trainable else self.stack[k]  # type: ignore[no-any-return]
+
+    def stacked(self) -> Tensor:
+        """The K copies stacked on a new dim 0, detached."""
+        if self.trainable:
+            return torch.stack([p.detach() for p in self.items])
+        return self.stack.detach().clone()

@@ -1,0 +1,191 @@
+"""`tune`: heal a post-hoc merge by training the superposed file itself, one context at a time.
+
+Superposed weights and per-context tensors are trainable; minibatches go round-robin over
+the contexts. `distill` matches each original model's outputs on its own context's inputs
+(no labels needed); `task` uses the task loss on the labels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pspctl.checkpoints import open_checkpoint, sha256_file
+from pspctl.errors import InputError, OutputError
+from pspctl.fileformat import SuperposedFile
+from pspctl.nn import load, save
+from pspctl.task import Task
+from pspctl.training.common import (
+    Progress,
+    batch_stream,
+    check_steps,
+    evaluate_all,
+    guard,
+    mean_primary,
+    task_loss,
+)
+from pspctl.training.online import make_optimizer
+
+__all__ = ["OBJECTIVES", "TuneOptions", "TuneReport", "default_output", "tune"]
+
+OBJECTIVES = ("auto", "distill", "task")
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    steps: int = 200
+    objective: str = "auto"  # distill when every original checkpoint is available, else task
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    eval_every: int = 0  # 0: before and after only
+    seed: int = 0
+    task_spec: str | None = None
+    command: str | None = None
+
+
+@dataclass
+class TuneReport:
+    input: str
+    output: str
+    objective: str
+    metric: str
+    before: list[dict[str, float]]
+    after: list[dict[str, float]]
+    originals: list[dict[str, float]] | None  # the individual models, when available
+    curve: list[dict[str, Any]] = field(default_factory=list)  # {"step", "metrics"}
+    steps: int = 0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mean_before"], out["mean_after"] = mean_primary(self.before), mean_primary(self.after)
+        out["mean_originals"] = mean_primary(self.originals) if self.originals else None
+        return out
+
+
+def default_output(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}.tuned{path.suffix}")
+
+
+def _teachers(file: SuperposedFile, task: Task, objective: str) -> list[nn.Module] | None:
+    """The original models for distillation, or None when `objective` is task / they are gone."""
+    if objective == "task":
+        return None
+    inputs = file.header.inputs
+    problem = None
+    if len(inputs) != file.num_contexts:
+        problem = "the file records no input checkpoints"
+    else:
+        for i in inputs:
+            if not Path(i["path"]).is_file():
+                problem = f"original {i['path']} not found"
+            elif i.get("sha256") and sha256_file(Path(i["path"])) != i["sha256"]:
+                problem = f"original {i['path']} changed since the merge (sha256 differs)"
+            if problem:
+                break
+    if problem:
+        if objective == "distill":
+            raise InputError(
+                f"--objective distill needs the original models: {problem}; use --objective task"
+            )
+        return None
+    teachers = []
+    for i in inputs:
+        ckpt = open_checkpoint(i["path"])
+        model = task.build_model()
+        model.load_state_dict({n: ckpt[n] for n in ckpt.names})
+        teachers.append(model.eval())
+    return teachers
+
+
+def tune(
+    path: str | Path,
+    task: Task,
+    output: str | Path,
+    options: TuneOptions = TuneOptions(),
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> TuneReport:
+    """Fine-tune a superposed file and write the result to `output` (never to `path`).
+
+    Raises:
+        InputError: steps < 1, unknown objective, distill without the originals.
+        TaskError: no load_data, or the task's model does not fit the file.
+        OutputError: output is the input, or exists without `force`.
+        Diverged: the loss went NaN/Inf; nothing is written and the input is untouched.
+    """
+    check_steps(options.steps)
+    if options.objective not in OBJECTIVES:
+        raise InputError(f"--objective {options.objective}: expected {', '.join(OBJECTIVES)}")
+    file = SuperposedFile(path)
+    output = Path(output)
+    if output.exists() and output.resolve() == file.path.resolve():
+        raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: already exists (pass --force to overwrite)")
+    task.require("load_data")
+    with torch.random.fork_rng():
+        torch.manual_seed(options.seed)
+        psp = load(file, task.build_model())
+    teachers = _teachers(file, task, options.objective)
+    objective = "distill" if teachers else "task"
+    K = file.num_contexts
+    before = evaluate_all(task, psp, K)
+    originals = [task.metric(teachers[k], k) for k in range(K)] if teachers else None
+    report = TuneReport(str(file.path), str(output), objective, next(iter(before[0])), before, [], originals)
+    report.curve.append({"step": 0, "metrics": before})
+    streams = [batch_stream(task, k, "train", options.seed) for k in range(K)]
+    optimizer = make_optimizer(psp.parameters(), options.optimizer, options.lr)
+    start = time.perf_counter()
+    psp.train()
+    for step in range(1, options.steps + 1):
+        k = (step - 1) % K
+        psp.set_context(k)
+        inputs, targets = next(streams[k])
+        outputs = psp(inputs)
+        if teachers:
+            with torch.no_grad():
+                reference = teachers[k](inputs)
+            loss = F.mse_loss(outputs, reference)
+        else:
+            loss = task_loss(outputs, targets)
+        guard(loss, step, k, f"nothing written; {file.path} is unchanged")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress:
+            progress(step, options.steps, f"context {k}")
+        if options.eval_every and step % options.eval_every == 0 and step != options.steps:
+            report.curve.append({"step": step, "metrics": evaluate_all(task, psp, K)})
+            psp.train()
+    report.wall_s = time.perf_counter() - start
+    report.after, report.steps = evaluate_all(task, psp, K), options.steps
+    report.curve.append({"step": options.steps, "metrics": report.after})
+    record = {
+        "step": "tune",
+        "input": str(file.path),
+        "input_sha256": sha256_file(file.path),
+        **asdict(options),
+        "objective": objective,
+        "mean_before": mean_primary(before),
+        "mean_after": mean_primary(report.after),
+        "wall_s": round(report.wall_s, 3),
+    }
+    save(
+        psp,
+        output,
+        force=force,
+        recipe=file.header.recipe,
+        task=file.header.task or options.task_spec,
+        inputs=file.header.inputs,
+        history=[*file.header.history, record],
+    )
+    return report

@@ -1,0 +1,181 @@
+"""pspctl.nn: PSP layers against extraction, Proposition 3, save/load, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pspctl.checkpoints import save_state_dict
+from pspctl.contexts import Kind, make_contexts
+from pspctl.errors import ContextError, PolicyError, TaskError, ValidationError
+from pspctl.fileformat import SuperposedFile
+from pspctl.merge import MergeOptions, merge
+from pspctl.nn import Stacked, Superposed, load, mix_contexts, save, superpose
+from pspctl.policy import Policy
+from pspctl.superpose import bind, unbind
+
+K = 3
+ALL_WEIGHTS = Policy(superpose=("*weight",))
+KINDS = [("binary", False), ("complex", False), ("complex", True), ("onepower", False), ("rotation", False)]
+
+
+def conv_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Unflatten(1, (6, 1)),
+        nn.Conv2d(6, 5, (1, 3), stride=(1, 2), groups=1),
+        nn.BatchNorm2d(5),
+        nn.Flatten(),
+        nn.Linear(5 * 3, 12),
+        nn.LayerNorm(12),
+        nn.Linear(12, 4),
+    )
+
+
+def _perturb(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+@pytest.mark.parametrize(("kind", "mixture"), KINDS)
+def test_forward_equals_extracted_model(tmp_path, kind, mixture):
+    torch.manual_seed(0)
+    psp = superpose(conv_net(), K, kind=kind, seed=3, policy=ALL_WEIGHTS, mixture=mixture)
+    _perturb(psp, 1)  # every context differs from the initialisation
+    x = torch.randn(7, 2, 8)
+    for k in range(K):  # give every context its own BatchNorm statistics
+        with psp.context(k):
+            psp(x + k)
+    psp.eval()
+    save(psp, tmp_path / "w.safetensors")
+    file = SuperposedFile(tmp_path / "w.safetensors")
+    assert file.kind is (Kind.COMPLEX if mixture else Kind(kind))
+    assert set(file.names(role="superposed")) == {"0.weight", "3.weight", "6.weight", "8.weight"}
+    outputs = []
+    for k in range(K):
+        plain = conv_net()
+        plain.load_state_dict(file.state_dict(k))
+        plain.eval()
+        with psp.context(k):
+            y = psp(x)
+        torch.testing.assert_close(y, plain(x), atol=2e-5, rtol=1e-4)
+        outputs.append(y)
+    assert not torch.allclose(outputs[0], outputs[1])  # the contexts really are different models
+    reloaded = load(tmp_path / "w.safetensors", conv_net()).eval()
+    with reloaded.context(2), psp.context(2):
+        torch.testing.assert_close(reloaded(x), psp(x))
+
+
+def test_context_zero_starts_as_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 16)
+    for kind in Kind:
+        psp = superpose(model, 4, kind=kind, policy=ALL_WEIGHTS)
+        torch.testing.assert_close(psp(x), model(x), atol=1e-5, rtol=1e-5)
+        with psp.context(1):
+            assert not torch.allclose(psp(x), model(x), atol=1e-3)
+
+
+def test_same_policy_and_contexts_as_merge(tmp_path):
+    """A superposed file from pspctl.nn and one from merge agree on roles and contexts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    psp = superpose(model, 2, kind="binary", seed=5)
+    save(psp, tmp_path / "nn.safetensors")
+    for k in range(2):
+        save_state_dict(psp.state_dict_for(k), tmp_path / f"m{k}.safetensors")
+    merge([tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], tmp_path / "merged.safetensors",
+          MergeOptions(kind="binary", seed=5))  # fmt: skip
+    ours, theirs = (
+        SuperposedFile(tmp_path / "nn.safetensors"),
+        SuperposedFile(tmp_path / "merged.safetensors"),
+    )
+    assert {n: m.role for n, m in ours.header.tensors.items()} == {
+        n: m.role for n, m in theirs.header.tensors.items()
+    }
+    assert ours.names(role="superposed") == ["0.weight", "2.weight"]  # the head is under min_share
+    for name in ours.names(role="superposed"):
+        assert torch.equal(ours.contexts(name).data, theirs.contexts(name).data)
+
+
+def test_mixture_averages_neighbouring_phases():
+    ctx = make_contexts("complex", 4, 5, seed=0, name="w")
+    mixed = mix_contexts(ctx)
+    phi = ctx.data.double()
+    expected = torch.stack([(phi[0] + phi[1]) / 2, phi[0:3].mean(0), phi[1:4].mean(0), (phi[2] + phi[3]) / 2])
+    torch.testing.assert_close(mixed.data, expected.float())
+    with pytest.raises(ValueError, match="complex"):
+        mix_contexts(make_contexts("binary", 4, 5, seed=0))
+
+
+def _unbound_gradient(kind: Kind, weights: list[torch.Tensor], x, t, k: int, seed: int):
+    """Train context k of a PSP layer one step: (unbound PSP gradient, the retrieved weight Ŵ_k)."""
+    ctx = make_contexts(kind, len(weights), weights[0].shape[1], seed, "w")
+    layer = Superposed(ctx, bind(weights, ctx))
+    loss = 0.5 * (layer.linear(x, k) - t).pow(2).sum()
+    loss.backward()
+    grad = torch.complex(layer.real.grad, layer.imag.grad) if kind.is_complex else layer.weight.grad
+    return unbind(grad, ctx, k), layer.retrieve(k).detach()
+
+
+def _standalone_gradient(w: torch.Tensor, x, t) -> torch.Tensor:
+    w = w.clone().requires_grad_(True)
+    (0.5 * (F.linear(x, w) - t).pow(2).sum()).backward()
+    assert w.grad is not None
+    return w.grad
+
+
+@pytest.mark.parametrize("kind", [Kind.BINARY, Kind.COMPLEX, Kind.ROTATION])
+def test_proposition_3_gradient(kind):
+    """∂J_PSP/∂W, unbound with context k, is model k's own gradient: exactly at Ŵ_k, and
+    in expectation over the contexts at the stored W_k (Propositions 1 and 3)."""
+    gen = torch.Generator().manual_seed(0)
+    N, M, B, k = 5, 128, 6, 1
+    weights = [torch.randn(N, M, generator=gen) / M**0.5 for _ in range(4)]
+    x, t = torch.randn(B, M, generator=gen), torch.randn(B, N, generator=gen)
+
+    unbound, w_hat = _unbound_gradient(kind, weights, x, t, k, seed=0)
+    torch.testing.assert_close(unbound, _standalone_gradient(w_hat, x, t), atol=1e-5, rtol=1e-4)
+
+    true = _standalone_gradient(weights[k], x, t)
+    draws = torch.stack([_unbound_gradient(kind, weights, x, t, k, seed=s)[0] for s in range(64)])
+    single_error = ((draws - true).norm(dim=(1, 2)) / true.norm()).mean()
+    mean_error = (draws.mean(0) - true).norm() / true.norm()
+    assert single_error > 0.05  # one draw is noisy...
+    assert mean_error < single_error / 4  # ...but unbiased: averaging 64 draws shrinks it ~8×
+
+
+def test_inactive_contexts_get_no_gradient():
+    psp = superpose(nn.Sequential(nn.Linear(4, 3)), K, policy=ALL_WEIGHTS)
+    with psp.context(1):
+        psp(torch.randn(2, 4)).sum().backward()
+    bias = psp.tensors["0.bias"]
+    assert isinstance(bias, Stacked)
+    assert [p.grad is not None for p in bias.items] == [False, True, False]
+    assert psp.tensors["0.weight"].weight.grad is not None
+
+
+def test_bad_input(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(PolicyError, match="mixture of contexts needs --kind complex"):
+        superpose(model, K, kind="binary", mixture=True)
+    with pytest.raises(PolicyError, match="unknown kind 'ternary'"):
+        superpose(model, K, kind="ternary")
+    psp = superpose(model, K, policy=ALL_WEIGHTS)
+    with pytest.raises(ContextError, match=r"context 3 out of range: this model holds contexts 0\.\.2"):
+        psp.set_context(3)
+    save(psp, tmp_path / "w.safetensors")
+    with pytest.raises(TaskError, match=r"does not fit .*0\.weight: shape \[3, 5\] in the model vs \[3, 4\]"):
+        load(tmp_path / "w.safetensors", nn.Sequential(nn.Linear(5, 3)))
+    with torch.no_grad():
+        psp.tensors["0.bias"].items[2].fill_(float("nan"))
+    with pytest.raises(ValidationError, match="0.bias has NaN/Inf values; refusing to write"):
+        save(psp, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "w.safetensors"]
