@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pspctl.analysis import sources
+from pspctl.analysis.advice import advice, recommend
 from pspctl.analysis.function import capture, layer_sums, matrix_probe_sums
 from pspctl.analysis.pruning import (
     magnitude_sample,
@@ -24,7 +25,7 @@ from pspctl.analysis.pruning import (
     same_budget_state,
     thresholds,
 )
-from pspctl.analysis.report import ContextSummary, LayerError, PruneResult, Report, TensorAdvice
+from pspctl.analysis.report import ContextSummary, LayerError, PruneResult, Report
 from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
@@ -134,11 +135,9 @@ def analyze(
         tick(len(names) + k, steps, f"context {sf.labels[k]}")
         _context_pass(report, sf, k, task_obj, origs, row_sq, taus, gen, max_samples, report.stored_bytes / K)
     tick(steps, steps, "")
-    report.advice = _advice(sf, report, stored_bytes)
+    report.advice = advice(sf, report, stored_bytes)
     if max_drop is not None:
-        report.recommendation = _recommend(
-            sf, task_obj, origs, max_drop, max_output_error, max_samples, notes
-        )
+        report.recommendation = recommend(sf, task_obj, origs, max_drop, max_output_error, max_samples, notes)
     return report
 
 
@@ -298,54 +297,3 @@ def _winner(s: ContextSummary) -> str | None:
     else:
         return None
     return "tie" if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) else ("psp" if a > b else "pruning")
-
-
-def _context_bytes(kind: Any, K: int, M: int) -> int:
-    return {
-        "binary": K * math.ceil(M / 8),
-        "complex": 4 * K * M,
-        "onepower": 4 * M,
-        "rotation": 4 * K * M * M,
-    }[kind.value]
-
-
-def _advice(sf: SuperposedFile, report: Report, stored_bytes: dict[str, int]) -> list[TensorAdvice]:
-    K = sf.num_contexts
-    out = []
-    for name, meta in sf.header.tensors.items():
-        dtype = getattr(torch, meta.dtype)
-        if not dtype.is_floating_point or len(meta.shape) < 2:
-            continue
-        n = math.prod(meta.shape)
-        separate = K * n * dtype.itemsize
-        if meta.role == Role.SUPERPOSED:
-            cost = stored_bytes[name]
-        else:
-            cost = n * dtype.itemsize * (2 if sf.kind.is_complex else 1) + _context_bytes(
-                sf.kind, K, meta.fan_in
-            )
-        errs = [r.measured for r in report.layers if r.name == name and not math.isnan(r.measured)]
-        out.append(TensorAdvice(name, meta.role, separate - cost, sum(errs) / len(errs) if errs else None,
-                                max(errs) if errs else None))  # fmt: skip
-    return sorted(out, key=lambda a: -a.bytes_saved)
-
-
-def _recommend(
-    sf: SuperposedFile,
-    task: Any,
-    origs: list[Checkpoint] | None,
-    max_drop: float,
-    max_output_error: float | None,
-    max_samples: int,
-    notes: list[str],
-) -> dict[str, Any] | None:
-    if task is None or origs is None or task.load_data is None:
-        notes.append("--max-drop needs the originals and a task with load_data: no recommendation")
-        return None
-    from pspctl.analysis.policy import measured_policy
-
-    result = measured_policy(
-        origs, task, kind=sf.kind, seed=sf.header.seed, max_drop=max_drop, max_output_error=max_output_error,
-        max_samples=max_samples, dtype=sf.header.recipe.get("dtype"),
-    )  # fmt: skip
-    return result.to_dict()
