@@ -135,6 +135,7 @@ def _sums(y: Tensor, y_hat: Tensor, psq: Tensor, W: Tensor, others: Tensor | Non
     return s
 
 
+@torch.no_grad()  # the generic path calls the module, whose other parameters require grad
 def layer_sums(cap: Capture, W: Tensor, W_hat: Tensor, others: Tensor | None) -> LayerSums:
     """Compare one layer's output under W and Ŵ on every captured call.
 
