@@ -103,16 +103,42 @@ def test_same_budget_baseline_keeps_the_files_bytes(merged):
     # The budget: every tensor the file stores, contexts included, as safetensors lays them out.
     stored = sum(sf.raw(n).nbytes for n in sf._handle.keys())
     assert report.stored_bytes == stored
-    state = mlp(0).state_dict()
-    pruned, density = same_budget_state(state, stored / 3)
-    kept_bytes = sum(int((t != 0).sum()) * t.element_size() for t in pruned.values())
-    assert kept_bytes <= stored / 3 and kept_bytes == pytest.approx(stored / 3, abs=8)  # one value of slack
-    assert density == pytest.approx(kept_bytes / 4 / report.model_values)
-    assert torch.equal(pruned["0.bias"], state["0.bias"])  # 1-d tensors are kept whole
-    assert report.same_budget_density == pytest.approx(density, abs=1e-2)
+    for k in range(3):
+        state = mlp(k).state_dict()
+        pruned, density = same_budget_state(state, stored / 3)
+        kept_bytes = sum(int((t != 0).sum()) * t.element_size() for t in pruned.values())
+        assert kept_bytes <= stored / 3 and kept_bytes == pytest.approx(
+            stored / 3, abs=8
+        )  # one value of slack
+        assert density == pytest.approx(kept_bytes / 4 / report.model_values)
+        assert torch.equal(pruned["0.bias"], state["0.bias"])  # 1-d tensors are kept whole
+        assert report.contexts[k].same_budget_density == density
     for p in report.pruning:
         assert p.achieved == pytest.approx(p.sparsity, abs=1e-3)
         assert len(p.metric) == 3 and all(m is not None for m in p.metric)
+
+
+def test_same_budget_density_is_per_context(tmp_path):
+    """An original with an all-zero hidden layer keeps fewer values than the budget allows."""
+    (tmp_path / "task.py").write_text(TASK)
+    models = [mlp(i) for i in range(3)]
+    with torch.no_grad():
+        models[1][2].weight.zero_()
+    paths = save_models(models, tmp_path)
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(kind="binary", seed=1, policy=Policy(superpose=("0.weight", "2.weight"))))
+    report = analyze(out, task=tmp_path / "task.py")
+    state = models[1].state_dict()
+    # Every nonzero value fits in the budget, so the baseline keeps exactly those (and the 1-d tensors).
+    nonzero = sum(int((t != 0).sum()) if t.dim() >= 2 else t.numel() for t in state.values())
+    assert report.contexts[1].same_budget_density == pytest.approx(nonzero / report.model_values, rel=1e-12)
+    for k in (0, 2):
+        full = same_budget_state(models[k].state_dict(), report.stored_bytes / 3)[1]
+        assert report.contexts[k].same_budget_density == full > report.contexts[1].same_budget_density + 0.05
+    assert "same_budget_density" not in report.to_dict()  # per context only
+    assert [c["same_budget_density"] for c in report.to_dict()["contexts"]] == [
+        c.same_budget_density for c in report.contexts
+    ]
 
 
 def _low_rank(N: int, M: int, gen: torch.Generator) -> torch.Tensor:

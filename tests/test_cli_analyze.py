@@ -48,6 +48,13 @@ def test_bare_analyze_finds_everything(workdir):
     assert "storage ratio" in out and "winner" in out and "2.weight" in out
     assert "not what decides quality" in out
     assert "not found" not in out and "probe" not in out
+    # The baseline's kept fraction, per context, as the summary's "kept" column shows it.
+    kept = [f"{c.same_budget_density:.1%}" for c in analyze("w.safetensors").contexts]
+    # Summary rows; narrow terminals wrap the label onto a second line without numbers.
+    summary = result.output.split("function-space error per layer")[0]
+    rows = [line.split("│") for line in summary.splitlines() if line.startswith("│ ")]
+    rows = [r for r in rows if r[1].strip()[:1].isdigit()]
+    assert [r[5].strip() for r in rows] == kept  # context, original, retrieved, same-budget, kept
 
 
 def test_json_schema_matches_the_library(workdir):
@@ -59,8 +66,10 @@ def test_json_schema_matches_the_library(workdir):
     assert [p["sparsity"] for p in data["pruning"]] == [0.5, 0.9]
     lib = analyze("w.safetensors", sparsities=(0.5, 0.9)).to_dict()
     assert data["contexts"] == lib["contexts"] and data["layers"] == lib["layers"]
-    for key in ("weights", "magnitudes", "edges", "advice", "storage_ratio", "same_budget_density", "notes"):
+    for key in ("weights", "magnitudes", "edges", "advice", "storage_ratio", "notes"):
         assert key in data
+    densities = [c["same_budget_density"] for c in data["contexts"]]
+    assert len(densities) == 3 and all(0 < d < 1 for d in densities)
 
 
 def test_missing_originals_is_one_line_and_still_reports(workdir):

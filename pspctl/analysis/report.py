@@ -80,6 +80,9 @@ class ContextSummary:
     output_error: float | None  # end to end, ‖f̂(x) − f(x)‖ / ‖f(x)‖ on the same inputs
     same_budget_output_error: float | None
     winner: str | None  # "psp", "pruning" or "tie" at equal stored values
+    # Fraction of original k's values the same-budget baseline keeps: it varies a little per
+    # context, since ties and exact zeros at the magnitude threshold differ between models.
+    same_budget_density: float | None = None
 
 
 @dataclass
@@ -127,7 +130,6 @@ class Report:
     edges: dict[str, list[float]] = field(default_factory=dict)  # per tensor: histogram bin edges
     thresholds: list[float] = field(default_factory=list)
     pruning: list[PruneResult] = field(default_factory=list)
-    same_budget_density: float | None = None  # fraction of each original's values the baseline keeps
     advice: list[TensorAdvice] = field(default_factory=list)
     recommendation: dict[str, Any] | None = None  # measured policy for --max-drop, if asked
 

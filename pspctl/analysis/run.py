@@ -92,7 +92,7 @@ def analyze(
         file_bytes=sf.nbytes(), input_bytes=_input_bytes(sf, origs), stored_bytes=0,
         model_values=model_values, originals=[str(c.path) for c in origs] if origs else None,
         task=getattr(task_obj, "source", None) if task_obj else None, inputs=None, notes=notes,
-        thresholds=[0.01, 0.1, 0.5], same_budget_density=None,
+        thresholds=[0.01, 0.1, 0.5],
     )  # fmt: skip
     tick = progress or (lambda done, total, item: None)
     steps = len(names) + K
@@ -276,8 +276,7 @@ def _context_pass(
         del state, model
 
     if orig_state is not None:
-        base_state, density = same_budget_state(orig_state, budget)
-        report.same_budget_density = density
+        base_state, summary.same_budget_density = same_budget_state(orig_state, budget)
         if task is not None:
             base = sources.load_model(task, base_state, f"pruned original {k}")
             m_base = _metric(task, base, k)

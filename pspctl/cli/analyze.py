@@ -120,15 +120,15 @@ def render(r: Report) -> None:
             "and the function-space error is about the weight-space error"
         )
     metric = next((c.metric_name for c in r.contexts if c.metric_name), None) or "metric"
-    density = (
-        f" (keeps {r.same_budget_density:.0%} of the values)" if r.same_budget_density is not None else ""
+    t = Table(
+        title=f"summary: {metric}; same-budget pruning keeps a fraction (kept) of each original, same bytes"
     )
-    t = Table(title=f"summary: {metric}; same-budget pruning{density} uses the same bytes per model")
     for col in (
         "context",
         "original",
         "retrieved",
         "same-budget pruning",
+        "kept",
         "output err PSP",
         "output err pruning",
         "winner",
@@ -137,7 +137,8 @@ def render(r: Report) -> None:
     for c in r.contexts:
         win = {"psp": "[green]PSP[/]", "pruning": "[red]pruning[/]", "tie": "tie"}.get(c.winner or "", "–")
         t.add_row(escape(f"{c.context} {c.label}"), _f(c.original_metric, ".2f"), _f(c.retrieved_metric, ".2f"),
-                  _f(c.same_budget_metric, ".2f"), _f(c.output_error), _f(c.same_budget_output_error), win)  # fmt: skip
+                  _f(c.same_budget_metric, ".2f"), _f(c.same_budget_density, ".1%"), _f(c.output_error),
+                  _f(c.same_budget_output_error), win)  # fmt: skip
     console.print(t)
 
     if r.layers:
