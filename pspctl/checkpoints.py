@@ -94,13 +94,14 @@ def _strip_prefixes(names: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _open_safetensors(path: Path) -> Checkpoint:
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        names = list(handle.keys())
-        meta = handle.metadata() or {}
-        slices = {n: handle.get_slice(n) for n in names}
-        raw = {
-            n: (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), s.get_dtype())) for n, s in slices.items()
-        }
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names = list(handle.keys())
+            meta = handle.metadata() or {}
+            slices = {n: handle.get_slice(n) for n in names}
+            raw = {
+                n: (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                for n, s in slices.items()
+            }
     except SafetensorError as e:
         raise InputError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") == "pspctl":
@@ -109,8 +110,11 @@ def _open_safetensors(path: Path) -> Checkpoint:
     infos = {n: TensorInfo(n, *raw[stored]) for n, stored in mapping.items()}
 
     def get(name: str) -> Tensor:
+        # A fresh handle per tensor: closing it unmaps the file, so pages read for one tensor
+        # do not stay resident while the next K-1 inputs are read.
         try:
-            return handle.get_tensor(mapping[name])
+            with safe_open(str(path), framework="pt", device="cpu") as one:
+                return one.get_tensor(mapping[name])
         except SafetensorError as e:
             raise InputError(f"{path}: cannot read tensor {name!r} ({e})") from None
 

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from pspctl.checkpoints import open_checkpoint
-from pspctl.contexts import Kind
 from pspctl.errors import InputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, MergeReport, merge
@@ -55,7 +54,7 @@ def run_demo(
     samples: str | Path,
     workdir: str | Path,
     *,
-    kinds: Sequence[str] = tuple(k.value for k in Kind),
+    kinds: Sequence[str] = ("binary", "complex", "rotation", "onepower"),
     seed: int = 0,
     on_merge: Callable[[MergeReport], None] | None = None,
 ) -> list[DemoRow]:

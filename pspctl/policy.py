@@ -36,6 +36,7 @@ class Policy:
     min_share: float = 0.05
     keep: tuple[str, ...] = ()
     superpose: tuple[str, ...] = ()
+    origin: str = ""  # who chose keep/superpose, e.g. "measured"; replaces the "--keep"/"--superpose" reason
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,9 @@ def _rule(info: TensorInfo, interference: float | None, share: float, policy: Po
     if _matches(info.name, policy.superpose):
         if info.dtype not in FLOAT_DTYPES or len(info.shape) < 2:
             return Role.PER_CONTEXT, "cannot superpose: not a floating tensor with ≥2 dims"
-        return Role.SUPERPOSED, "--superpose"
+        return Role.SUPERPOSED, policy.origin or "--superpose"
     if _matches(info.name, policy.keep):
-        return Role.PER_CONTEXT, "--keep"
+        return Role.PER_CONTEXT, policy.origin or "--keep"
     if info.dtype not in FLOAT_DTYPES:
         return Role.PER_CONTEXT, "not floating point"
     if len(info.shape) < 2:

@@ -117,6 +117,4 @@ def _arrays(context: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         x, y = x_train, y_train
     x = x[:, permutation(context)]
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(
-        y.astype(np.int64)
-    )
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))

@@ -82,14 +82,26 @@ def test_keep_and_superpose_globs(workdir):
         (["merge", "model0.pt", "model1.pt", "--kind", "rotation", "--superpose", "*", "--max-rotation-fan-in", "100"],
          7, "rotation fan-in 256 exceeds the limit 100"),
         (["info", "model0.pt"], 2, "not a readable safetensors file"),
+        (["info", "plain.safetensors"], 5, "a plain safetensors file, not a pspctl superposed file"),
+        (["merge", "model0.pt", "notes.pt"], 2, "notes.pt: not a PyTorch checkpoint"),
+        (["merge", "model0.pt", "truncated.safetensors"], 2, "truncated.safetensors: not a readable safetensors file"),
+        (["merge", "model0.pt", "small.pt"], 3, "inputs do not match: 0.weight: shape [8, 16] in small.pt vs [256, 16]"),
         (["extract", "--context", "0"], 2, "w.safetensors: no such file"),
     ],
 )  # fmt: skip
 def test_bad_input_gives_one_line_and_an_exit_code(workdir, args, code, message):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, "plain.safetensors")
+    (workdir / "truncated.safetensors").write_bytes((workdir / "plain.safetensors").read_bytes()[:-3])
+    (workdir / "notes.pt").write_text("these are my notes")
+    torch.save(mlp(0, width=8).state_dict(), "small.pt")
+    before = sorted(p.name for p in workdir.iterdir())
     result = run(*args)
     assert result.exit_code == code, result.output
-    assert message in result.output
-    assert "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+    assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written
     assert not (workdir / "w.safetensors").exists()
 
 

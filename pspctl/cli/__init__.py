@@ -34,12 +34,14 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from rich.markup import escape
+
         from pspctl.errors import PspctlError
 
         try:
             return fn(*args, **kwargs)
         except PspctlError as e:
-            err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -55,7 +57,7 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
     """A rich progress bar driven by callbacks of (done, total, item); silent with quiet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if quiet:
+    if quiet or not err_console.is_terminal:  # no bar in logs and pipes
         yield lambda done, total, item: None
         return
     with Progress(
@@ -83,4 +85,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`; import them last.
-from pspctl.cli import core, train  # noqa: E402,F401
+from pspctl.cli import analyze, core, export, train  # noqa: E402,F401

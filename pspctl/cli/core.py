@@ -66,6 +66,18 @@ def merge(
     task: Annotated[
         str | None, typer.Option(help="Task file to record for analyze/export (path or module).")
     ] = None,
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="rules (decide from shapes) or measured (run --task's calib data; see docs/analyze.md)."
+        ),
+    ] = "rules",
+    max_drop: Annotated[
+        float, typer.Option(help="With --policy measured: allowed calib accuracy drop per context (points).")
+    ] = 0.5,
+    max_output_error: Annotated[
+        float | None, typer.Option(help="With --policy measured: also bound the end-to-end output error.")
+    ] = None,
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Merge weights containing NaN/Inf.")
     ] = False,
@@ -103,6 +115,18 @@ def merge(
         task=task,
         command=shlex.join(["pspctl", *sys.argv[1:]]),
     )
+    if policy == "measured":
+        from dataclasses import replace
+
+        from pspctl.analysis.policy import policy_for_merge
+
+        with progress_bar("measuring", quiet=quiet or json_out) as update:
+            chosen, _ = policy_for_merge(
+                inputs, options, max_drop=max_drop, max_output_error=max_output_error, progress=update
+            )
+        options = replace(options, policy=chosen)
+    elif policy != "rules":
+        raise PolicyError(f"--policy {policy}: expected rules or measured")
     with progress_bar("merging", quiet=quiet or json_out) as update:
         report = run_merge(inputs, output, options, progress=update)
     if json_out:

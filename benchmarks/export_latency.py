@@ -1,0 +1,173 @@
+"""onnxruntime latency of the multi-context graph vs the per-context graph of the same context.
+
+For each model and context kind: merge K models, export the multi-context graph and the
+per-context graph of one context (both validated against PyTorch by pspctl), then time both
+in onnxruntime at batch 1 and batch 64. Runs alternate between the two graphs (A B, B A, ...)
+so that drift on a shared machine hits both alike; the ratio is median(multi)/median(single).
+
+    python benchmarks/export_latency.py                      # bundled MLP + 4096-wide MLP
+    python benchmarks/export_latency.py --models digits --kinds binary complex --runs 50
+
+Prints a Markdown table (pasted into docs/export.md) and, with --json, writes the raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `pspctl`, `samples` importable
+
+from pspctl.merge import MergeOptions, merge  # noqa: E402
+from pspctl.onnx_export import export_contexts, export_multi  # noqa: E402
+
+K = 4
+CONTEXT = 1
+BATCHES = (1, 64)
+
+
+def wide_mlp(seed: int, width: int = 4096) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+    )
+
+
+def digits_setup(folder: Path) -> tuple[list[Path], SimpleNamespace, int]:
+    from samples import digits_task
+    from samples.train import checkpoint_path
+
+    task = SimpleNamespace(
+        source="samples/digits_task.py", build_model=digits_task.build_model,
+        example_inputs=digits_task.example_inputs, load_data=digits_task.load_data,
+    )  # fmt: skip
+    return [checkpoint_path(k) for k in range(K)], task, 64
+
+
+def wide_setup(folder: Path) -> tuple[list[Path], SimpleNamespace, int]:
+    paths = []
+    for k in range(K):
+        path = folder / f"wide_{k}.pt"
+        torch.save(wide_mlp(k).state_dict(), path)
+        paths.append(path)
+    gen = torch.Generator().manual_seed(0)
+    task = SimpleNamespace(
+        source="wide-mlp", build_model=lambda: wide_mlp(0),
+        example_inputs=lambda: (torch.randn(8, 4096, generator=gen),), load_data=None,
+    )  # fmt: skip
+    return paths, task, 4096
+
+
+SETUPS = {"digits": digits_setup, "wide4096": wide_setup}
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def interleaved(fns: list, runs: int, warmup: int) -> list[float]:
+    """Median seconds of each fn, alternating the order every round."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(runs):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            start = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def bench(name: str, kind: str, folder: Path, args: argparse.Namespace) -> list[dict]:
+    paths, task, width = SETUPS[name](folder)
+    superposed = folder / f"{name}_{kind}.safetensors"
+    merge(paths, superposed, MergeOptions(kind=kind, force=True))
+    multi = export_multi(superposed, task, folder / f"{name}_{kind}_multi.onnx", force=True)
+    single = export_contexts(superposed, task, CONTEXT, folder / f"{name}_{kind}_{CONTEXT}.onnx", force=True)
+    s_multi = session(folder / f"{name}_{kind}_multi.onnx", args.threads)
+    s_single = session(folder / f"{name}_{kind}_{CONTEXT}.onnx", args.threads)
+    rows = []
+    for batch in BATCHES:
+        x = np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)
+        multi_feed = {"context": np.array(CONTEXT, dtype=np.int64), "input": x}
+        t_multi, t_single = interleaved(
+            [partial(s_multi.run, None, multi_feed), partial(s_single.run, None, {"input": x})],
+            runs=args.runs, warmup=args.warmup,
+        )  # fmt: skip
+        rows.append({
+            "model": name, "kind": kind, "batch": batch,
+            "multi_ms": t_multi * 1e3, "single_ms": t_single * 1e3, "ratio": t_multi / t_single,
+            "multi_bytes": multi.total_bytes, "single_bytes": single.total_bytes,
+            "per_context_total_bytes": multi.per_context_bytes, "superposed_file_bytes": superposed.stat().st_size,
+            "max_abs_diff": max(c.max_abs for c in multi.checks),
+        })  # fmt: skip
+        print(
+            f"{name:9s} {kind:9s} batch {batch:3d}: multi {t_multi * 1e3:8.3f} ms, "
+            f"single {t_single * 1e3:8.3f} ms, ratio {t_multi / t_single:.3f}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+    return rows
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"onnxruntime {__import__('onnxruntime').__version__}, CPU ({platform.processor() or platform.machine()}), "
+        f"{args.threads} intra-op thread(s), median of {args.runs} interleaved runs, K = {K}, context {CONTEXT}.",
+        "",
+        "| model | kind | batch | multi (ms) | per-context (ms) | ratio | multi file | K per-context files |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['kind']} | {r['batch']} | {r['multi_ms']:.3f} | {r['single_ms']:.3f} | "
+            f"**{r['ratio']:.2f}×** | {mib(r['multi_bytes'])} | {mib(r['per_context_total_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--kinds", nargs="+", default=["binary", "complex", "onepower", "rotation"])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the raw rows here")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            for kind in args.kinds:
+                rows += bench(name, kind, Path(tmp), args)
+    print(markdown(rows, args))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

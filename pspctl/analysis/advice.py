@@ -1,0 +1,69 @@
+"""Policy advice: what superposing each tensor saves next to the error it adds, and the
+measured policy's recommendation for a budget (see pspctl.analysis.policy)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from pspctl.analysis.report import Report, TensorAdvice
+from pspctl.checkpoints import Checkpoint
+from pspctl.fileformat import SuperposedFile
+from pspctl.policy import Role
+
+__all__ = ["advice", "recommend"]
+
+
+def _context_bytes(kind: Any, K: int, M: int) -> int:
+    return {
+        "binary": K * math.ceil(M / 8),
+        "complex": 4 * K * M,
+        "onepower": 4 * M,
+        "rotation": 4 * K * M * M,
+    }[kind.value]
+
+
+def advice(sf: SuperposedFile, report: Report, stored_bytes: dict[str, int]) -> list[TensorAdvice]:
+    """Per ≥2-d floating tensor: bytes saved by superposing it, and its measured layer error."""
+    K = sf.num_contexts
+    out = []
+    for name, meta in sf.header.tensors.items():
+        dtype = getattr(torch, meta.dtype)
+        if not dtype.is_floating_point or len(meta.shape) < 2:
+            continue
+        n = math.prod(meta.shape)
+        separate = K * n * dtype.itemsize
+        if meta.role == Role.SUPERPOSED:
+            cost = stored_bytes[name]
+        else:
+            cost = n * dtype.itemsize * (2 if sf.kind.is_complex else 1) + _context_bytes(
+                sf.kind, K, meta.fan_in
+            )
+        errs = [r.measured for r in report.layers if r.name == name and not math.isnan(r.measured)]
+        out.append(TensorAdvice(name, meta.role, separate - cost, sum(errs) / len(errs) if errs else None,
+                                max(errs) if errs else None))  # fmt: skip
+    return sorted(out, key=lambda a: -a.bytes_saved)
+
+
+def recommend(
+    sf: SuperposedFile,
+    task: Any,
+    origs: list[Checkpoint] | None,
+    max_drop: float,
+    max_output_error: float | None,
+    max_samples: int,
+    notes: list[str],
+) -> dict[str, Any] | None:
+    """The measured policy for `max_drop` on the originals, or None (with a note) without them."""
+    if task is None or origs is None or task.load_data is None:
+        notes.append("--max-drop needs the originals and a task with load_data: no recommendation")
+        return None
+    from pspctl.analysis.policy import measured_policy
+
+    result = measured_policy(
+        origs, task, kind=sf.kind, seed=sf.header.seed, max_drop=max_drop, max_output_error=max_output_error,
+        max_samples=max_samples, dtype=sf.header.recipe.get("dtype"),
+    )  # fmt: skip
+    return result.to_dict()

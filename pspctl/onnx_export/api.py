@@ -1,0 +1,287 @@
+"""`export`: per-context ONNX graphs and one multi-context graph, each validated in onnxruntime.
+
+Graphs are written into a staging directory beside the output and moved into place only
+after every graph has passed onnx's checker and matched PyTorch; on any failure nothing is
+left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pspctl.errors import OutputError, TaskError, ValidationError
+from pspctl.fileformat import SuperposedFile
+from pspctl.onnx_export.convert import DEFAULT_OPSET, check_fit, io_names, to_onnx
+from pspctl.onnx_export.errors import AtolError
+from pspctl.onnx_export.modules import MultiContextModel
+from pspctl.onnx_export.validate import Check, compare, session, torch_outputs
+
+__all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "ExportReport", "TaskLike", "export_contexts", "export_multi"]
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+
+
+class TaskLike(Protocol):
+    """What export needs of a task (pspctl.task.Task fits): absent functions are None."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def build_model(self) -> Callable[[], nn.Module] | None: ...
+    @property
+    def example_inputs(self) -> Callable[[], Any] | None: ...
+    @property
+    def load_data(self) -> Callable[[int, str], Iterable[Any]] | None: ...
+
+
+@dataclass
+class ExportReport:
+    """What was exported and how each graph compares with PyTorch."""
+
+    multi: bool
+    kind: str
+    num_contexts: int
+    labels: list[str]
+    opset: int
+    atol: float
+    rtol: float
+    inputs_from: str  # "load_data(k, 'test')" or "example_inputs()"
+    files: dict[str, int] = field(default_factory=dict)  # graph path -> bytes, external data included
+    checks: list[Check] = field(default_factory=list)
+    per_context_bytes: int | None = None  # multi only: K × the size of one per-context graph
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        out["total_bytes"] = self.total_bytes
+        return out
+
+
+def _fresh_model(task: TaskLike, file: SuperposedFile) -> nn.Module:
+    if task.build_model is None or task.example_inputs is None:
+        missing = next(n for n in ("build_model", "example_inputs") if getattr(task, n, None) is None)
+        raise TaskError(
+            f"task file {task.source} has no {missing}() function; export needs it to build and trace the model"
+        )
+    model = task.build_model()
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"{task.source}: build_model() returned {type(model).__name__}, not an nn.Module")
+    check_fit(model, file, task.source)
+    return model.eval()
+
+
+def _retrieved(task: TaskLike, file: SuperposedFile, k: int) -> nn.Module:
+    """The PyTorch reference: build_model() with context k's retrieved weights."""
+    model = _fresh_model(task, file)
+    model.load_state_dict(file.state_dict(k))
+    return model
+
+
+def _as_inputs(obj: Any, what: str) -> tuple[Tensor, ...]:
+    inputs = (obj,) if isinstance(obj, Tensor) else tuple(obj)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise TaskError(f"{what} must give a tensor or a tuple of tensors")
+    return inputs
+
+
+def _validation_inputs(task: TaskLike, k: int) -> tuple[tuple[Tensor, ...], str]:
+    """The first test batch of task k if the task has data, else example_inputs()."""
+    if task.load_data is not None:
+        try:
+            batch = next(iter(task.load_data(k, "test")), None)
+        except ValueError:  # the task has no "test" split
+            batch = None
+        if batch is not None:
+            return _as_inputs(batch[0], "load_data()'s inputs"), "load_data(k, 'test')"
+    assert task.example_inputs is not None  # checked by _fresh_model
+    return _as_inputs(task.example_inputs(), "example_inputs()"), "example_inputs()"
+
+
+def _tracing_inputs(task: TaskLike) -> tuple[Tensor, ...]:
+    assert task.example_inputs is not None
+    inputs = _as_inputs(task.example_inputs(), "example_inputs()")
+    # torch.export specialises a batch of 1 as a constant; trace with 2 so the batch stays dynamic.
+    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
+
+
+@contextlib.contextmanager
+def _staging(targets: list[Path], *, force: bool, directory: Path | None) -> Iterator[Path]:
+    """A temp dir beside the outputs; its files move to `targets`' folder only if the body succeeds."""
+    for target in targets:
+        if target.is_dir():
+            raise OutputError(f"{target}: is a directory")
+        if target.exists() and not force:
+            raise OutputError(f"{target}: already exists (pass --force to overwrite)")
+    final_dir = directory if directory is not None else targets[0].parent
+    parent = final_dir.parent if directory is not None else final_dir
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: no such directory")
+    staging = Path(tempfile.mkdtemp(prefix=".pspctl-export.", dir=parent))
+    try:
+        yield staging
+        final_dir.mkdir(exist_ok=True)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, final_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _graph_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _fail_if_needed(report: ExportReport) -> ExportReport:
+    bad = [c for c in report.checks if not c.passed]
+    if bad:
+        worst = max(bad, key=lambda c: c.max_abs)
+        raise AtolError(
+            f"{len(bad)} output(s) differ from PyTorch beyond atol={report.atol:g}, rtol={report.rtol:g} "
+            f"(worst: context {worst.label}, {worst.output}, max abs {worst.max_abs:.3g}); no graph written",
+            report,
+        )
+    return report
+
+
+def _export_one(task: TaskLike, file: SuperposedFile, k: int, path: Path, opset: int) -> nn.Module:
+    model = _retrieved(task, file, k)
+    example = _tracing_inputs(task)
+    n_out = len(torch_outputs(model, example))
+    to_onnx(
+        model, example, path,
+        input_names=io_names("input", len(example)), output_names=io_names("output", n_out), opset=opset,
+    )  # fmt: skip
+    return model
+
+
+def export_contexts(
+    path: str | Path,
+    task: TaskLike,
+    context: int | str,
+    output: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    force: bool = False,
+) -> ExportReport:
+    """Export per-context graphs: one ordinary ONNX model per context, retrieved weights folded in.
+
+    With `context="all"`, `output` is a directory and the graphs are `<label>.onnx`.
+
+    Raises:
+        ContextError, TaskError, TraceError, MismatchError, OutputError; AtolError (with its
+        `.report`) if any graph differs from PyTorch beyond atol + rtol·|reference|.
+    """
+    file = SuperposedFile(path)
+    output = Path(output)
+    if str(context) == "all":
+        if output.exists() and not output.is_dir():
+            raise OutputError(f"{output}: is a file; --context all needs a directory")
+        todo = [(k, output / f"{label}.onnx") for k, label in enumerate(file.labels)]
+        directory: Path | None = output
+    else:
+        todo = [(file.resolve_context(context), output)]
+        directory = None
+    report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
+    with _staging([t for _, t in todo], force=force, directory=directory) as staging:
+        for k, target in todo:
+            graph = staging / target.name
+            model = _export_one(task, file, k, graph, opset)
+            inputs, report.inputs_from = _validation_inputs(task, k)
+            sess = session(graph)
+            got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)})
+            names = [o.name for o in sess.get_outputs()]
+            report.checks += compare(
+                got, torch_outputs(model, inputs), names,
+                context=k, label=file.labels[k], atol=atol, rtol=rtol,
+            )  # fmt: skip
+            report.files[str(target)] = _graph_bytes(graph)
+        _fail_if_needed(report)
+    return report
+
+
+def export_multi(
+    path: str | Path,
+    task: TaskLike,
+    output: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    force: bool = False,
+    measure_per_context: bool = True,
+) -> ExportReport:
+    """Export one graph serving all K contexts: inputs (context: int64 scalar, *task inputs).
+
+    Its outputs are the model's, then `context_valid` (bool): an out-of-range context is
+    clamped to 0..K−1 and flagged false. Every context is validated against PyTorch's
+    retrieved model, and −1 and K must be flagged. With `measure_per_context`, one per-context
+    graph is also exported (not kept) to report K × its size beside the multi-context file.
+
+    Raises:
+        As export_contexts; ValidationError if the out-of-range flag misbehaves.
+    """
+    file = SuperposedFile(path)
+    output = Path(output)
+    K = file.num_contexts
+    report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")
+    with _staging([output], force=force, directory=None) as staging:
+        graph = staging / output.name
+        wrapper = MultiContextModel(_fresh_model(task, file), file)
+        example = _tracing_inputs(task)
+        n_out = len(torch_outputs(_retrieved(task, file, 0), example))
+        names = io_names("output", n_out)
+        to_onnx(
+            wrapper, (torch.tensor(0), *example), graph,
+            input_names=["context", *io_names("input", len(example))],
+            output_names=[*names, "context_valid"], opset=opset, varargs=True,
+        )  # fmt: skip
+        sess = session(graph)
+        feeds = [i.name for i in sess.get_inputs()]
+        for k in range(K):
+            inputs, report.inputs_from = _validation_inputs(task, k)
+            got = sess.run(None, _feed(feeds, k, inputs))
+            if not bool(got[-1]):
+                raise ValidationError(f"context {k} is in range but the graph flags it invalid")
+            report.checks += compare(
+                got[:-1], torch_outputs(_retrieved(task, file, k), inputs), names,
+                context=k, label=file.labels[k], atol=atol, rtol=rtol,
+            )  # fmt: skip
+        for bad in (-1, K):
+            if bool(sess.run(None, _feed(feeds, bad, inputs))[-1]):
+                raise ValidationError(f"context {bad} is out of range but the graph does not flag it")
+        report.files[str(output)] = _graph_bytes(graph)
+        if measure_per_context:
+            single = staging / "per-context" / "graph.onnx"
+            single.parent.mkdir()
+            _export_one(task, file, 0, single, opset)
+            report.per_context_bytes = K * _graph_bytes(single)
+            shutil.rmtree(single.parent)
+        _fail_if_needed(report)
+    return report
+
+
+def _feed(names: list[str], k: int, inputs: tuple[Tensor, ...]) -> dict[str, np.ndarray]:
+    arrays = [np.array(k, dtype=np.int64), *(t.numpy() for t in inputs)]
+    return dict(zip(names, arrays, strict=True))

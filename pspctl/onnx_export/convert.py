@@ -1,0 +1,145 @@
+"""Torch module → checked ONNX file, with the dynamo exporter, and the weights-fit check."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pspctl.errors import MismatchError
+from pspctl.fileformat import SuperposedFile
+from pspctl.onnx_export.errors import TraceError
+
+__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "check_fit", "io_names", "to_onnx"]
+
+DEFAULT_OPSET = 20  # onnxruntime ≥ 1.17 runs it; the dynamo exporter's own default in torch 2.13
+# A protobuf message cannot exceed 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+MAX_LISTED = 5
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CLASS = re.compile(r"<class '([\w.]+)'>:")
+_WHERE = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
+
+
+def check_fit(model: nn.Module, file: SuperposedFile, source: str) -> None:
+    """The file's tensors must be exactly the model's state_dict keys, with the same shapes.
+
+    Raises:
+        MismatchError: listing missing, unexpected and mis-shaped keys.
+    """
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    stored = {k: list(m.shape) for k, m in file.header.tensors.items()}
+    groups = {
+        "missing from the file": [k for k in expected if k not in stored],
+        "not in the model": [k for k in stored if k not in expected],
+        "other shape": [
+            f"{k} {stored[k]} in the file vs {expected[k]} in the model"
+            for k in expected
+            if k in stored and stored[k] != expected[k]
+        ],
+    }
+    problems = [f"{what}: {_listed(keys)}" for what, keys in groups.items() if keys]
+    if problems:
+        raise MismatchError(f"{file.path}: weights do not fit the model of {source}: {'; '.join(problems)}")
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+def _dynamic_batch(args: Sequence[object], varargs: bool) -> tuple[object, ...]:
+    """dim 0 of every tensor input is the batch; `varargs` nests the inputs as forward(context, *inputs)."""
+    batch = torch.export.Dim("batch")
+    specs = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
+    return (None, specs) if varargs else specs
+
+
+def _reason(error: BaseException) -> str:
+    """The exporter's reason as one readable paragraph: the exception's first paragraph and the
+    user code that raised it, without the colours, advice and debugging flags around them."""
+    text = _ANSI.sub("", str(error))
+    summary = text.split("## Exception summary", 1)[-1].strip()
+    first = summary.split("\n\n", 1)[0]
+    first = _CLASS.sub(lambda m: m.group(1).rsplit(".", 1)[-1] + ":", first)
+    reason = " ".join(first.split()) or type(error).__name__
+    where = _WHERE.search(text)
+    if where:
+        reason += f" (at {where.group(1)}:{where.group(2)} in {where.group(3)}: {where.group(4).strip()})"
+    return reason if len(reason) <= 600 else reason[:597] + "..."
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter: its warnings (not actionable by users, and errors under pytest's
+    filterwarnings=error), its prints and graph dumps, and its logs ('torchvision is not installed')."""
+    # Global but restored: torch's loggers (export, dynamo, fx, onnx) each set their own levels.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def to_onnx(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int = DEFAULT_OPSET,
+    varargs: bool = False,
+    weight_bytes: int | None = None,
+) -> None:
+    """Export `module` (in eval mode) to `path` with a dynamic batch dim, then run onnx's checker.
+
+    Weights over EXTERNAL_DATA_BYTES go to `<path>.data` beside the graph (ONNX external data).
+
+    Raises:
+        TraceError: the exporter failed; the message is its reason in one paragraph.
+    """
+    import onnx
+
+    module.eval()
+    if weight_bytes is None:
+        weight_bytes = sum(t.nbytes for t in module.state_dict().values())
+    with _quiet():
+        try:
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    module,
+                    args,
+                    dynamo=True,
+                    dynamic_shapes=_dynamic_batch(args[1:] if varargs else args, varargs),
+                    input_names=list(input_names),
+                    output_names=list(output_names),
+                    opset_version=opset,
+                    verbose=False,
+                )
+        except Exception as e:  # the exporter raises many types; all mean "cannot trace this"
+            raise TraceError(f"the ONNX exporter cannot trace this model: {_reason(e)}") from e
+        if program is None:  # only the legacy exporter returns None
+            raise TraceError("the ONNX exporter returned no program")
+        program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    # By path, so that the checker follows external data past the 2 GiB protobuf limit.
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def io_names(stem: str, count: int) -> list[str]:
+    """`stem` for one tensor, else stem_0, stem_1, ... (ONNX graph input and output names)."""
+    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]

@@ -1,0 +1,225 @@
+"""Torch modules for the multi-context graph: the context is a tensor input, bound at run time.
+
+`MultiContextModel(model, file)` wraps the task's model so that its forward takes
+`(context, *inputs)`, with `context` an int64 scalar. Every tensor of the superposed file is
+computed from `context` inside the graph and handed to the model with
+`torch.func.functional_call`, so the model's own code runs unchanged:
+
+- a superposed `nn.Linear` weight is replaced by `BoundLinear`, which binds on the *input*
+  side, y = W (c_k ⊙ x), O(M) extra work instead of O(NM);
+- any other superposed weight (a Conv kernel, eq. 8) is retrieved, Ŵ_k = unbind(W, c_k);
+- per-context tensors (biases, norms, kept layers) are stored stacked [K, ...] and gathered.
+
+ONNX has no complex type, so the complex kinds carry Re(W) and Im(W) and use
+Re(W ⊙ c) x = Re(W)(cos φ ⊙ x) − Im(W)(sin φ ⊙ x). For onepower, φ_k = k·φ is computed
+from the integer input, so each model is literally one number.
+
+An out-of-range context is clamped to 0..K−1 and flagged: the graph's last output
+`context_valid` is false. The wrapper never raises on it, since ONNX cannot.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
+
+from pspctl.contexts import ContextSet, Kind
+from pspctl.fileformat import SuperposedFile
+from pspctl.policy import Role
+
+__all__ = ["BoundLinear", "ContextSlot", "MultiContextModel", "Retriever"]
+
+
+class ContextSlot:
+    """The clamped context index, an int64 scalar, shared by the bound layers of one forward.
+
+    A plain object rather than a module attribute: torch.export rejects tensors assigned to
+    module attributes during tracing, but a Python object passed around is just Python.
+    """
+
+    index: Tensor | None = None
+
+    def get(self) -> Tensor:
+        if self.index is None:
+            raise RuntimeError("bound layers run only inside MultiContextModel.forward")
+        return self.index
+
+
+class _Contexts(nn.Module):
+    """The contexts of one superposed tensor as buffers, in the form the graph uses."""
+
+    signs: Tensor
+    rotations: Tensor
+    phases: Tensor
+
+    def __init__(self, ctx: ContextSet, dtype: torch.dtype, *, transposed: bool = False):
+        super().__init__()
+        self.kind = ctx.kind
+        if ctx.kind is Kind.BINARY:
+            # float ±1 rather than packed bits: one Gather and one Mul at run time, K·M floats stored.
+            self.register_buffer("signs", ctx.data.to(dtype))
+        elif ctx.kind is Kind.ROTATION:
+            self.register_buffer("rotations", ctx.data.to(dtype))
+            if transposed:  # C_kᵀ stored as such: no Transpose of an M×M matrix per call
+                self.rotations = self.rotations.transpose(1, 2).contiguous()
+        else:  # complex [K, M] or onepower [M]: phases in float32, trig is cheap at O(M)
+            self.register_buffer("phases", ctx.data.float())
+
+    def phase(self, k: Tensor) -> Tensor:
+        """φ_k, [M]. Indexing with a scalar tensor exports as one Gather, with no Squeeze."""
+        if self.kind is Kind.ONEPOWER:
+            # k·φ in float32 equals ContextSet.phases' float64 product rounded once, for k < 2**24.
+            return k.to(torch.float32) * self.phases
+        return self.phases[k]
+
+    def sign(self, k: Tensor) -> Tensor:
+        """c_k, [M] (binary)."""
+        return self.signs[k]
+
+    def rotation(self, k: Tensor) -> Tensor:
+        """C_k, [M, M] (rotation); C_kᵀ if built with `transposed`."""
+        return self.rotations[k]
+
+
+def _as_matrix(superposed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """([N, M] real part, [N, M] imaginary part or None), in `dtype`."""
+    flat = superposed.reshape(superposed.shape[0], -1)
+    if flat.is_complex():
+        return flat.real.to(dtype).contiguous(), flat.imag.to(dtype).contiguous()
+    return flat.to(dtype).contiguous(), None
+
+
+class Retriever(nn.Module):
+    """Ŵ_k of one superposed tensor, computed in the graph: the weight-side binding (Conv, eq. 8)."""
+
+    real: Tensor
+    imag: Tensor  # None for the real kinds
+
+    def __init__(self, superposed: Tensor, ctx: ContextSet, dtype: torch.dtype, slot: ContextSlot):
+        super().__init__()
+        self.shape = tuple(superposed.shape)
+        self.dtype = dtype
+        self.slot = slot
+        self.contexts = _Contexts(ctx, dtype)
+        real, imag = _as_matrix(superposed, dtype)
+        self.register_buffer("real", real)
+        self.register_buffer("imag", imag)
+
+    def forward(self) -> Tensor:
+        k = self.slot.get()
+        kind = self.contexts.kind
+        if kind is Kind.BINARY:
+            flat = self.real * self.contexts.sign(k)
+        elif kind is Kind.ROTATION:
+            flat = self.real @ self.contexts.rotation(k)
+        else:
+            phi = self.contexts.phase(k)
+            flat = self.real * torch.cos(phi).to(self.dtype) - self.imag * torch.sin(phi).to(self.dtype)
+        return flat.reshape(self.shape)
+
+
+class BoundLinear(nn.Module):
+    """A superposed Linear that binds the context to its input: y = W (c_k ⊙ x) + b_k.
+
+    binary   x' = c_k ⊙ x                        y = W x'
+    rotation x' = C_k x (x @ C_kᵀ for rows)       y = W x'
+    complex  x' = [cos φ_k ⊙ x, sin φ_k ⊙ x]      y = [Re W, −Im W] x'  (one GEMM, 2M wide)
+
+    `bias` keeps the Linear's parameter name so the wrapper can substitute b_k for it.
+    `weight` is Ŵ_k, for code that reads `linear.weight` directly (nn.MultiheadAttention).
+    """
+
+    bound_weight: Tensor
+
+    def __init__(self, linear: nn.Linear, superposed: Tensor, ctx: ContextSet, slot: ContextSlot):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        dtype = linear.weight.dtype
+        self.dtype = dtype
+        self.slot = slot
+        self.contexts = _Contexts(ctx, dtype, transposed=True)
+        real, imag = _as_matrix(superposed, dtype)
+        self.register_buffer("bound_weight", real if imag is None else torch.cat([real, -imag], dim=1))
+        self.bias = linear.bias  # replaced by b_k at run time; dropped from the graph as unused
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.slot.get()
+        kind = self.contexts.kind
+        if kind is Kind.BINARY:
+            x = x * self.contexts.sign(k)
+        elif kind is Kind.ROTATION:
+            x = x @ self.contexts.rotation(k)  # x C_kᵀ: (C_k x) for row vectors
+        else:
+            phi = self.contexts.phase(k)
+            x = torch.cat([x * torch.cos(phi).to(self.dtype), x * torch.sin(phi).to(self.dtype)], dim=-1)
+        return F.linear(x, self.bound_weight, self.bias)
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        k = self.slot.get()
+        kind = self.contexts.kind
+        w = self.bound_weight
+        if kind is Kind.BINARY:
+            return w * self.contexts.sign(k)
+        if kind is Kind.ROTATION:
+            return w @ self.contexts.rotation(k).T
+        phi = self.contexts.phase(k)
+        m = self.in_features
+        return w[:, :m] * torch.cos(phi).to(self.dtype) + w[:, m:] * torch.sin(phi).to(self.dtype)
+
+
+def _sanitize(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class MultiContextModel(nn.Module):
+    """`model` serving all K contexts of `file`: forward(context, *inputs) -> (*outputs, context_valid).
+
+    `model` must already match the file's keys and shapes (see convert.check_fit); it is
+    modified in place (superposed Linears are replaced by BoundLinear).
+    """
+
+    def __init__(self, model: nn.Module, file: SuperposedFile):
+        super().__init__()
+        self.num_contexts = file.num_contexts
+        self.slot = ContextSlot()
+        dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+        self.stacked = nn.Module()
+        self.retrievers = nn.Module()
+        self._stacked_names: dict[str, str] = {}
+        self._retrieved_names: dict[str, str] = {}
+        for name in file.names():
+            key = _sanitize(name)
+            if file.header.tensors[name].role != Role.SUPERPOSED:
+                self.stacked.register_buffer(key, file.stacked(name).to(dtypes[name]))
+                self._stacked_names[name] = key
+                continue
+            prefix, _, attr = name.rpartition(".")
+            owner = model.get_submodule(prefix)
+            if prefix and type(owner) is nn.Linear and attr == "weight":
+                # Exact type only: a subclass may use its weight in ways BoundLinear cannot see.
+                model.set_submodule(
+                    prefix, BoundLinear(owner, file.superposed(name), file.contexts(name), self.slot)
+                )
+            else:
+                retriever = Retriever(file.superposed(name), file.contexts(name), dtypes[name], self.slot)
+                self.retrievers.add_module(key, retriever)
+                self._retrieved_names[name] = key
+        self.model = model
+
+    def forward(self, context: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        K = self.num_contexts
+        k = context.reshape(()).clamp(0, K - 1)
+        valid = k == context  # one Equal: false exactly when clamping changed the context
+        self.slot.index = k
+        try:
+            params = {name: getattr(self.stacked, key)[k] for name, key in self._stacked_names.items()}
+            for name, key in self._retrieved_names.items():
+                params[name] = getattr(self.retrievers, key)()
+            out = functional_call(self.model, params, inputs)
+        finally:
+            self.slot.index = None
+        return (*pytree.tree_leaves(out), valid)

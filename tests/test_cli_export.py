@@ -1,0 +1,105 @@
+"""`pspctl export` end to end: exit codes, the validation table, and one line per bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pspctl.cli import app
+from pspctl.cli import export as cli_export
+from pspctl.onnx_export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
+from tests.conftest import mlp, save_models
+
+runner = CliRunner()
+
+TASK = """
+import torch
+from tests.conftest import mlp
+
+def build_model():
+    return mlp(0)
+
+def example_inputs():
+    return (torch.randn(3, 16, generator=torch.Generator().manual_seed(0)),)
+"""
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    save_models([mlp(i) for i in range(3)], tmp_path)
+    (tmp_path / "task.py").write_text(TASK)
+    (tmp_path / "no_inputs.py").write_text(TASK.split("def example_inputs")[0])
+    monkeypatch.chdir(tmp_path)
+    result = run("merge", "model0.pt", "model1.pt", "model2.pt", "--labels", "a,b,c", "--task", "task.py",
+                 "--superpose", "*", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return tmp_path
+
+
+def test_defaults_match_the_library():
+    assert (cli_export.DEFAULT_OPSET, cli_export.DEFAULT_ATOL, cli_export.DEFAULT_RTOL) == (
+        DEFAULT_OPSET, DEFAULT_ATOL, DEFAULT_RTOL,
+    )  # fmt: skip
+
+
+def test_multi_uses_the_recorded_task_and_prints_the_table(workdir):
+    result = run("export", "--multi", "-o", "model.onnx")
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime vs PyTorch on example_inputs()" in result.output
+    for label in ("0 (a)", "1 (b)", "2 (c)"):
+        assert label in result.output
+    assert result.output.count(" ok ") == 3 and "wrote model.onnx" in result.output
+    assert "multi-context graph" in result.output and "3 per-context graphs" in result.output
+    assert (workdir / "model.onnx").is_file()
+
+
+def test_per_context_all_json(workdir):
+    result = run("export", "w.safetensors", "--context", "all", "-o", "graphs", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["passed"] and not data["multi"] and data["opset"] == DEFAULT_OPSET
+    assert sorted(p.name for p in (workdir / "graphs").iterdir()) == ["a.onnx", "b.onnx", "c.onnx"]
+    assert [c["label"] for c in data["checks"]] == ["a", "b", "c"]
+
+
+def test_failed_validation_exits_10_and_writes_nothing(workdir):
+    result = run("export", "--multi", "-o", "b.onnx", "--atol", "0", "--rtol", "0")
+    # atol = rtol = 0 demands bit equality, which W(c ⊙ x) vs (W ⊙ c)x rounding breaks.
+    assert result.exit_code == 10, result.output
+    assert "FAIL" in result.output and "differ from PyTorch beyond atol=0, rtol=0" in result.output
+    assert not (workdir / "b.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--multi", "--context", "0"], 2, "pass exactly one of --context K|LABEL|all and --multi"),
+        (["--multi", "--atol", "-1"], 2, "--atol -1 / --rtol 0.001: tolerances cannot be negative"),
+        (["--context", "d"], 6, "unknown context 'd'; labels are a, b, c"),
+        (["--context", "7"], 6, "context 7 out of range: this file holds contexts 0..2"),
+        (["--multi", "--task", "no_inputs.py"], 9, "task file no_inputs.py has no example_inputs() function"),
+        (["--multi", "--task", "missing.py"], 2, "task file missing.py does not exist"),
+        (["--context", "all", "-o", "task.py"], 8, "task.py: is a file; --context all needs a directory"),
+    ],
+)
+def test_bad_input_one_line(workdir, args, code, message):
+    if "-o" not in args:
+        args = [*args, "-o", "out.onnx"]
+    result = run("export", *args)
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
+    assert not (workdir / "out.onnx").exists()
+
+
+def test_no_recorded_task(workdir):
+    assert run("merge", "model0.pt", "model1.pt", "-o", "plain.safetensors", "-q").exit_code == 0
+    result = run("export", "plain.safetensors", "--multi", "-o", "m.onnx")
+    assert result.exit_code == 9
+    assert result.output.strip() == "error: plain.safetensors records no task file; pass --task"

@@ -1,0 +1,320 @@
+"""ONNX export: every kind, per-context and multi-context, checked in onnxruntime against PyTorch.
+
+The library validates its own graphs; these tests check them again independently, on inputs
+the library never saw (batch 1 and an odd batch), against the model rebuilt from the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from pspctl.contexts import Kind
+from pspctl.errors import ContextError, MismatchError, OutputError, TaskError
+from pspctl.fileformat import SuperposedFile
+from pspctl.merge import MergeOptions, merge
+from pspctl.onnx_export import AtolError, TraceError, convert, export_contexts, export_multi
+from pspctl.onnx_export import api as export_api
+from pspctl.onnx_export.validate import session
+from pspctl.policy import Policy
+from samples import digits_task
+from samples.train import checkpoint_path
+from tests.conftest import cnn, mlp, save_models
+
+KINDS = [k.value for k in Kind]
+MLP_IN, CNN_IN = (16,), (3, 4, 4)
+
+
+def task_of(build, shape, load_data=None) -> SimpleNamespace:
+    return SimpleNamespace(
+        source="test-task",
+        build_model=build,
+        example_inputs=lambda: (torch.randn(4, *shape, generator=torch.Generator().manual_seed(0)),),
+        load_data=load_data,
+    )
+
+
+def merged(tmp_path: Path, models: list[nn.Module], kind: str, name: str = "w") -> Path:
+    paths = save_models(models, tmp_path)
+    out = tmp_path / f"{name}.safetensors"
+    merge(paths, out, MergeOptions(kind=kind, seed=1, policy=Policy(superpose=("*",))))
+    return out
+
+
+def reference(build, file: Path, k: int, x: torch.Tensor) -> np.ndarray:
+    model = build()
+    model.load_state_dict(SuperposedFile(file).state_dict(k))
+    with torch.no_grad():
+        return model.eval()(x).numpy()
+
+
+def fresh_inputs(shape: tuple[int, ...]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(42)
+    return [torch.randn(1, *shape, generator=gen), torch.randn(7, *shape, generator=gen)]
+
+
+def assert_nothing_left(folder: Path, before: set[str]) -> None:
+    assert {p.name for p in folder.iterdir()} == before
+
+
+BUILDERS = {"mlp": (mlp, MLP_IN), "cnn": (cnn, CNN_IN)}
+
+
+@pytest.fixture(scope="module")
+def multi_graphs(tmp_path_factory):
+    """(superposed file, multi-context graph, report) per (model, kind), exported once per module."""
+    cache: dict[tuple[str, str], tuple[Path, Path, object]] = {}
+
+    def get(model: str, kind: str):
+        if (model, kind) not in cache:
+            build, shape = BUILDERS[model]
+            folder = tmp_path_factory.mktemp(f"{model}-{kind}")
+            file = merged(folder, [build(i) for i in range(3)], kind)
+            out = folder / "multi.onnx"
+            report = export_multi(file, task_of(lambda: build(0), shape), out, measure_per_context=False)
+            cache[model, kind] = (file, out, report)
+        return cache[model, kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_multi_context_graph_matches_torch_for_every_context(multi_graphs, model, kind):
+    build, shape = BUILDERS[model]
+    file, out, report = multi_graphs(model, kind)
+    assert report.passed and [c.context for c in report.checks] == [0, 1, 2]
+    assert report.files == {str(out): out.stat().st_size}
+
+    sess = session(out)
+    for x in fresh_inputs(shape):
+        for k in range(3):
+            got, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
+            np.testing.assert_allclose(got, reference(lambda: build(0), file, k, x), atol=1e-5, rtol=1e-4)
+            assert bool(valid)
+    # Out of range: clamped to the nearest context and flagged, never an error or garbage.
+    x = fresh_inputs(shape)[1].numpy()
+    for bad, nearest in [(-1, 0), (3, 2), (10**6, 2)]:
+        got, valid = sess.run(None, {"context": np.array(bad), "input": x})
+        assert not bool(valid)
+        np.testing.assert_array_equal(got, sess.run(None, {"context": np.array(nearest), "input": x})[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multi_graph_binds_linear_on_the_input_side(multi_graphs, kind):
+    _, out, _ = multi_graphs("mlp", kind)
+    graph = onnx.load(str(out)).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    wide = 2 if Kind(kind).is_complex else 1  # [Re W, −Im W]
+    assert shapes["model.2.bound_weight"] == [48, 48 * wide]
+    # Stored once: nothing holds K copies of a hidden weight (K·48·48 elements).
+    weights = [s for name, s in shapes.items() if ".contexts." not in name]
+    assert max(int(np.prod(s)) for s in weights) < 3 * 48 * 48
+    ops = {n.op_type for n in graph.node}
+    if kind == "onepower":  # one phase per weight; cos(kφ), sin(kφ) computed from the integer input
+        assert shapes["model.2.contexts.phases"] == [48]
+        assert {"Cast", "Cos", "Sin"} <= ops
+    if kind == "binary":
+        assert shapes["model.2.contexts.signs"] == [3, 48] and not {"Cos", "Sin"} & ops
+    if kind == "rotation":  # C_kᵀ gathered and multiplied with no Transpose per call
+        assert shapes["model.2.contexts.rotations"] == [3, 48, 48] and "Transpose" not in ops
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_context_graph_of_cnn_matches_torch(tmp_path, kind):
+    file = merged(tmp_path, [cnn(i) for i in range(3)], kind)
+    report = export_contexts(file, task_of(lambda: cnn(0), CNN_IN), "model1", tmp_path / "one.onnx")
+    assert report.passed and [(c.context, c.label) for c in report.checks] == [(1, "model1")]
+    sess = session(tmp_path / "one.onnx")
+    for x in fresh_inputs(CNN_IN):
+        (got,) = sess.run(None, {"input": x.numpy()})
+        np.testing.assert_allclose(got, reference(lambda: cnn(0), file, 1, x), atol=1e-5, rtol=1e-4)
+    # BatchNorm statistics differ per context: a graph for another context must differ.
+    x = fresh_inputs(CNN_IN)[1]
+    assert not np.allclose(reference(lambda: cnn(0), file, 0, x), got, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_bundled_samples_export_both_ways(tmp_path, kind):
+    paths = [checkpoint_path(k) for k in range(4)]
+    file = tmp_path / "w.safetensors"
+    merge(paths, file, MergeOptions(kind=kind, labels=["a", "b", "c", "d"]))
+    task = SimpleNamespace(
+        source="samples/digits_task.py", build_model=digits_task.build_model,
+        example_inputs=digits_task.example_inputs, load_data=digits_task.load_data,
+    )  # fmt: skip
+    multi = export_multi(file, task, tmp_path / "multi.onnx")
+    assert multi.passed and multi.inputs_from == "load_data(k, 'test')" and len(multi.checks) == 4
+    one = export_contexts(file, task, "c", tmp_path / "c.onnx")
+    assert one.passed
+    # K per-context graphs vs the measured one: equal sizes; the multi graph stores W once,
+    # but rotation contexts (K·M² floats, as in the .safetensors file) outweigh a 256-wide W.
+    assert multi.per_context_bytes == 4 * one.total_bytes
+    assert (multi.total_bytes < multi.per_context_bytes) == (kind != "rotation")
+    # The per-context graph and the multi graph at the same context agree.
+    x = next(digits_task.load_data(2, "test"))[0].numpy()
+    a = session(tmp_path / "c.onnx").run(None, {"input": x})[0]
+    b = session(tmp_path / "multi.onnx").run(None, {"context": np.array(2), "input": x})[0]
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_all_contexts_named_after_labels(tmp_path):
+    file = merged(tmp_path, [mlp(i) for i in range(3)], "binary")
+    report = export_contexts(file, task_of(lambda: mlp(0), MLP_IN), "all", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "model0.onnx",
+        "model1.onnx",
+        "model2.onnx",
+    ]
+    assert [c.context for c in report.checks] == [0, 1, 2] and len(report.files) == 3
+
+
+def test_large_weights_use_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(convert, "EXTERNAL_DATA_BYTES", 0)
+    file = merged(tmp_path, [mlp(i) for i in range(3)], "complex")
+    out = tmp_path / "multi.onnx"
+    report = export_multi(file, task_of(lambda: mlp(0), MLP_IN), out, measure_per_context=False)
+    data = tmp_path / "multi.onnx.data"
+    external = [
+        i.name for i in onnx.load(str(out), load_external_data=False).graph.initializer
+        if i.data_location == onnx.TensorProto.EXTERNAL
+    ]  # fmt: skip
+    assert data.is_file() and "model.2.bound_weight" in external
+    assert report.files[str(out)] == out.stat().st_size + data.stat().st_size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pspctl-export")]
+
+
+# --- bad input: one clear error, and no graph left behind -------------------------------
+
+
+def test_task_without_example_inputs(tmp_path):
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
+    before = {p.name for p in tmp_path.iterdir()}
+    task = task_of(lambda: mlp(0), MLP_IN)
+    task.example_inputs = None
+    with pytest.raises(TaskError, match=r"has no example_inputs\(\) function"):
+        export_multi(file, task, tmp_path / "m.onnx")
+    assert_nothing_left(tmp_path, before)
+
+
+def test_weights_that_do_not_fit_list_the_keys(tmp_path):
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
+    with pytest.raises(MismatchError) as e:
+        export_contexts(file, task_of(lambda: cnn(0), CNN_IN), 0, tmp_path / "m.onnx")
+    assert str(e.value) == (
+        f"{file}: weights do not fit the model of test-task: missing from the file: 1.weight, 1.bias, "
+        "1.running_mean, 1.running_var, 1.num_batches_tracked (+4 more); not in the model: 2.weight, "
+        "2.bias, 4.weight, 4.bias; other shape: 0.weight [48, 16] in the file vs [8, 3, 3, 3] in the "
+        "model, 0.bias [48] in the file vs [8] in the model"
+    )
+    wide = task_of(lambda: mlp(0, width=8), MLP_IN)
+    with pytest.raises(MismatchError, match=r"0\.weight \[48, 16\] in the file vs \[8, 16\] in the model"):
+        export_multi(file, wide, tmp_path / "m.onnx")
+
+
+def test_unknown_context(tmp_path):
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
+    with pytest.raises(ContextError, match="out of range"):
+        export_contexts(file, task_of(lambda: mlp(0), MLP_IN), 2, tmp_path / "m.onnx")
+    with pytest.raises(ContextError, match="unknown context 'nope'"):
+        export_contexts(file, task_of(lambda: mlp(0), MLP_IN), "nope", tmp_path / "m.onnx")
+
+
+class Untraceable(nn.Sequential):
+    def forward(self, x):
+        out = super().forward(x)
+        if out.sum() > 0:  # data-dependent control flow: torch.export cannot trace it
+            return out
+        return -out
+
+
+def test_untraceable_model_gives_the_exporters_reason(tmp_path):
+    def build():
+        return Untraceable(*mlp(0))
+
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(TraceError, match="cannot trace this model: .*data-dependent") as e:
+        export_contexts(file, task_of(build, MLP_IN), 0, tmp_path / "m.onnx")
+    message = str(e.value)
+    assert "\n" not in message and "\x1b" not in message and len(message) < 700
+    assert "GuardOnDataDependentSymNode: Could not guard" in message  # the class, not <class '...'>
+    assert "test_onnx_export.py:" in message and "in forward: if out.sum() > 0:" in message
+    assert_nothing_left(tmp_path, before)
+
+
+def test_output_directory_that_is_a_file(tmp_path):
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(OutputError, match="is a file; --context all needs a directory"):
+        export_contexts(file, task_of(lambda: mlp(0), MLP_IN), "all", tmp_path / "out")
+    with pytest.raises(OutputError, match="already exists"):
+        export_multi(file, task_of(lambda: mlp(0), MLP_IN), tmp_path / "out")
+
+
+def test_validation_failure_keeps_no_graph(tmp_path, monkeypatch):
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "rotation")
+    before = {p.name for p in tmp_path.iterdir()}
+    real = export_api.torch_outputs
+    # A reference off by 1e-3 in one element must fail atol 1e-4 even though the graph is right.
+    monkeypatch.setattr(
+        export_api, "torch_outputs", lambda m, x: [o + np.where(o == o.flat[0], 1e-3, 0) for o in real(m, x)]
+    )
+    with pytest.raises(AtolError, match=r"2 output\(s\) differ from PyTorch.*no graph written") as e:
+        export_contexts(file, task_of(lambda: mlp(0), MLP_IN), "all", tmp_path / "dir")
+    assert [c.passed for c in e.value.report.checks] == [False, False]
+    assert e.value.report.checks[0].max_abs == pytest.approx(1e-3, rel=1e-2)
+    assert_nothing_left(tmp_path, before)
+
+
+@pytest.mark.slow
+def test_latency_benchmark_runs(capsys):
+    from benchmarks import export_latency
+
+    rows = export_latency.main(["--models", "digits", "--kinds", "binary", "--runs", "3", "--warmup", "1"])
+    assert [(r["model"], r["batch"]) for r in rows] == [("digits", 1), ("digits", 64)]
+    assert all(r["ratio"] > 0 and r["multi_bytes"] < r["per_context_total_bytes"] for r in rows)
+    assert "| digits | binary | 64 |" in capsys.readouterr().out
+
+
+class TwoHeads(nn.Module):
+    """Two inputs, two outputs: graph names become input_0/input_1 and output_0/output_1."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp(0)
+        self.side = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        return self.body(x), self.side(y)
+
+
+def test_several_inputs_and_outputs_with_a_batch_of_one(tmp_path):
+    models = []
+    for i in range(2):
+        torch.manual_seed(i)
+        models.append(TwoHeads())
+    file = merged(tmp_path, models, "binary")
+    task = SimpleNamespace(
+        source="two-heads", build_model=TwoHeads, load_data=None,
+        example_inputs=lambda: (torch.randn(1, 16), torch.randn(1, 16)),  # traced at batch 2
+    )  # fmt: skip
+    export_multi(file, task, tmp_path / "m.onnx", measure_per_context=False)
+    sess = session(tmp_path / "m.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["context", "input_0", "input_1"]
+    assert [o.name for o in sess.get_outputs()] == ["output_0", "output_1", "context_valid"]
+    x, y = torch.randn(5, 16), torch.randn(5, 16)
+    ref = TwoHeads()
+    ref.load_state_dict(SuperposedFile(file).state_dict(1))
+    with torch.no_grad():
+        want = [t.numpy() for t in ref.eval()(x, y)]
+    got = sess.run(None, {"context": np.array(1), "input_0": x.numpy(), "input_1": y.numpy()})
+    for g, w in zip(got[:2], want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
