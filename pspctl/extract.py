@@ -8,7 +8,24 @@ from pspctl.checkpoints import save_state_dict
 from pspctl.errors import OutputError
 from pspctl.fileformat import SuperposedFile
 
-__all__ = ["extract"]
+__all__ = ["extract", "plan_outputs"]
+
+
+def plan_outputs(
+    file: SuperposedFile, context: int | str, output: Path, suffix: str
+) -> list[tuple[int, Path]]:
+    """(context index, path) to write: one `<label><suffix>` per context in directory `output`
+    for `context="all"`, else the one resolved context at `output`.
+
+    Raises:
+        ContextError: unknown label or index out of range.
+        OutputError: "all" was given an existing file.
+    """
+    if str(context) == "all":
+        if output.exists() and not output.is_dir():
+            raise OutputError(f"{output}: is a file; --context all needs a directory")
+        return [(k, output / f"{label}{suffix}") for k, label in enumerate(file.labels)]
+    return [(file.resolve_context(context), output)]
 
 
 def extract(
@@ -30,16 +47,12 @@ def extract(
     """
     file = SuperposedFile(path)
     output = Path(output)
+    targets = plan_outputs(file, context, output, f".{fmt}")
     if str(context) == "all":
-        if output.exists() and not output.is_dir():
-            raise OutputError(f"{output}: is a file; --context all needs a directory")
-        targets = [(k, output / f"{label}.{fmt}") for k, label in enumerate(file.labels)]
         for _, target in targets:  # refuse before writing anything
             if target.exists() and not force:
                 raise OutputError(f"{target}: already exists (pass --force to overwrite)")
         output.mkdir(parents=True, exist_ok=True)
-    else:
-        targets = [(file.resolve_context(context), output)]
     for k, target in targets:
         save_state_dict(file.state_dict(k), target, force=force)
     return [t for _, t in targets]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pspctl.errors import OutputError, TaskError, ValidationError
+from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile
 from pspctl.onnx_export.convert import DEFAULT_OPSET, check_fit, io_names, to_onnx
 from pspctl.onnx_export.errors import AtolError
@@ -195,14 +196,8 @@ def export_contexts(
     """
     file = SuperposedFile(path)
     output = Path(output)
-    if str(context) == "all":
-        if output.exists() and not output.is_dir():
-            raise OutputError(f"{output}: is a file; --context all needs a directory")
-        todo = [(k, output / f"{label}.onnx") for k, label in enumerate(file.labels)]
-        directory: Path | None = output
-    else:
-        todo = [(file.resolve_context(context), output)]
-        directory = None
+    todo = plan_outputs(file, context, output, ".onnx")
+    directory = output if str(context) == "all" else None
     report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
     with _staging([t for _, t in todo], force=force, directory=directory) as staging:
         for k, target in todo:
