@@ -49,7 +49,12 @@ def test_writer_reproduces_the_golden_tensors(tmp_path, kind, monkeypatch):
           MergeOptions(kind=kind, seed=0, policy=Policy(superpose=("lin.weight",))))  # fmt: skip
     golden, new = load_file(HERE / f"golden-v1-{kind}.safetensors"), load_file(tmp_path / "new.safetensors")
     assert golden.keys() == new.keys()
-    assert all(torch.equal(golden[k], new[k]) for k in golden)
+    for k in golden:
+        if k.startswith("superposed/"):
+            # Complex binding goes through vectorised cos/sin, whose last bit may vary by CPU.
+            assert torch.allclose(golden[k], new[k], rtol=1e-6, atol=1e-7), k
+        else:  # contexts come from the seeded RNG, per-context tensors are copies: bit-exact
+            assert torch.equal(golden[k], new[k]), k
     headers = []
     for path in (HERE / f"golden-v1-{kind}.safetensors", tmp_path / "new.safetensors"):
         with safe_open(str(path), "pt") as f:

@@ -43,4 +43,5 @@ def test_by_hand_commands_and_python_snippet(repo_copy):
     expected = float(re.search(r"# \{'accuracy': ([\d.]+)\}", snippet).group(1))
     scope: dict = {}
     exec(snippet.replace("print(", "result = ("), scope)  # noqa: S102 - our own README
-    assert scope["result"]["accuracy"] == pytest.approx(expected, abs=0.05)
+    # ±0.5: another CPU's BLAS may round one borderline test digit (1/450 = 0.22 points) the other way.
+    assert scope["result"]["accuracy"] == pytest.approx(expected, abs=0.5)

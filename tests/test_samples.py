@@ -71,11 +71,24 @@ def test_example_inputs_are_one_real_batch() -> None:
 
 
 def test_train_reproduces_committed_checkpoint(tmp_path: Path, capsys) -> None:
-    # Bit-exact on the machine that trained them; another CPU/BLAS may round differently.
-    main(["--contexts", "1", "--out", str(tmp_path)])
+    # Training is deterministic on any one machine: two runs must agree bit for bit. Against
+    # the committed file (trained elsewhere) another CPU/BLAS may round differently, so
+    # compare what the model does, and its weights closely.
+    main(["--contexts", "1", "--out", str(tmp_path / "a")])
+    main(["--contexts", "1", "--out", str(tmp_path / "b")])
     assert "context 0: test accuracy" in capsys.readouterr().out
-    fresh = torch.load(tmp_path / "digits_0.pt", weights_only=True)
+    fresh = torch.load(tmp_path / "a" / "digits_0.pt", weights_only=True)
+    again = torch.load(tmp_path / "b" / "digits_0.pt", weights_only=True)
     committed = load_checkpoint(0)
-    assert list(fresh) == list(committed)
+    assert list(fresh) == list(again) == list(committed)
     for key in committed:
-        assert torch.equal(fresh[key], committed[key]), key
+        assert torch.equal(fresh[key], again[key]), key
+        assert torch.allclose(fresh[key], committed[key], rtol=1e-2, atol=1e-3), key
+    model = digits_task.build_model()
+    model.load_state_dict(fresh)
+    committed_model = digits_task.build_model()
+    committed_model.load_state_dict(committed)
+    assert (
+        abs(digits_task.evaluate(model, 0)["accuracy"] - digits_task.evaluate(committed_model, 0)["accuracy"])
+        <= 1.0
+    )
