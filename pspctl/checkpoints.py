@@ -30,6 +30,7 @@ __all__ = [
     "atomic_path",
     "dtype_name",
     "open_checkpoint",
+    "refuse_existing",
     "save_state_dict",
     "sha256_file",
 ]
@@ -179,14 +180,19 @@ def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     return Checkpoint(path, infos, lambda name: state[mapping[name]], notes + strip_notes)
 
 
+def refuse_existing(path: str | Path, *, force: bool) -> None:
+    """Raise OutputError if `path` exists and `force` is off: check before doing the work."""
+    if Path(path).exists() and not force:
+        raise OutputError(f"{path}: already exists (pass --force to overwrite)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path in `path`'s directory; rename it onto `path` only on success."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
-    if path.exists() and not force:
-        raise OutputError(f"{path}: already exists (pass --force to overwrite)")
+    refuse_existing(path, force=force)
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: no such directory")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -7,14 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from pspctl.checkpoints import open_checkpoint
 from pspctl.errors import InputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, MergeReport, merge
-from pspctl.task import Task, load_task
+from pspctl.task import Task, load_model, load_task
 
 __all__ = ["DemoRow", "evaluate_retrieved", "run_demo"]
 
@@ -29,12 +26,6 @@ class DemoRow:
     storage_ratio: float
 
 
-def _model_with(task: Task, state: dict[str, torch.Tensor]) -> nn.Module:
-    model = task.build_model()
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def evaluate_retrieved(
     path: str | Path, task: Task, originals: Sequence[str | Path]
 ) -> list[tuple[float, float]]:
@@ -43,8 +34,8 @@ def evaluate_retrieved(
     out = []
     for k, original_path in enumerate(originals):
         ckpt = open_checkpoint(original_path)
-        original = task.metric(_model_with(task, {n: ckpt[n] for n in ckpt.names}), k)
-        retrieved = task.metric(_model_with(task, sf.state_dict(k)), k)
+        original = task.metric(load_model(task, {n: ckpt[n] for n in ckpt.names}, str(original_path)), k)
+        retrieved = task.metric(load_model(task, sf.state_dict(k), f"context {k} of {sf.path}"), k)
         metric = next(iter(original))
         out.append((original[metric], retrieved[metric]))
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pspctl.checkpoints import save_state_dict
+from pspctl.checkpoints import refuse_existing, save_state_dict
 from pspctl.errors import OutputError
 from pspctl.fileformat import SuperposedFile
 
@@ -50,8 +50,7 @@ def extract(
     targets = plan_outputs(file, context, output, f".{fmt}")
     if str(context) == "all":
         for _, target in targets:  # refuse before writing anything
-            if target.exists() and not force:
-                raise OutputError(f"{target}: already exists (pass --force to overwrite)")
+            refuse_existing(target, force=force)
         output.mkdir(parents=True, exist_ok=True)
     for k, target in targets:
         save_state_dict(file.state_dict(k), target, force=force)

@@ -37,3 +37,19 @@ def test_demo_command(tmp_path):
 def test_demo_without_samples(tmp_path):
     with pytest.raises(InputError, match="no bundled samples here"):
         run_demo(tmp_path, tmp_path)
+
+
+def test_models_that_do_not_fit_the_task_are_one_clear_error(tmp_path):
+    import shutil
+
+    import torch
+
+    from pspctl.errors import MismatchError
+    from tests.conftest import mlp
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(SAMPLES / "digits_task.py", tmp_path / "digits_task.py")
+    for i in range(2):  # consistent with each other, so the merge succeeds, but not digits-shaped
+        torch.save(mlp(i).state_dict(), tmp_path / "models" / f"m{i}.pt")
+    with pytest.raises(MismatchError, match=r"m0\.pt does not fit the task's build_model\(\): .*shape"):
+        run_demo(tmp_path, tmp_path, kinds=["binary"])

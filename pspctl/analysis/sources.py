@@ -18,10 +18,9 @@ from torch import Tensor, nn
 from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_file
 from pspctl.errors import MismatchError
 from pspctl.fileformat import SuperposedFile
+from pspctl.task import MAX_LISTED, load_model, shape_problems
 
 __all__ = ["as_tensor", "check_fits", "find_originals", "find_task", "load_model", "run_model"]
-
-MAX_LISTED = 5
 
 
 def _candidates(recorded: str, base: Path) -> list[Path]:
@@ -139,40 +138,9 @@ def check_fits(task: Any, sf: SuperposedFile) -> None:
         MismatchError: keys or shapes differ.
     """
     own = {k: list(v.shape) for k, v in task.build_model().state_dict().items()}
-    problems = _diff(own, {n: m.shape for n, m in sf.header.tensors.items()})
+    problems = shape_problems(own, {n: m.shape for n, m in sf.header.tensors.items()})
     if problems:
         raise MismatchError(f"{sf.path} does not fit the task's build_model(): {problems}")
-
-
-def _diff(own: Mapping[str, list[int]], given: Mapping[str, list[int]]) -> str:
-    problems = [f"{k} missing" for k in own if k not in given]
-    problems += [f"{k} unexpected" for k in given if k not in own]
-    problems += [
-        f"{k} shape {list(given[k])} vs model {own[k]}"
-        for k in own
-        if k in given and list(given[k]) != own[k]
-    ]
-    more = f" (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-    return "; ".join(problems[:MAX_LISTED]) + more
-
-
-def load_model(task: Any, state: Mapping[str, Tensor], what: str) -> nn.Module:
-    """task.build_model() with `state` loaded, in eval mode.
-
-    Raises:
-        MismatchError: the state_dict does not fit the model (lists the first mismatched keys).
-    """
-    model = task.build_model()
-    own = {k: list(v.shape) for k, v in model.state_dict().items()}
-    problems = _diff(own, {k: list(v.shape) for k, v in state.items()})
-    if problems:
-        raise MismatchError(f"{what} does not fit the task's build_model(): {problems}")
-    # assign=True makes the parameters the given tensors instead of copies, so a model and
-    # its state_dict take the memory of one model; only where the dtypes already agree.
-    params = model.state_dict()
-    same = all(params[k].dtype == v.dtype for k, v in state.items())
-    model.load_state_dict(dict(state), strict=True, assign=same)
-    return model.eval()
 
 
 def as_tensor(output: Any) -> Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -70,6 +72,11 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
             bar.update(task, completed=done, total=total, item=item)
 
         yield update
+
+
+def command_line() -> str:
+    """The command as the user typed it, for the recipe recorded in output files."""
+    return shlex.join(["pspctl", *sys.argv[1:]])
 
 
 def human_bytes(n: float) -> str:

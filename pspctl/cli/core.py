@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from pspctl.cli import app, console, handle_errors, human_bytes, print_json, progress_bar
+from pspctl.cli import app, command_line, console, handle_errors, human_bytes, print_json, progress_bar
 
 DEFAULT_FILE = Path("w.safetensors")
 FileArg = Annotated[Path, typer.Argument(help="The superposed file.", show_default=True)]
@@ -113,7 +111,7 @@ def merge(
         trust_pickle=trust_pickle,
         force=force,
         task=task,
-        command=shlex.join(["pspctl", *sys.argv[1:]]),
+        command=command_line(),
     )
     if policy == "measured":
         from dataclasses import replace

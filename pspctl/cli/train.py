@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from pspctl.cli import app, console, handle_errors, print_json, progress_bar
+from pspctl.cli import app, command_line, console, handle_errors, print_json, progress_bar
 from pspctl.cli.core import DEFAULT_FILE, _kind
 
 TaskOpt = Annotated[
     str, typer.Option("--task", help="Task file (path or module) with build_model and load_data.")
 ]
-
-
-def _command() -> str:
-    return shlex.join(["pspctl", *sys.argv[1:]])
 
 
 def _fmt(rows: list[dict[str, float]] | None, k: int, metric: str) -> str:
@@ -79,7 +73,8 @@ def train_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
-    from pspctl.errors import InputError, OutputError
+    from pspctl.checkpoints import refuse_existing
+    from pspctl.errors import InputError
     from pspctl.policy import Policy
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
@@ -89,8 +84,8 @@ def train_command(
         raise InputError(f"--optimizer {optimizer}: expected adam or sgd")
     output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
     metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
-    if plot is not None and plot.exists() and not force:
-        raise OutputError(f"{plot}: already exists (pass --force to overwrite)")
+    if plot is not None:
+        refuse_existing(plot, force=force)
     options = TrainOptions(
         num_contexts=contexts,
         kind=_kind(kind),
@@ -105,7 +100,7 @@ def train_command(
         policy=Policy(max_interference, min_share, tuple(keep or ()), tuple(superpose or ())),
         labels=tuple(labels.split(",")) if labels else None,
         task_spec=task,
-        command=_command(),
+        command=command_line(),
     )
     loaded = load_task(task)
     with progress_bar("training", quiet=quiet or json_out) as update:
@@ -166,7 +161,8 @@ def tune_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Heal a post-hoc merge: fine-tune the superposed weights, one context at a time."""
-    from pspctl.errors import OutputError, TaskError
+    from pspctl.checkpoints import refuse_existing
+    from pspctl.errors import TaskError
     from pspctl.fileformat import SuperposedFile
     from pspctl.task import load_task
     from pspctl.training import TuneOptions, default_output, tune
@@ -176,8 +172,8 @@ def tune_command(
     if spec is None:
         raise TaskError(f"{file} records no task; pass --task")
     output = output or default_output(file)
-    if metrics is not None and metrics.exists() and not force:
-        raise OutputError(f"{metrics}: already exists (pass --force to overwrite)")
+    if metrics is not None:
+        refuse_existing(metrics, force=force)
     options = TuneOptions(
         steps=steps,
         objective=objective,
@@ -185,7 +181,7 @@ def tune_command(
         eval_every=eval_every,
         seed=seed,
         task_spec=spec,
-        command=_command(),
+        command=command_line(),
     )
     loaded = load_task(spec)
     with progress_bar("tuning", quiet=quiet or json_out) as update:

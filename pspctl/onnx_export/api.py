@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pspctl.checkpoints import refuse_existing
 from pspctl.errors import OutputError, TaskError, ValidationError
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile
@@ -131,8 +132,7 @@ def _staging(targets: list[Path], *, force: bool, directory: Path | None) -> Ite
     for target in targets:
         if target.is_dir():
             raise OutputError(f"{target}: is a directory")
-        if target.exists() and not force:
-            raise OutputError(f"{target}: already exists (pass --force to overwrite)")
+        refuse_existing(target, force=force)
     final_dir = directory if directory is not None else targets[0].parent
     parent = final_dir.parent if directory is not None else final_dir
     if not parent.is_dir():

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.checkpoints import save_state_dict
+from pspctl.checkpoints import refuse_existing, save_state_dict
 from pspctl.contexts import Kind
-from pspctl.errors import InputError, OutputError
+from pspctl.errors import InputError
 from pspctl.nn import PSPModel, save, superpose
 from pspctl.policy import Policy
 from pspctl.task import Task
@@ -128,8 +128,8 @@ def train(
     task.require("load_data")
     output = None if output is None else Path(output)
     for path in (output, metrics_path):
-        if path is not None and Path(path).exists() and not force:
-            raise OutputError(f"{path}: already exists (pass --force to overwrite)")
+        if path is not None:
+            refuse_existing(path, force=force)
     K = options.num_contexts
     model = _build(task, options)
     streams = [batch_stream(task, k, "train", options.seed) for k in range(K)]

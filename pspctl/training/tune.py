@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pspctl.checkpoints import open_checkpoint, sha256_file
+from pspctl.checkpoints import open_checkpoint, refuse_existing, sha256_file
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.nn import load, save
-from pspctl.task import Task
+from pspctl.task import Task, load_model
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -99,9 +99,7 @@ def _teachers(file: SuperposedFile, task: Task, objective: str) -> list[nn.Modul
     teachers = []
     for i in inputs:
         ckpt = open_checkpoint(i["path"])
-        model = task.build_model()
-        model.load_state_dict({n: ckpt[n] for n in ckpt.names})
-        teachers.append(model.eval())
+        teachers.append(load_model(task, {n: ckpt[n] for n in ckpt.names}, i["path"]))
     return teachers
 
 
@@ -129,8 +127,7 @@ def tune(
     output = Path(output)
     if output.exists() and output.resolve() == file.path.resolve():
         raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
-    if output.exists() and not force:
-        raise OutputError(f"{output}: already exists (pass --force to overwrite)")
+    refuse_existing(output, force=force)
     task.require("load_data")
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
