@@ -5,6 +5,20 @@ Any other exception escaping the library is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+MAX_LISTED = 5
+
+
+def listed(items: Sequence[str], sep: str = ", ") -> str:
+    """The first MAX_LISTED items for an error message, and how many more there are.
+
+    >>> listed(["a", "b", "c", "d", "e", "f", "g"])
+    'a, b, c, d, e (+2 more)'
+    """
+    more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return sep.join(items[:MAX_LISTED]) + more
+
 
 class PspctlError(Exception):
     """Base class: a user-facing problem with a one-line message."""

@@ -187,6 +187,10 @@ class SuperposedFile:
         weight = unbind(self.superposed(name), self.contexts(name), k)
         return weight.to(getattr(torch, meta.dtype))
 
+    def shapes(self) -> dict[str, list[int]]:
+        """The original shape of every tensor, by name."""
+        return {name: meta.shape for name, meta in self.header.tensors.items()}
+
     def state_dict(self, context: int | str) -> dict[str, Tensor]:
         """Model `context` as a plain state_dict with the inputs' keys, shapes and dtypes."""
         k = self.resolve_context(context)

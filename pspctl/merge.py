@@ -11,7 +11,7 @@ import torch
 
 from pspctl.checkpoints import Checkpoint, open_checkpoint, refuse_existing, sha256_file
 from pspctl.contexts import Kind, make_contexts
-from pspctl.errors import MismatchError, OutputError, PolicyError
+from pspctl.errors import MismatchError, OutputError, PolicyError, listed
 from pspctl.fileformat import (
     CONTEXTS,
     STACKED,
@@ -25,8 +25,6 @@ from pspctl.policy import Decision, Policy, Role, TensorInfo, decide
 from pspctl.superpose import bind
 
 __all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan"]
-
-MAX_LISTED = 5
 
 
 @dataclass(frozen=True)
@@ -98,8 +96,7 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
                 )
         problems += [f"{n}: only in {ckpt.path.name}" for n in ckpt.names if n not in ref.infos]
     if problems:
-        more = f" (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise MismatchError(f"inputs do not match: {'; '.join(problems[:MAX_LISTED])}{more}")
+        raise MismatchError(f"inputs do not match: {listed(problems, '; ')}")
 
 
 def _labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[str]:

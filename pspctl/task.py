@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import itertools
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,13 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.errors import InputError, MismatchError, TaskError
+from pspctl.errors import InputError, MismatchError, TaskError, listed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OPTIONAL = ("example_inputs", "load_data", "evaluate")
 
 _counter = itertools.count()
-MAX_LISTED = 5
 
 
 @dataclass(frozen=True)
@@ -171,17 +170,25 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def shape_problems(own: Mapping[str, list[int]], given: Mapping[str, list[int]]) -> str:
-    """The first differences between a model's (`own`) and given keys and shapes, as one line."""
-    problems = [f"{k} missing" for k in own if k not in given]
-    problems += [f"{k} unexpected" for k in given if k not in own]
-    problems += [
-        f"{k} shape {list(given[k])} vs model {own[k]}"
-        for k in own
-        if k in given and list(given[k]) != own[k]
-    ]
-    more = f" (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-    return "; ".join(problems[:MAX_LISTED]) + more
+def check_fits(
+    model: nn.Module, given: Mapping[str, Sequence[int]], what: str, whose: str = "the task's"
+) -> None:
+    """`given` (the shapes of a state_dict or of a file's tensors) must have exactly `model`'s keys and shapes.
+
+    Raises:
+        MismatchError: naming `what`, with the first keys missing, not in the model, and of another shape.
+    """
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    groups = {
+        "missing": [k for k in own if k not in given],
+        "not in the model": [k for k in given if k not in own],
+        "other shape": [
+            f"{k} {list(given[k])} (model: {own[k]})" for k in own if k in given and list(given[k]) != own[k]
+        ],
+    }
+    problems = [f"{kind}: {listed(keys)}" for kind, keys in groups.items() if keys]
+    if problems:
+        raise MismatchError(f"{what} does not fit {whose} model: {'; '.join(problems)}")
 
 
 def load_model(task: Task, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
@@ -191,10 +198,7 @@ def load_model(task: Task, state: Mapping[str, torch.Tensor], what: str) -> nn.M
         MismatchError: the state_dict does not fit the model (lists the first mismatched keys).
     """
     model = task.build_model()
-    own = {k: list(v.shape) for k, v in model.state_dict().items()}
-    problems = shape_problems(own, {k: list(v.shape) for k, v in state.items()})
-    if problems:
-        raise MismatchError(f"{what} does not fit the task's build_model(): {problems}")
+    check_fits(model, {k: v.shape for k, v in state.items()}, what)
     # assign=True makes the parameters the given tensors instead of copies, so a model and
     # its state_dict take the memory of one model; only where the dtypes already agree.
     params = model.state_dict()

@@ -246,7 +246,7 @@ def test_bad_inputs_raise_before_anything(merged, tmp_path):
     out, paths, _ = merged
     wide = tmp_path / "wide.py"
     wide.write_text(TASK.replace("48", "32"))
-    with pytest.raises(MismatchError, match=r"does not fit the task's build_model\(\): 0.weight shape"):
+    with pytest.raises(MismatchError, match=r"does not fit the task's model: other shape: 0\.weight"):
         analyze(out, task=wide)
     empty = tmp_path / "empty.py"
     empty.write_text(TASK.split("def load_data")[0] + "\ndef load_data(context, split):\n    return []\n")

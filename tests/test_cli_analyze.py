@@ -88,7 +88,11 @@ def test_missing_originals_is_one_line_and_still_reports(workdir):
     ("task_text", "code", "message"),
     [
         ("x = 1\n", 9, "has no build_model() function"),
-        (TASK.replace("48", "32"), 3, "does not fit the task's build_model(): 0.weight shape"),
+        (
+            TASK.replace("48", "32"),
+            3,
+            "does not fit the task's model: other shape: 0.weight [48, 16] (model: [32, 16])",
+        ),
         (
             TASK.split("def load_data")[0] + "def load_data(c, s):\n    return iter(())\n",
             9,

@@ -51,5 +51,8 @@ def test_models_that_do_not_fit_the_task_are_one_clear_error(tmp_path):
     shutil.copy(SAMPLES / "digits_task.py", tmp_path / "digits_task.py")
     for i in range(2):  # consistent with each other, so the merge succeeds, but not digits-shaped
         torch.save(mlp(i).state_dict(), tmp_path / "models" / f"m{i}.pt")
-    with pytest.raises(MismatchError, match=r"m0\.pt does not fit the task's build_model\(\): .*shape"):
+    with pytest.raises(
+        MismatchError,
+        match=r"m0\.pt does not fit the task's model: other shape: 0\.weight \[48, 16\] \(model: \[256, 64\]\)",
+    ):
         run_demo(tmp_path, tmp_path, kinds=["binary"])

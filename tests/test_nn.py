@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from pspctl.checkpoints import save_state_dict
 from pspctl.contexts import Kind, make_contexts
-from pspctl.errors import ContextError, PolicyError, TaskError, ValidationError
+from pspctl.errors import ContextError, MismatchError, PolicyError, ValidationError
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge
 from pspctl.nn import Stacked, Superposed, load, mix_contexts, save, superpose
@@ -171,7 +171,10 @@ def test_bad_input(tmp_path):
     with pytest.raises(ContextError, match=r"context 3 out of range: this model holds contexts 0\.\.2"):
         psp.set_context(3)
     save(psp, tmp_path / "w.safetensors")
-    with pytest.raises(TaskError, match=r"does not fit .*0\.weight: shape \[3, 5\] in the model vs \[3, 4\]"):
+    with pytest.raises(
+        MismatchError,
+        match=r"does not fit the given model: other shape: 0\.weight \[3, 4\] \(model: \[3, 5\]\)",
+    ):
         load(tmp_path / "w.safetensors", nn.Sequential(nn.Linear(5, 3)))
     with torch.no_grad():
         psp.tensors["0.bias"].items[2].fill_(float("nan"))

@@ -209,13 +209,13 @@ def test_weights_that_do_not_fit_list_the_keys(tmp_path):
     with pytest.raises(MismatchError) as e:
         export_contexts(file, task_of(lambda: cnn(0), CNN_IN), 0, tmp_path / "m.onnx")
     assert str(e.value) == (
-        f"{file}: weights do not fit the model of test-task: missing from the file: 1.weight, 1.bias, "
+        f"{file} does not fit the task's model: missing: 1.weight, 1.bias, "
         "1.running_mean, 1.running_var, 1.num_batches_tracked (+4 more); not in the model: 2.weight, "
-        "2.bias, 4.weight, 4.bias; other shape: 0.weight [48, 16] in the file vs [8, 3, 3, 3] in the "
-        "model, 0.bias [48] in the file vs [8] in the model"
+        "2.bias, 4.weight, 4.bias; other shape: 0.weight [48, 16] (model: [8, 3, 3, 3]), "
+        "0.bias [48] (model: [8])"
     )
     wide = task_of(lambda: mlp(0, width=8), MLP_IN)
-    with pytest.raises(MismatchError, match=r"0\.weight \[48, 16\] in the file vs \[8, 16\] in the model"):
+    with pytest.raises(MismatchError, match=r"0\.weight \[48, 16\] \(model: \[8, 16\]\)"):
         export_multi(file, wide, tmp_path / "m.onnx")
 
 

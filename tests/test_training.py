@@ -184,9 +184,11 @@ def test_bad_input(workdir):
     other.write_text(TASK.format(poison=-1, load_data=LOAD_DATA).replace("nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)",
                                                                          "nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)"))  # fmt: skip
     result = run("tune", "--task", other, "--steps", 2, "-q")
-    assert result.exit_code == 9
-    assert "the task's model does not fit w.safetensors: " in result.output
-    assert "0.weight: shape [16, 8] in the model vs [32, 8] in the file" in result.output
+    assert result.exit_code == 3
+    assert (
+        "error: w.safetensors does not fit the task's model: other shape: 0.weight [32, 8] (model: [16, 8])"
+        in result.output
+    )
     result = run("tune", "--steps", 2, "-o", "w.safetensors", "--force")
     assert result.exit_code == 8 and "tune never overwrites its input" in result.output
     assert not Path("w.tuned.safetensors").exists()

@@ -31,6 +31,7 @@ from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
 from pspctl.superpose import unbind
+from pspctl.task import check_fits
 
 __all__ = ["DEFAULT_SPARSITIES", "analyze", "lower_is_better"]
 
@@ -81,7 +82,7 @@ def analyze(
     task_obj, note = sources.find_task(sf, task)
     notes += [note] if note else []
     if task_obj is not None:
-        sources.check_fits(task_obj, sf)
+        check_fits(task_obj.build_model(), sf.shapes(), str(sf.path))
     origs, note = sources.find_originals(sf, originals, trust_pickle=trust_pickle)
     notes += [note] if note else []
     _, model_values = model_size(sf)

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_file
-from pspctl.errors import MismatchError
+from pspctl.errors import MismatchError, listed
 from pspctl.fileformat import SuperposedFile
-from pspctl.task import MAX_LISTED, load_model, shape_problems
+from pspctl.task import load_model
 
-__all__ = ["as_tensor", "check_fits", "find_originals", "find_task", "load_model", "run_model"]
+__all__ = ["as_tensor", "find_originals", "find_task", "load_model", "run_model"]
 
 
 def _candidates(recorded: str, base: Path) -> list[Path]:
@@ -42,10 +42,8 @@ def _check_shapes(sf: SuperposedFile, ckpt: Checkpoint, k: int) -> None:
         elif list(info.shape) != list(meta.shape):
             problems.append(f"{name} has shape {list(info.shape)}, file has {meta.shape}")
     if problems:
-        more = f" (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
         raise MismatchError(
-            f"{ckpt.path} (context {k}) does not match the file's tensors: "
-            f"{'; '.join(problems[:MAX_LISTED])}{more}"
+            f"{ckpt.path} (context {k}) does not match the file's tensors: {listed(problems, '; ')}"
         )
 
 
@@ -129,18 +127,6 @@ def find_task(sf: SuperposedFile, spec: Any = None) -> tuple[Any | None, str | N
     task = spec if hasattr(spec, "build_model") else load_task(spec)
     task.require("build_model")
     return task, None
-
-
-def check_fits(task: Any, sf: SuperposedFile) -> None:
-    """The task's model must have the file's keys and shapes; list the first mismatches otherwise.
-
-    Raises:
-        MismatchError: keys or shapes differ.
-    """
-    own = {k: list(v.shape) for k, v in task.build_model().state_dict().items()}
-    problems = shape_problems(own, {n: m.shape for n, m in sf.header.tensors.items()})
-    if problems:
-        raise MismatchError(f"{sf.path} does not fit the task's build_model(): {problems}")
 
 
 def as_tensor(output: Any) -> Tensor:

@@ -8,7 +8,7 @@
 """
 
 from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
-from pspctl.nn.model import PSPModel, check_fits, load, save, superpose
+from pspctl.nn.model import PSPModel, load, save, superpose
 from pspctl.nn.tensors import Stacked, Superposed, initial_superposed, mix_contexts
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "PerContext",
     "Stacked",
     "Superposed",
-    "check_fits",
     "initial_superposed",
     "load",
     "mix_contexts",

@@ -20,6 +20,7 @@ from pspctl.merge import MergeOptions, plan
 from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
 from pspctl.nn.tensors import Stacked, Superposed, initial_superposed, mix_contexts
 from pspctl.policy import Policy, Role, TensorInfo
+from pspctl.task import check_fits
 
 __all__ = ["PSPModel", "load", "save", "superpose"]
 
@@ -248,21 +249,6 @@ def save(
     _write(Path(path), out, header, force=force)
 
 
-def check_fits(file: SuperposedFile, model: nn.Module) -> None:
-    """Raise TaskError unless `model`'s state_dict has exactly the file's keys and shapes."""
-    state = model.state_dict()
-    problems = [f"{n}: missing in the model" for n in file.names() if n not in state]
-    problems += [f"{n}: not in the file" for n in state if n not in file.header.tensors]
-    problems += [
-        f"{n}: shape {list(state[n].shape)} in the model vs {m.shape} in the file"
-        for n, m in file.header.tensors.items()
-        if n in state and list(state[n].shape) != list(m.shape)
-    ]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise TaskError(f"the task's model does not fit {file.path}: {'; '.join(problems[:3])}{more}")
-
-
 def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
     """The PSP model stored in a pspctl file, built on `model`'s architecture.
 
@@ -270,10 +256,10 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
     the file. All floating tensors become trainable, the file's buffers stay buffers.
 
     Raises:
-        TaskError: `model` does not fit the file (keys or shapes differ).
+        MismatchError: `model` does not fit the file (keys or shapes differ).
     """
     file = path if isinstance(path, SuperposedFile) else SuperposedFile(path)
-    check_fits(file, model)
+    check_fits(model, file.shapes(), str(file.path), whose="the given")
     model = copy.deepcopy(model)
     trainable = _trainable(model)
     tensors: dict[str, Binding] = {}

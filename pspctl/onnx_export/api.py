@@ -24,10 +24,11 @@ from pspctl.checkpoints import refuse_existing
 from pspctl.errors import OutputError, TaskError, ValidationError
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile
-from pspctl.onnx_export.convert import DEFAULT_OPSET, check_fit, io_names, to_onnx
+from pspctl.onnx_export.convert import DEFAULT_OPSET, io_names, to_onnx
 from pspctl.onnx_export.errors import AtolError
 from pspctl.onnx_export.modules import MultiContextModel
 from pspctl.onnx_export.validate import Check, compare, session, torch_outputs
+from pspctl.task import check_fits
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "ExportReport", "TaskLike", "export_contexts", "export_multi"]
 
@@ -88,7 +89,7 @@ def _fresh_model(task: TaskLike, file: SuperposedFile) -> nn.Module:
     model = task.build_model()
     if not isinstance(model, nn.Module):
         raise TaskError(f"{task.source}: build_model() returned {type(model).__name__}, not an nn.Module")
-    check_fit(model, file, task.source)
+    check_fits(model, file.shapes(), str(file.path))
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""Torch module → checked ONNX file, with the dynamo exporter, and the weights-fit check."""
+"""Torch module → checked ONNX file, with the dynamo exporter."""
 
 from __future__ import annotations
 
@@ -13,46 +13,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pspctl.errors import MismatchError
-from pspctl.fileformat import SuperposedFile
 from pspctl.onnx_export.errors import TraceError
 
-__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "check_fit", "io_names", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "io_names", "to_onnx"]
 
 DEFAULT_OPSET = 20  # onnxruntime ≥ 1.17 runs it; the dynamo exporter's own default in torch 2.13
 # A protobuf message cannot exceed 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-MAX_LISTED = 5
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CLASS = re.compile(r"<class '([\w.]+)'>:")
 _WHERE = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
-
-
-def check_fit(model: nn.Module, file: SuperposedFile, source: str) -> None:
-    """The file's tensors must be exactly the model's state_dict keys, with the same shapes.
-
-    Raises:
-        MismatchError: listing missing, unexpected and mis-shaped keys.
-    """
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    stored = {k: list(m.shape) for k, m in file.header.tensors.items()}
-    groups = {
-        "missing from the file": [k for k in expected if k not in stored],
-        "not in the model": [k for k in stored if k not in expected],
-        "other shape": [
-            f"{k} {stored[k]} in the file vs {expected[k]} in the model"
-            for k in expected
-            if k in stored and stored[k] != expected[k]
-        ],
-    }
-    problems = [f"{what}: {_listed(keys)}" for what, keys in groups.items() if keys]
-    if problems:
-        raise MismatchError(f"{file.path}: weights do not fit the model of {source}: {'; '.join(problems)}")
-
-
-def _listed(items: list[str]) -> str:
-    more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
-    return ", ".join(items[:MAX_LISTED]) + more
 
 
 def _dynamic_batch(args: Sequence[object], varargs: bool) -> tuple[object, ...]:

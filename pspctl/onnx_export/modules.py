@@ -178,7 +178,7 @@ def _sanitize(name: str) -> str:
 class MultiContextModel(nn.Module):
     """`model` serving all K contexts of `file`: forward(context, *inputs) -> (*outputs, context_valid).
 
-    `model` must already match the file's keys and shapes (see convert.check_fit); it is
+    `model` must already match the file's keys and shapes (see task.check_fits); it is
     modified in place (superposed Linears are replaced by BoundLinear).
     """
 

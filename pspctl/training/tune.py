@@ -20,7 +20,7 @@ from pspctl.checkpoints import open_checkpoint, refuse_existing, sha256_file
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.nn import load, save
-from pspctl.task import Task, load_model
+from pspctl.task import Task, check_fits, load_model
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -116,7 +116,8 @@ def tune(
 
     Raises:
         InputError: steps < 1, unknown objective, distill without the originals.
-        TaskError: no load_data, or the task's model does not fit the file.
+        TaskError: no load_data.
+        MismatchError: the task's model does not fit the file.
         OutputError: output is the input, or exists without `force`.
         Diverged: the loss went NaN/Inf; nothing is written and the input is untouched.
     """
@@ -131,7 +132,9 @@ def tune(
     task.require("load_data")
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
-        psp = load(file, task.build_model())
+        model = task.build_model()
+        check_fits(model, file.shapes(), str(file.path))
+        psp = load(file, model)
     teachers = _teachers(file, task, options.objective)
     objective = "distill" if teachers else "task"
     K = file.num_contexts
