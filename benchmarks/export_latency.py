@@ -2,8 +2,21 @@
 
 For each model and context kind: merge K models, export the multi-context graph and the
 per-context graph of one context (both validated against PyTorch by pspctl), then time both
-in onnxruntime at batch 1 and batch 64. Runs alternate between the two graphs (A B, B A, ...)
-so that drift on a shared machine hits both alike; the ratio is median(multi)/median(single).
+in onnxruntime at batch 1 and batch 64. Runs alternate between the graphs (A B C, C B A, ...)
+so that drift on a shared machine hits all alike; the ratio is median(multi)/median(single).
+
+Two lower bounds are printed beside it, to tell the cost of the design from the cost of
+the implementation:
+
+- "stacked floor": a third graph, the per-context graph with a `context` input whose
+  per-context tensors (biases, kept layers) are gathered from their stacked [K, ...] tables,
+  as the multi-context graph must store them; superposed weights are folded in, with no
+  binding at all. It is not a product graph (its output is right only for the context
+  whose weights were folded in, which is checked); its latency is what stacked storage
+  alone costs.
+- "weights read": bytes of weights the multi-context graph must read per call over those
+  of the per-context graph. Complex and onepower read Re W and Im W, rotation reads C_k;
+  at batch 1 the GEMVs are memory-bound, so latency follows this ratio.
 
     python benchmarks/export_latency.py                      # bundled MLP + 4096-wide MLP
     python benchmarks/export_latency.py --models digits --kinds binary complex --runs 50
@@ -30,8 +43,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `pspctl`, `samples` importable
 
+from torch.func import functional_call  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+
+from pspctl.contexts import Kind  # noqa: E402
+from pspctl.fileformat import SuperposedFile  # noqa: E402
 from pspctl.merge import MergeOptions, merge  # noqa: E402
 from pspctl.onnx_export import export_contexts, export_multi  # noqa: E402
+from pspctl.onnx_export.convert import to_onnx  # noqa: E402
+from pspctl.policy import Role  # noqa: E402
 
 K = 4
 CONTEXT = 1
@@ -73,6 +93,45 @@ def wide_setup(folder: Path) -> tuple[list[Path], SimpleNamespace, int]:
 SETUPS = {"digits": digits_setup, "wide4096": wide_setup}
 
 
+class StackedFloor(nn.Module):
+    """Context k's per-context model, except that its per-context tensors are gathered by a
+    `context` input from the file's stacked [K, ...] tables. Superposed weights: Ŵ_k, folded in."""
+
+    def __init__(self, model: nn.Module, file: SuperposedFile, k: int):
+        super().__init__()
+        model.load_state_dict(file.state_dict(k))
+        self.model = model.eval()
+        self.stacked = nn.Module()
+        self.keys: dict[str, str] = {}
+        dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+        for name in file.names():
+            if file.header.tensors[name].role != Role.SUPERPOSED:
+                self.keys[name] = name.replace(".", "__")
+                self.stacked.register_buffer(self.keys[name], file.stacked(name).to(dtypes[name]))
+
+    def forward(self, context: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        params = {name: getattr(self.stacked, key)[context] for name, key in self.keys.items()}
+        return tuple(pytree.tree_leaves(functional_call(self.model, params, inputs)))
+
+
+def weights_read(file: SuperposedFile) -> float:
+    """Bytes of weights one call must read: multi-context graph / per-context graph (a lower bound:
+    a gathered slice counts once, though Gather copies it)."""
+    single = multi = 0
+    for meta in file.header.tensors.values():
+        numel = int(np.prod(meta.shape))
+        single += numel
+        if meta.role != Role.SUPERPOSED:
+            multi += numel
+        elif file.kind is Kind.ROTATION:
+            multi += numel + meta.fan_in**2  # W and C_k
+        elif file.kind.is_complex:
+            multi += 2 * numel + meta.fan_in  # Re W, Im W and φ_k
+        else:
+            multi += numel + meta.fan_in  # W and c_k
+    return multi / single
+
+
 def session(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -104,26 +163,44 @@ def bench(name: str, kind: str, folder: Path, args: argparse.Namespace) -> list[
     merge(paths, superposed, MergeOptions(kind=kind, force=True))
     multi = export_multi(superposed, task, folder / f"{name}_{kind}_multi.onnx", force=True)
     single = export_contexts(superposed, task, CONTEXT, folder / f"{name}_{kind}_{CONTEXT}.onnx", force=True)
+    file = SuperposedFile(superposed)
+    floor_path = folder / f"{name}_{kind}_floor.onnx"
+    example = tuple(task.example_inputs())
+    to_onnx(
+        StackedFloor(task.build_model(), file, CONTEXT), (torch.tensor(CONTEXT), *example), floor_path,
+        input_names=["context", "input"], output_names=["output"], varargs=True,
+    )  # fmt: skip
     s_multi = session(folder / f"{name}_{kind}_multi.onnx", args.threads)
     s_single = session(folder / f"{name}_{kind}_{CONTEXT}.onnx", args.threads)
+    s_floor = session(floor_path, args.threads)
+    check = example[0].numpy()
+    want = s_single.run(None, {"input": check})[0]
+    got = s_floor.run(None, {"input": check, "context": np.array(CONTEXT, dtype=np.int64)})[0]
+    np.testing.assert_allclose(
+        got, want, rtol=1e-4, atol=1e-4, err_msg="the floor graph is not context's model"
+    )
+    read = weights_read(file)
     rows = []
     for batch in BATCHES:
         x = np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)
         multi_feed = {"context": np.array(CONTEXT, dtype=np.int64), "input": x}
-        t_multi, t_single = interleaved(
-            [partial(s_multi.run, None, multi_feed), partial(s_single.run, None, {"input": x})],
+        t_multi, t_single, t_floor = interleaved(
+            [partial(s_multi.run, None, multi_feed), partial(s_single.run, None, {"input": x}),
+             partial(s_floor.run, None, multi_feed)],
             runs=args.runs, warmup=args.warmup,
         )  # fmt: skip
         rows.append({
             "model": name, "kind": kind, "batch": batch,
             "multi_ms": t_multi * 1e3, "single_ms": t_single * 1e3, "ratio": t_multi / t_single,
+            "floor_ms": t_floor * 1e3, "floor_ratio": t_floor / t_single, "weights_read_ratio": read,
             "multi_bytes": multi.total_bytes, "single_bytes": single.total_bytes,
             "per_context_total_bytes": multi.per_context_bytes, "superposed_file_bytes": superposed.stat().st_size,
             "max_abs_diff": max(c.max_abs for c in multi.checks),
         })  # fmt: skip
         print(
             f"{name:9s} {kind:9s} batch {batch:3d}: multi {t_multi * 1e3:8.3f} ms, "
-            f"single {t_single * 1e3:8.3f} ms, ratio {t_multi / t_single:.3f}",
+            f"single {t_single * 1e3:8.3f} ms, ratio {t_multi / t_single:.3f} "
+            f"(stacked floor {t_floor / t_single:.3f}, weights read {read:.2f})",
             file=sys.stderr, flush=True,
         )  # fmt: skip
     return rows
@@ -138,13 +215,14 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"onnxruntime {__import__('onnxruntime').__version__}, CPU ({platform.processor() or platform.machine()}), "
         f"{args.threads} intra-op thread(s), median of {args.runs} interleaved runs, K = {K}, context {CONTEXT}.",
         "",
-        "| model | kind | batch | multi (ms) | per-context (ms) | ratio | multi file | K per-context files |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | kind | batch | multi (ms) | per-context (ms) | ratio | stacked floor | weights read "
+        "| multi file | K per-context files |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['kind']} | {r['batch']} | {r['multi_ms']:.3f} | {r['single_ms']:.3f} | "
-            f"**{r['ratio']:.2f}×** | {mib(r['multi_bytes'])} | {mib(r['per_context_total_bytes'])} |"
+            f"**{r['ratio']:.2f}×** | {r['floor_ratio']:.2f}× | {r['weights_read_ratio']:.2f}× | {mib(r['multi_bytes'])} | {mib(r['per_context_total_bytes'])} |"
         )
     return "\n".join(lines)
 
