@@ -26,6 +26,17 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_version_is_the_installed_one():
+    from importlib.metadata import version
+
+    import pspctl
+
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.output == f"pspctl {pspctl.__version__}\n"
+    assert pspctl.__version__ == version("pspctl")  # pyproject reads it from pspctl/__init__.py
+
+
 def test_merge_info_extract_happy_path(workdir):
     result = run("merge", "model0.pt", "model1.pt", "model2.pt", "--kind", "complex", "--seed", "3", "-q")
     assert result.exit_code == 0, result.output

@@ -20,13 +20,30 @@ from rich.console import Console
 
 app = typer.Typer(
     name="pspctl",
-    help="Parameter superposition for PyTorch checkpoints: merge K models into one file and get each back.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from pspctl import __version__
+
+        console.print(f"pspctl {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Parameter superposition for PyTorch checkpoints: merge K models into one file and get each back."""
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
