@@ -281,7 +281,23 @@ def test_latency_benchmark_runs(capsys):
     rows = export_latency.main(["--models", "digits", "--kinds", "binary", "--runs", "3", "--warmup", "1"])
     assert [(r["model"], r["batch"]) for r in rows] == [("digits", 1), ("digits", 64)]
     assert all(r["ratio"] > 0 and r["multi_bytes"] < r["per_context_total_bytes"] for r in rows)
+    assert all(r["floor_ratio"] > 0 for r in rows)  # the floor graph ran (and matched context 1's graph)
+    # binary reads W once plus 256 signs: (85002 + 256) / 85002 weights
+    assert rows[0]["weights_read_ratio"] == pytest.approx((85002 + 256) / 85002)
     assert "| digits | binary | 64 |" in capsys.readouterr().out
+
+
+def test_weights_read_counts_both_parts_of_complex_weights(tmp_path):
+    from benchmarks.export_latency import weights_read
+
+    for kind, extra in [("complex", 65536 + 256), ("rotation", 256 * 256), ("binary", 256)]:
+        merge(
+            [checkpoint_path(k) for k in range(4)], tmp_path / f"{kind}.safetensors", MergeOptions(kind=kind)
+        )
+        # only the 256x256 hidden layer is superposed; 85002 weights in all
+        assert weights_read(SuperposedFile(tmp_path / f"{kind}.safetensors")) == pytest.approx(
+            (85002 + extra) / 85002
+        )
 
 
 class TwoHeads(nn.Module):
