@@ -25,6 +25,34 @@ def test_safetensors_are_read_lazily_with_shapes_up_front(tmp_path):
     assert ckpt["w"].dtype == torch.float16
 
 
+def save_as_if_on_gpu(state: dict, path) -> None:
+    """torch.save with every storage tagged "cuda:0", as a checkpoint saved from a GPU is."""
+    import torch.serialization as ser
+
+    ser.register_package(-1000, lambda storage: "cuda:0", lambda obj, location: None)
+    try:
+        torch.save(state, path)
+    finally:
+        ser._package_registry[:] = [p for p in ser._package_registry if p[0] != -1000]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks loading on a machine without CUDA")
+def test_checkpoints_saved_on_a_gpu_load_and_merge_on_cpu(tmp_path):
+    from pspctl.fileformat import SuperposedFile
+    from pspctl.merge import MergeOptions, merge
+
+    states = [torch.nn.Linear(64, 8).state_dict() for _ in range(2)]
+    for i, state in enumerate(states):
+        save_as_if_on_gpu(state, tmp_path / f"m{i}.pt")
+    with pytest.raises(RuntimeError, match="CUDA"):  # the tag is real: torch alone refuses it here
+        torch.load(tmp_path / "m0.pt", weights_only=True)
+    merge([tmp_path / "m0.pt", tmp_path / "m1.pt"], tmp_path / "w.safetensors", MergeOptions())
+    for i, state in enumerate(states):
+        got = SuperposedFile(tmp_path / "w.safetensors").state_dict(i)
+        assert torch.equal(got["bias"], state["bias"])  # kept per context: exact
+        assert got["weight"].device.type == "cpu" and got["weight"].shape == (8, 64)
+
+
 class Exploit:
     def __reduce__(self):
         import os
