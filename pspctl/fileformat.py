@@ -19,13 +19,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from pspctl.checkpoints import atomic_path
+from pspctl.checkpoints import PICKLE_SUFFIXES, atomic_path, refuse_existing
 from pspctl.contexts import ContextSet, Kind
-from pspctl.errors import ContextError, FormatError, InputError
+from pspctl.errors import ContextError, FormatError, InputError, OutputError
 from pspctl.policy import Role
 from pspctl.superpose import unbind
 
-__all__ = ["FORMAT_VERSION", "Header", "SuperposedFile", "TensorMeta", "pack", "write_superposed"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Header",
+    "SuperposedFile",
+    "TensorMeta",
+    "check_output",
+    "pack",
+    "write_superposed",
+]
 
 FORMAT_NAME = "pspctl"
 FORMAT_VERSION = 1
@@ -74,6 +82,18 @@ def pack(superposed: Tensor, dtype: torch.dtype) -> Tensor:
     return superposed.to(dtype).contiguous()
 
 
+def check_output(path: str | Path, *, force: bool) -> None:
+    """Refuse, before any work, an output path a superposed file must not be written to.
+
+    Raises:
+        OutputError: the name does not end in .safetensors, or the file exists without `force`.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise OutputError(f"{path}: a superposed file is a safetensors file; name it *.safetensors")
+    refuse_existing(path, force=force)
+
+
 def write_superposed(
     path: Path, tensors: Mapping[str, Tensor], header: Header, *, force: bool = False
 ) -> None:
@@ -86,6 +106,7 @@ def write_superposed(
         "pspctl.format_version": str(FORMAT_VERSION),
         "pspctl.header": header.to_json(),
     }
+    check_output(path, force=force)
     with atomic_path(path, force=force) as tmp:
         save_file(dict(tensors), str(tmp), metadata=metadata)
         SuperposedFile(tmp)  # write, then verify: the header parses and every tensor is there
@@ -108,6 +129,10 @@ class SuperposedFile:
             meta = self._handle.metadata() or {}
             names = set(self._handle.keys())
         except SafetensorError as e:
+            if self.path.suffix in PICKLE_SUFFIXES:
+                raise FormatError(
+                    f"{self.path}: a PyTorch checkpoint, not a pspctl superposed file (pspctl merge makes one)"
+                ) from None
             raise InputError(f"{self.path}: not a readable safetensors file ({e})") from None
         if meta.get("format") != FORMAT_NAME or "pspctl.header" not in meta:
             raise FormatError(f"{self.path}: a plain safetensors file, not a pspctl superposed file")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pspctl.checkpoints import Checkpoint, open_checkpoint, refuse_existing, sha256_file
+from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_file
 from pspctl.contexts import Kind, make_contexts
 from pspctl.errors import MismatchError, OutputError, PolicyError, listed
 from pspctl.fileformat import (
@@ -18,6 +18,7 @@ from pspctl.fileformat import (
     SUPERPOSED,
     Header,
     TensorMeta,
+    check_output,
     pack,
     write_superposed,
 )
@@ -152,7 +153,7 @@ def merge(
     output = Path(output)
     kind = Kind(options.kind)
     paths = _resolve_inputs(inputs, output)
-    refuse_existing(output, force=options.force)
+    check_output(output, force=options.force)
     checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
     check_compatible(checkpoints)
     K = len(checkpoints)

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from pspctl.checkpoints import save_state_dict
 from pspctl.contexts import Kind, make_contexts
-from pspctl.errors import ContextError, MismatchError, PolicyError, ValidationError
+from pspctl.errors import ContextError, MismatchError, OutputError, PolicyError, ValidationError
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge
 from pspctl.nn import Stacked, Superposed, load, mix_contexts, save, superpose
@@ -170,6 +170,8 @@ def test_bad_input(tmp_path):
     psp = superpose(model, K, policy=ALL_WEIGHTS)
     with pytest.raises(ContextError, match=r"context 3 out of range: this model holds contexts 0\.\.2"):
         psp.set_context(3)
+    with pytest.raises(OutputError, match=r"w\.pt: a superposed file is a safetensors file"):
+        save(psp, tmp_path / "w.pt")
     save(psp, tmp_path / "w.safetensors")
     with pytest.raises(
         MismatchError,

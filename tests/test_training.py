@@ -191,6 +191,8 @@ def test_bad_input(workdir):
     )
     result = run("tune", "--steps", 2, "-o", "w.safetensors", "--force")
     assert result.exit_code == 8 and "tune never overwrites its input" in result.output
+    result = run("tune", "--steps", 2, "-o", "w.tuned.pt")
+    assert result.exit_code == 8 and "w.tuned.pt: a superposed file is a safetensors file" in result.output
     assert not Path("w.tuned.safetensors").exists()
 
 

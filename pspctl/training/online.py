@@ -19,6 +19,7 @@ from torch import nn
 from pspctl.checkpoints import refuse_existing, save_state_dict
 from pspctl.contexts import Kind
 from pspctl.errors import InputError
+from pspctl.fileformat import check_output
 from pspctl.nn import PSPModel, save, superpose
 from pspctl.policy import Policy
 from pspctl.task import Task
@@ -127,6 +128,8 @@ def train(
     check_steps(options.num_contexts, "--contexts")
     task.require("load_data")
     output = None if output is None else Path(output)
+    if output is not None and not options.baseline:
+        check_output(output, force=force)  # a superposed file; the baseline writes a plain state_dict
     for path in (output, metrics_path):
         if path is not None:
             refuse_existing(path, force=force)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pspctl.checkpoints import open_checkpoint, refuse_existing, sha256_file
+from pspctl.checkpoints import open_checkpoint, sha256_file
 from pspctl.errors import InputError, OutputError
-from pspctl.fileformat import SuperposedFile
+from pspctl.fileformat import SuperposedFile, check_output
 from pspctl.nn import load, save
 from pspctl.task import Task, check_fits, load_model
 from pspctl.training.common import (
@@ -128,7 +128,7 @@ def tune(
     output = Path(output)
     if output.exists() and output.resolve() == file.path.resolve():
         raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
-    refuse_existing(output, force=force)
+    check_output(output, force=force)
     task.require("load_data")
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
