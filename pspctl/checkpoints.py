@@ -215,6 +215,8 @@ def _umask() -> int:
 def save_state_dict(state: Mapping[str, Tensor], path: str | Path, *, force: bool = False) -> None:
     """Write a plain state_dict atomically: safetensors for `.safetensors`, torch.save otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
     if path.suffix not in PICKLE_SUFFIXES | {".safetensors"}:
         raise OutputError(f"{path}: unknown output type (use .safetensors, .pt, .pth or .bin)")
     with atomic_path(path, force=force) as tmp:

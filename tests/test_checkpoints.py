@@ -128,3 +128,10 @@ def test_save_is_atomic_and_refuses_overwrite(tmp_path):
     save_state_dict({"w": torch.zeros(2)}, tmp_path / "o.safetensors", force=True)
     assert torch.equal(open_checkpoint(tmp_path / "o.safetensors")["w"], torch.zeros(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]  # no temp files left
+    (tmp_path / "models").mkdir()
+    for name in ("models", "o.npz"):
+        with pytest.raises(
+            OutputError, match="is a directory" if name == "models" else "unknown output type"
+        ):
+            save_state_dict(sd, tmp_path / name, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o.safetensors"]
