@@ -4,17 +4,22 @@
 loaded with `torch.load(weights_only=True, mmap=True)`: no pickle code runs and tensors stay
 on disk until touched. A pickled whole `nn.Module` needs pickle execution, so it is refused
 unless the caller passes `trust_pickle=True`.
+
+A checkpoint may also be sharded the way Hugging Face saves large models: an index
+(`model.safetensors.index.json`, `pytorch_model.bin.index.json`) whose `weight_map` names the
+shard holding each tensor. A directory stands for the checkpoint inside it (see `resolve`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -22,20 +27,31 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from pspctl.errors import InputError, OutputError, UnsafeCheckpointError
+from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed
 from pspctl.policy import TensorInfo
 
 __all__ = [
     "Checkpoint",
     "atomic_path",
+    "checkpoint_files",
     "dtype_name",
     "open_checkpoint",
     "refuse_existing",
+    "resolve",
     "save_state_dict",
+    "sha256_checkpoint",
     "sha256_file",
 ]
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+INDEX_SUFFIX = ".index.json"
+# What a directory holds, in the order they are looked for (the Hugging Face names).
+DIRECTORY_NAMES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -54,6 +70,70 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_checkpoint_name(path: Path) -> bool:
+    return path.suffix in PICKLE_SUFFIXES | {".safetensors"} or path.name.endswith(INDEX_SUFFIX)
+
+
+def resolve(path: str | Path) -> Path:
+    """The file a checkpoint path names: the path itself, or for a directory the first of
+    DIRECTORY_NAMES in it, else its only checkpoint file.
+
+    Raises:
+        InputError: no such path, or a directory with no checkpoint or several.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in DIRECTORY_NAMES:
+            if (path / name).is_file():
+                return path / name
+        found = sorted(p.name for p in path.iterdir() if p.is_file() and _is_checkpoint_name(p))
+        if len(found) == 1:
+            return path / found[0]
+        what = f"several checkpoints ({listed(found)})" if found else "no checkpoint"
+        raise InputError(f"{path}: a directory with {what}; name the file")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    return path
+
+
+def _shards(index: Path) -> dict[str, Path]:
+    """A sharded checkpoint's weight_map: tensor name -> shard path, beside the index."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError("weight_map is not a non-empty object")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from None
+    shards = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise InputError(f"{index}: shard {shard!r} of {name!r} is not a file name beside the index")
+        shards[name] = index.parent / shard
+    missing = sorted({p.name for p in shards.values() if not p.is_file()})
+    if missing:
+        raise InputError(f"{index}: shards missing: {listed(missing)}")
+    return shards
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """Every file the checkpoint at `path` is read from: the file, or the index and its shards."""
+    file = resolve(path)
+    if file.name.endswith(INDEX_SUFFIX):
+        return [file, *sorted(set(_shards(file).values()))]
+    return [file]
+
+
+def sha256_checkpoint(path: str | Path) -> str:
+    """sha256 of a checkpoint file; for a sharded one, of its files' names and sha256s in order."""
+    files = checkpoint_files(path)
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return digest.hexdigest()
 
 
@@ -93,12 +173,15 @@ def _strip_prefixes(names: list[str]) -> tuple[dict[str, str], list[str]]:
     return mapping, notes
 
 
-def _open_safetensors(path: Path) -> Checkpoint:
+# What a reader returns: (shape, dtype) by stored name, a getter by stored name, notes.
+Raw = tuple[dict[str, tuple[tuple[int, ...], str]], Callable[[str], Tensor], list[str]]
+
+
+def _read_safetensors(path: Path) -> Raw:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            names = list(handle.keys())
             meta = handle.metadata() or {}
-            slices = {n: handle.get_slice(n) for n in names}
+            slices = {n: handle.get_slice(n) for n in handle.keys()}
             raw = {
                 n: (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), s.get_dtype()))
                 for n, s in slices.items()
@@ -107,19 +190,40 @@ def _open_safetensors(path: Path) -> Checkpoint:
         raise InputError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") == "pspctl":
         raise InputError(f"{path}: is a pspctl superposed file; extract its models first (pspctl extract)")
-    mapping, notes = _strip_prefixes(names)
-    infos = {n: TensorInfo(n, *raw[stored]) for n, stored in mapping.items()}
 
     def get(name: str) -> Tensor:
         # A fresh handle per tensor: closing it unmaps the file, so pages read for one tensor
         # do not stay resident while the next K-1 inputs are read.
         try:
             with safe_open(str(path), framework="pt", device="cpu") as one:
-                return one.get_tensor(mapping[name])
+                return one.get_tensor(name)
         except SafetensorError as e:
             raise InputError(f"{path}: cannot read tensor {name!r} ({e})") from None
 
-    return Checkpoint(path, infos, get, notes)
+    return raw, get, []
+
+
+def _read_pickle(path: Path, trust_pickle: bool) -> Raw:
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise InputError(f"{path}: unknown checkpoint type (expected .safetensors, .pt, .pth, .bin or .ckpt)")
+    state, notes = _unwrap(_torch_load(path, trust_pickle), path)
+    raw = {n: (tuple(t.shape), dtype_name(t.dtype)) for n, t in state.items()}
+    return raw, state.__getitem__, notes
+
+
+def _read_file(path: Path, trust_pickle: bool) -> Raw:
+    return _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path, trust_pickle)
+
+
+def _read_sharded(index: Path, trust_pickle: bool) -> Raw:
+    shards = _shards(index)
+    readers = {p: _read_file(p, trust_pickle) for p in sorted(set(shards.values()))}
+    lost = [f"{n} (in {p.name})" for n, p in shards.items() if n not in readers[p][0]]
+    if lost:
+        raise InputError(f"{index}: the index names tensors its shards lack: {listed(lost)}")
+    raw = {n: readers[p][0][n] for n, p in shards.items()}
+    notes = [f"{len(readers)} shards"] + sorted({n for r in readers.values() for n in r[2]})
+    return raw, lambda name: readers[shards[name]][1](name), notes
 
 
 def _unwrap(obj: object, path: Path) -> tuple[Mapping[str, Tensor], list[str]]:
@@ -161,23 +265,22 @@ def _torch_load(path: Path, trust_pickle: bool) -> object:
 
 
 def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
-    """Open a state_dict checkpoint for reading.
+    """Open a state_dict checkpoint for reading: a file, a sharded checkpoint's index, or a
+    directory holding either (see `resolve`).
 
     Raises:
-        InputError: missing, unreadable, truncated, or not a state_dict.
+        InputError: missing, unreadable, truncated, or not a state_dict; a broken shard index.
         UnsafeCheckpointError: a pickled module or other object, without `trust_pickle`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        return _open_safetensors(path)
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise InputError(f"{path}: unknown checkpoint type (expected .safetensors, .pt, .pth, .bin or .ckpt)")
-    state, notes = _unwrap(_torch_load(path, trust_pickle), path)
-    mapping, strip_notes = _strip_prefixes(list(state))
-    infos = {n: TensorInfo(n, tuple(state[s].shape), dtype_name(state[s].dtype)) for n, s in mapping.items()}
-    return Checkpoint(path, infos, lambda name: state[mapping[name]], notes + strip_notes)
+    file = resolve(path)
+    if file.name.endswith(INDEX_SUFFIX):
+        raw, get, notes = _read_sharded(file, trust_pickle)
+    else:
+        raw, get, notes = _read_file(file, trust_pickle)
+    mapping, strip_notes = _strip_prefixes(list(raw))
+    infos = {n: TensorInfo(n, *raw[stored]) for n, stored in mapping.items()}
+    return Checkpoint(path, infos, lambda name: get(mapping[name]), notes + strip_notes)
 
 
 def refuse_existing(path: str | Path, *, force: bool) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_file
+from pspctl.checkpoints import INDEX_SUFFIX, Checkpoint, checkpoint_files, open_checkpoint, sha256_checkpoint
 from pspctl.contexts import Kind, make_contexts
 from pspctl.errors import MismatchError, OutputError, PolicyError, listed
 from pspctl.fileformat import (
@@ -100,9 +100,18 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
         raise MismatchError(f"inputs do not match: {listed(problems, '; ')}")
 
 
+def _default_label(path: Path) -> str:
+    """The file's stem; a directory's name, or the parent's for a shard index (they share names)."""
+    if path.is_dir():
+        return path.resolve().name
+    if path.name.endswith(INDEX_SUFFIX):
+        return path.resolve().parent.name
+    return path.stem
+
+
 def _labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
     if labels is None:
-        stems = [p.stem for p in paths]
+        stems = [_default_label(p) for p in paths]
         return stems if len(set(stems)) == len(stems) else [f"{s}-{i}" for i, s in enumerate(stems)]
     labels = [s.strip() for s in labels]
     if len(labels) != len(paths):
@@ -130,7 +139,7 @@ def _resolve_inputs(inputs: Sequence[str | Path], output: Path) -> list[Path]:
     if len(paths) < 2:
         raise MismatchError(f"merge needs at least 2 inputs, got {len(paths)}")
     for p in paths:
-        if p.exists() and output.exists() and p.resolve() == output.resolve():
+        if output.exists() and output.resolve() in {f.resolve() for f in checkpoint_files(p)}:
             raise OutputError(f"{output}: output is one of the inputs; choose another -o")
     return paths
 
@@ -190,7 +199,7 @@ def merge(
         labels=labels,
         tensors=metas,
         inputs=[
-            {"path": str(p), "sha256": sha256_file(p), "label": lab}
+            {"path": str(p), "sha256": sha256_checkpoint(p), "label": lab}
             for p, lab in zip(paths, labels, strict=True)
         ],
         recipe=_recipe(options),

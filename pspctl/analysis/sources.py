@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_file
+from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_checkpoint
 from pspctl.errors import MismatchError, listed
 from pspctl.fileformat import SuperposedFile
 from pspctl.task import load_model
@@ -66,7 +66,7 @@ def find_originals(
         ckpts = [open_checkpoint(p, trust_pickle=trust_pickle) for p in explicit]
         for k, ckpt in enumerate(ckpts):
             want = recorded[k].get("sha256") if k < len(recorded) else None
-            if want and sha256_file(ckpt.path) != want:
+            if want and sha256_checkpoint(ckpt.path) != want:
                 raise MismatchError(
                     f"{ckpt.path} does not match the sha256 recorded for context {k} "
                     f"({sf.labels[k]}, merged from {recorded[k].get('path')})"
@@ -78,10 +78,10 @@ def find_originals(
     paths: list[Path] = []
     missing, changed = [], []
     for entry in recorded:
-        found = next((p for p in _candidates(entry["path"], sf.path.parent) if p.is_file()), None)
+        found = next((p for p in _candidates(entry["path"], sf.path.parent) if p.exists()), None)
         if found is None:
             missing.append(entry["path"])
-        elif entry.get("sha256") and sha256_file(found) != entry["sha256"]:
+        elif entry.get("sha256") and sha256_checkpoint(found) != entry["sha256"]:
             changed.append(str(found))
         else:
             paths.append(found)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pspctl.checkpoints import open_checkpoint, sha256_file
+from pspctl.checkpoints import open_checkpoint, sha256_checkpoint, sha256_file
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output
 from pspctl.nn import load, save
@@ -84,9 +84,9 @@ def _teachers(file: SuperposedFile, task: Task, objective: str) -> list[nn.Modul
         problem = "the file records no input checkpoints"
     else:
         for i in inputs:
-            if not Path(i["path"]).is_file():
+            if not Path(i["path"]).exists():
                 problem = f"original {i['path']} not found"
-            elif i.get("sha256") and sha256_file(Path(i["path"])) != i["sha256"]:
+            elif i.get("sha256") and sha256_checkpoint(i["path"]) != i["sha256"]:
                 problem = f"original {i['path']} changed since the merge (sha256 differs)"
             if problem:
                 break
