@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}  # of a plain (unsharded) checkpoint file
 INDEX_SUFFIX = ".index.json"
 # What a directory holds, in the order they are looked for (the Hugging Face names).
 DIRECTORY_NAMES = (
@@ -74,7 +75,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _is_checkpoint_name(path: Path) -> bool:
-    return path.suffix in PICKLE_SUFFIXES | {".safetensors"} or path.name.endswith(INDEX_SUFFIX)
+    return path.suffix in SUFFIXES or path.name.endswith(INDEX_SUFFIX)
 
 
 def resolve(path: str | Path) -> Path:
@@ -320,7 +321,7 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | Path, *, force: boo
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
-    if path.suffix not in PICKLE_SUFFIXES | {".safetensors"}:
+    if path.suffix not in SUFFIXES:
         raise OutputError(f"{path}: unknown output type (use .safetensors, .pt, .pth or .bin)")
     with atomic_path(path, force=force) as tmp:
         if path.suffix == ".safetensors":

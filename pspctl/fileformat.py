@@ -88,10 +88,13 @@ def check_output(path: str | Path, *, force: bool) -> None:
     Raises:
         OutputError: the name does not end in .safetensors, or the file exists without `force`.
     """
-    path = Path(path)
+    _check_name(Path(path))
+    refuse_existing(path, force=force)
+
+
+def _check_name(path: Path) -> None:
     if path.suffix != ".safetensors":
         raise OutputError(f"{path}: a superposed file is a safetensors file; name it *.safetensors")
-    refuse_existing(path, force=force)
 
 
 def write_superposed(
@@ -106,7 +109,7 @@ def write_superposed(
         "pspctl.format_version": str(FORMAT_VERSION),
         "pspctl.header": header.to_json(),
     }
-    check_output(path, force=force)
+    _check_name(path)  # atomic_path refuses an existing file
     with atomic_path(path, force=force) as tmp:
         save_file(dict(tensors), str(tmp), metadata=metadata)
         SuperposedFile(tmp)  # write, then verify: the header parses and every tensor is there
