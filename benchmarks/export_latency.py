@@ -51,6 +51,7 @@ from pspctl.fileformat import SuperposedFile  # noqa: E402
 from pspctl.merge import MergeOptions, merge  # noqa: E402
 from pspctl.onnx_export import export_contexts, export_multi  # noqa: E402
 from pspctl.onnx_export.convert import to_onnx  # noqa: E402
+from pspctl.onnx_export.modules import StackedTensors  # noqa: E402
 from pspctl.policy import Role  # noqa: E402
 
 K = 4
@@ -95,23 +96,17 @@ SETUPS = {"digits": digits_setup, "wide4096": wide_setup}
 
 class StackedFloor(nn.Module):
     """Context k's per-context model, except that its per-context tensors are gathered by a
-    `context` input from the file's stacked [K, ...] tables. Superposed weights: Ŵ_k, folded in."""
+    `context` input from the file's stacked [K, ...] tables, by the multi-context graph's own
+    StackedTensors. Superposed weights: Ŵ_k, folded in."""
 
     def __init__(self, model: nn.Module, file: SuperposedFile, k: int):
         super().__init__()
         model.load_state_dict(file.state_dict(k))
         self.model = model.eval()
-        self.stacked = nn.Module()
-        self.keys: dict[str, str] = {}
-        dtypes = {name: t.dtype for name, t in model.state_dict().items()}
-        for name in file.names():
-            if file.header.tensors[name].role != Role.SUPERPOSED:
-                self.keys[name] = name.replace(".", "__")
-                self.stacked.register_buffer(self.keys[name], file.stacked(name).to(dtypes[name]))
+        self.stacked = StackedTensors(file, {name: t.dtype for name, t in model.state_dict().items()})
 
     def forward(self, context: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        params = {name: getattr(self.stacked, key)[context] for name, key in self.keys.items()}
-        return tuple(pytree.tree_leaves(functional_call(self.model, params, inputs)))
+        return tuple(pytree.tree_leaves(functional_call(self.model, self.stacked.select(context), inputs)))
 
 
 def weights_read(file: SuperposedFile) -> float:

@@ -30,7 +30,7 @@ from pspctl.contexts import ContextSet, Kind
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
 
-__all__ = ["BoundLinear", "ContextSlot", "MultiContextModel", "Retriever"]
+__all__ = ["BoundLinear", "ContextSlot", "MultiContextModel", "Retriever", "StackedTensors"]
 
 
 class ContextSlot:
@@ -175,6 +175,22 @@ def _sanitize(name: str) -> str:
     return name.replace(".", "__")
 
 
+class StackedTensors(nn.Module):
+    """The file's per-context tensors as stacked [K, ...] buffers, in the model's dtypes."""
+
+    def __init__(self, file: SuperposedFile, dtypes: dict[str, torch.dtype]):
+        super().__init__()
+        self.keys: dict[str, str] = {}  # tensor name -> buffer name
+        for name in file.names():
+            if file.header.tensors[name].role != Role.SUPERPOSED:
+                self.keys[name] = _sanitize(name)
+                self.register_buffer(self.keys[name], file.stacked(name).to(dtypes[name]))
+
+    def select(self, k: Tensor) -> dict[str, Tensor]:
+        """Context k's tensors by name: one Gather each."""
+        return {name: getattr(self, key)[k] for name, key in self.keys.items()}
+
+
 class MultiContextModel(nn.Module):
     """`model` serving all K contexts of `file`: forward(context, *inputs) -> (*outputs, context_valid).
 
@@ -187,16 +203,11 @@ class MultiContextModel(nn.Module):
         self.num_contexts = file.num_contexts
         self.slot = ContextSlot()
         dtypes = {name: t.dtype for name, t in model.state_dict().items()}
-        self.stacked = nn.Module()
+        self.stacked = StackedTensors(file, dtypes)
         self.retrievers = nn.Module()
-        self._stacked_names: dict[str, str] = {}
         self._retrieved_names: dict[str, str] = {}
-        for name in file.names():
+        for name in file.names(Role.SUPERPOSED):
             key = _sanitize(name)
-            if file.header.tensors[name].role != Role.SUPERPOSED:
-                self.stacked.register_buffer(key, file.stacked(name).to(dtypes[name]))
-                self._stacked_names[name] = key
-                continue
             prefix, _, attr = name.rpartition(".")
             owner = model.get_submodule(prefix)
             if prefix and type(owner) is nn.Linear and attr == "weight":
@@ -216,7 +227,7 @@ class MultiContextModel(nn.Module):
         valid = k == context  # one Equal: false exactly when clamping changed the context
         self.slot.index = k
         try:
-            params = {name: getattr(self.stacked, key)[k] for name, key in self._stacked_names.items()}
+            params = self.stacked.select(k)
             for name, key in self._retrieved_names.items():
                 params[name] = getattr(self.retrievers, key)()
             out = functional_call(self.model, params, inputs)
