@@ -37,6 +37,15 @@ def test_version_is_the_installed_one():
     assert pspctl.__version__ == version("pspctl")  # pyproject reads it from pspctl/__init__.py
 
 
+def test_policy_flags_default_to_policy_defaults():
+    from pspctl.cli.core import MAX_INTERFERENCE, MIN_SHARE, policy_from_flags
+    from pspctl.policy import Policy
+
+    assert (Policy().max_interference, Policy().min_share) == (MAX_INTERFERENCE, MIN_SHARE)
+    assert policy_from_flags(MAX_INTERFERENCE, MIN_SHARE, None, None) == Policy()
+    assert policy_from_flags(0.1, 0.2, ["a*"], ["b*"]) == Policy(0.1, 0.2, ("a*",), ("b*",))
+
+
 def test_merge_info_extract_happy_path(workdir):
     result = run("merge", "model0.pt", "model1.pt", "model2.pt", "--kind", "complex", "--seed", "3", "-q")
     assert result.exit_code == 0, result.output

@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from pspctl.cli import app, command_line, console, handle_errors, human_bytes, print_json, progress_bar
 
+if TYPE_CHECKING:
+    from pspctl.policy import Policy
+
 DEFAULT_FILE = Path("w.safetensors")
 FileArg = Annotated[Path, typer.Argument(help="The superposed file.", show_default=True)]
+
+# The merge policy's flags, shared by merge and train. The defaults are Policy's (a test checks
+# they agree); they are literals here so that `--help` need not import torch.
+MAX_INTERFERENCE, MIN_SHARE = 0.02, 0.05
+KeepOpt = Annotated[
+    list[str] | None, typer.Option(help="Glob of tensor names to store per context. Repeatable.")
+]
+SuperposeOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Glob of tensor names to superpose regardless of the rules ('*' = all). Repeatable."),
+]
+MaxInterferenceOpt = Annotated[
+    float, typer.Option(help="Keep per context tensors whose (K-1)/fan_in exceeds this.")
+]
+MinShareOpt = Annotated[
+    float, typer.Option(help="Keep per context tensors holding less than this share of the parameters.")
+]
 
 
 @app.command()
@@ -34,23 +54,10 @@ def merge(
         str | None,
         typer.Option(help="Comma-separated context labels (default: the input file stems)."),
     ] = None,
-    keep: Annotated[
-        list[str] | None,
-        typer.Option(help="Glob of tensor names to store per context. Repeatable."),
-    ] = None,
-    superpose: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Glob of tensor names to superpose regardless of the rules ('*' = all). Repeatable."
-        ),
-    ] = None,
-    max_interference: Annotated[
-        float, typer.Option(help="Keep per context tensors whose (K-1)/fan_in exceeds this.")
-    ] = 0.02,
-    min_share: Annotated[
-        float,
-        typer.Option(help="Keep per context tensors holding less than this share of the parameters."),
-    ] = 0.05,
+    keep: KeepOpt = None,
+    superpose: SuperposeOpt = None,
+    max_interference: MaxInterferenceOpt = MAX_INTERFERENCE,
+    min_share: MinShareOpt = MIN_SHARE,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -96,7 +103,6 @@ def merge(
     from pspctl.errors import PolicyError
     from pspctl.merge import MergeOptions
     from pspctl.merge import merge as run_merge
-    from pspctl.policy import Policy
 
     if dtype not in (None, "float32", "float16", "bfloat16"):
         raise PolicyError(f"--dtype {dtype}: expected float32, float16 or bfloat16")
@@ -104,7 +110,7 @@ def merge(
         kind=_kind(kind),
         seed=seed,
         labels=labels.split(",") if labels else None,
-        policy=Policy(max_interference, min_share, tuple(keep or ()), tuple(superpose or ())),
+        policy=policy_from_flags(max_interference, min_share, keep, superpose),
         dtype=dtype,
         max_rotation_fan_in=max_rotation_fan_in,
         allow_nonfinite=allow_nonfinite,
@@ -145,6 +151,15 @@ def merge(
         f"inputs {human_bytes(report.input_bytes)} → output {human_bytes(report.output_bytes)}: "
         f"storage ratio [bold]{report.storage_ratio:.2f}×[/]"
     )
+
+
+def policy_from_flags(
+    max_interference: float, min_share: float, keep: list[str] | None, superpose: list[str] | None
+) -> Policy:
+    """The Policy that the shared policy flags describe."""
+    from pspctl.policy import Policy
+
+    return Policy(max_interference, min_share, tuple(keep or ()), tuple(superpose or ()))
 
 
 def _kind(kind: str) -> str:

@@ -9,7 +9,17 @@ import typer
 from rich.table import Table
 
 from pspctl.cli import app, command_line, console, handle_errors, print_json, progress_bar
-from pspctl.cli.core import DEFAULT_FILE, _kind
+from pspctl.cli.core import (
+    DEFAULT_FILE,
+    MAX_INTERFERENCE,
+    MIN_SHARE,
+    KeepOpt,
+    MaxInterferenceOpt,
+    MinShareOpt,
+    SuperposeOpt,
+    _kind,
+    policy_from_flags,
+)
 
 TaskOpt = Annotated[
     str, typer.Option("--task", help="Task file (path or module) with build_model and load_data.")
@@ -49,15 +59,10 @@ def train_command(
         ),
     ] = False,
     labels: Annotated[str | None, typer.Option(help="Comma-separated context labels.")] = None,
-    keep: Annotated[
-        list[str] | None, typer.Option(help="Glob of tensors to keep per context. Repeatable.")
-    ] = None,
-    superpose: Annotated[
-        list[str] | None,
-        typer.Option(help="Glob of tensors to superpose regardless of the rules. Repeatable."),
-    ] = None,
-    max_interference: Annotated[float, typer.Option(help="Policy: as in merge.")] = 0.02,
-    min_share: Annotated[float, typer.Option(help="Policy: as in merge.")] = 0.05,
+    keep: KeepOpt = None,
+    superpose: SuperposeOpt = None,
+    max_interference: MaxInterferenceOpt = MAX_INTERFERENCE,
+    min_share: MinShareOpt = MIN_SHARE,
     output: Annotated[
         Path | None,
         typer.Option("-o", "--output", help="Superposed file (with --baseline: a plain state_dict)."),
@@ -75,7 +80,6 @@ def train_command(
     """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
     from pspctl.checkpoints import refuse_existing
     from pspctl.errors import InputError
-    from pspctl.policy import Policy
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
     from pspctl.training.plot import plot_first_task
@@ -97,7 +101,7 @@ def train_command(
         seed=seed,
         baseline=baseline,
         mixture=mixture,
-        policy=Policy(max_interference, min_share, tuple(keep or ()), tuple(superpose or ())),
+        policy=policy_from_flags(max_interference, min_share, keep, superpose),
         labels=tuple(labels.split(",")) if labels else None,
         task_spec=task,
         command=command_line(),
