@@ -133,8 +133,8 @@ def tune(
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
         model = task.build_model()
-        check_fits(model, file.shapes(), str(file.path))
-        psp = load(file, model)
+        check_fits(model, file.shapes(), str(file.path))  # so the error names the task's model
+        psp = load(file, model)  # (which checks again, for library callers: a state_dict walk)
     teachers = _teachers(file, task, options.objective)
     objective = "distill" if teachers else "task"
     K = file.num_contexts
