@@ -12,22 +12,19 @@ shard holding each tensor. A directory stands for the checkpoint inside it (see 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed
+from pspctl.outputs import ST_CODES, atomic_path, refuse_existing, write_safetensors
 from pspctl.policy import TensorInfo
 
 __all__ = [
@@ -54,16 +51,14 @@ DIRECTORY_NAMES = (
     "pytorch_model.bin",
 )
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
-}  # fmt: skip
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32' for torch.float32."""
     return str(dtype).removeprefix("torch.")
+
+
+ST_DTYPES = {code: dtype_name(dtype) for dtype, code in ST_CODES.items()}  # "F32" -> "float32"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -184,7 +179,7 @@ def _read_safetensors(path: Path) -> Raw:
             meta = handle.metadata() or {}
             slices = {n: handle.get_slice(n) for n in handle.keys()}
             raw = {
-                n: (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                n: (tuple(s.get_shape()), ST_DTYPES.get(s.get_dtype(), s.get_dtype()))
                 for n, s in slices.items()
             }
     except SafetensorError as e:
@@ -284,47 +279,23 @@ def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     return Checkpoint(path, infos, lambda name: get(mapping[name]), notes + strip_notes)
 
 
-def refuse_existing(path: str | Path, *, force: bool) -> None:
-    """Raise OutputError if `path` exists and `force` is off: check before doing the work."""
-    if Path(path).exists() and not force:
-        raise OutputError(f"{path}: already exists (pass --force to overwrite)")
+def save_state_dict(
+    state: Mapping[str, Tensor], path: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()
+) -> None:
+    """Write a plain state_dict atomically: safetensors for `.safetensors`, torch.save otherwise.
+    The same state_dict gives the same bytes.
 
-
-@contextlib.contextmanager
-def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path in `path`'s directory; rename it onto `path` only on success."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    refuse_existing(path, force=force)
-    if not path.parent.is_dir():
-        raise OutputError(f"{path.parent}: no such directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user expects their umask
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_state_dict(state: Mapping[str, Tensor], path: str | Path, *, force: bool = False) -> None:
-    """Write a plain state_dict atomically: safetensors for `.safetensors`, torch.save otherwise."""
+    Raises:
+        OutputError: an unknown suffix, or `path` refused by `atomic_path`.
+    """
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
     if path.suffix not in SUFFIXES:
         raise OutputError(f"{path}: unknown output type (use .safetensors, .pt, .pth or .bin)")
-    with atomic_path(path, force=force) as tmp:
+    with atomic_path(path, force=force, inputs=inputs) as tmp:
         if path.suffix == ".safetensors":
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        else:
-            torch.save(dict(state), tmp)
+            write_safetensors(state, tmp, {"format": "pt"})
+        else:  # through a file object: torch.save would name the archive after the temp file
+            with open(tmp, "wb") as f:
+                torch.save(dict(state), f)

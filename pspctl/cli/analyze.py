@@ -82,10 +82,14 @@ def analyze(
         from pspctl.analysis.plot import require_matplotlib
 
         require_matplotlib()
+    from pspctl.outputs import refuse_inputs
+
+    origs = [p for v in originals for p in v.split(",") if p] if originals else None
     for out in (json_file, plot):
         if out is not None and (out.is_dir() or not out.parent.is_dir()):
             raise OutputError(f"{out}: not a writable file path")
-    origs = [p for v in originals for p in v.split(",") if p] if originals else None
+        if out is not None:  # these overwrite by design, but never an input
+            refuse_inputs(out, [file, *(origs or [])])
     with progress_bar("analyzing", quiet=quiet) as update:
         report = run_analyze(
             file, originals=origs, task=task, sparsities=_floats(sparsity, DEFAULT_SPARSITIES),

@@ -7,11 +7,8 @@ left behind.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,14 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pspctl.checkpoints import refuse_existing
-from pspctl.errors import OutputError, TaskError, ValidationError
+from pspctl.errors import TaskError, ValidationError
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile
 from pspctl.onnx_export.convert import DEFAULT_OPSET, io_names, to_onnx
 from pspctl.onnx_export.errors import AtolError
 from pspctl.onnx_export.modules import MultiContextModel
 from pspctl.onnx_export.validate import Check, compare, session, torch_outputs
+from pspctl.outputs import staged_folder
 from pspctl.task import check_fits
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "ExportReport", "TaskLike", "export_contexts", "export_multi"]
@@ -127,25 +124,10 @@ def _tracing_inputs(task: TaskLike) -> tuple[Tensor, ...]:
     return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
 
 
-@contextlib.contextmanager
-def _staging(targets: list[Path], *, force: bool, directory: Path | None) -> Iterator[Path]:
-    """A temp dir beside the outputs; its files move to `targets`' folder only if the body succeeds."""
-    for target in targets:
-        if target.is_dir():
-            raise OutputError(f"{target}: is a directory")
-        refuse_existing(target, force=force)
-    final_dir = directory if directory is not None else targets[0].parent
-    parent = final_dir.parent if directory is not None else final_dir
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: no such directory")
-    staging = Path(tempfile.mkdtemp(prefix=".pspctl-export.", dir=parent))
-    try:
-        yield staging
-        final_dir.mkdir(exist_ok=True)
-        for item in sorted(staging.iterdir()):
-            os.replace(item, final_dir / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _staging(targets: list[Path], *, force: bool, directory: Path | None, source: Path):
+    """A staging folder whose files move beside `targets` (into `directory` if given) on success."""
+    folder = directory if directory is not None else targets[0].parent
+    return staged_folder(folder, [t.name for t in targets], force=force, inputs=[source])
 
 
 def _graph_bytes(path: Path) -> int:
@@ -200,7 +182,7 @@ def export_contexts(
     todo = plan_outputs(file, context, output, ".onnx")
     directory = output if str(context) == "all" else None
     report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
-    with _staging([t for _, t in todo], force=force, directory=directory) as staging:
+    with _staging([t for _, t in todo], force=force, directory=directory, source=file.path) as staging:
         for k, target in todo:
             graph = staging / target.name
             model = _export_one(task, file, k, graph, opset)
@@ -242,7 +224,7 @@ def export_multi(
     output = Path(output)
     K = file.num_contexts
     report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")
-    with _staging([output], force=force, directory=None) as staging:
+    with _staging([output], force=force, directory=None, source=file.path) as staging:
         graph = staging / output.name
         wrapper = MultiContextModel(_fresh_model(task, file), file)
         example = _tracing_inputs(task)

@@ -7,6 +7,7 @@ the contexts. `distill` matches each original model's outputs on its own context
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,7 +127,7 @@ def tune(
         raise InputError(f"--objective {options.objective}: expected {', '.join(OBJECTIVES)}")
     file = SuperposedFile(path)
     output = Path(output)
-    if output.exists() and output.resolve() == file.path.resolve():
+    if output.exists() and os.path.samefile(output, file.path):  # also through a link
         raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
     check_output(output, force=force)
     task.require("load_data")
