@@ -9,19 +9,29 @@ Tensor names in the file, for an original tensor `name`:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from pspctl.checkpoints import PICKLE_SUFFIXES, atomic_path, refuse_existing
+from pspctl.checkpoints import PICKLE_SUFFIXES, ST_DTYPES
 from pspctl.contexts import ContextSet, Kind
 from pspctl.errors import ContextError, FormatError, InputError, OutputError
+from pspctl.header import (
+    CONTEXTS,
+    FORMAT_VERSION,
+    STACKED,
+    SUPERPOSED,
+    Header,
+    TensorMeta,
+    check_header,
+    check_tensors,
+    parse_header,
+)
+from pspctl.outputs import atomic_path, crc32, refuse_existing, write_safetensors
 from pspctl.policy import Role
 from pspctl.superpose import unbind
 
@@ -36,43 +46,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "pspctl"
-FORMAT_VERSION = 1
-SUPERPOSED, STACKED, CONTEXTS = "superposed/", "stacked/", "contexts/"
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    role: str  # Role value
-    dtype: str  # the original dtype, restored on extraction
-    shape: list[int]
-    fan_in: int = 1
-    reason: str = ""
-
-
-@dataclass
-class Header:
-    """Everything in the file besides the tensors. Serialised as JSON in the safetensors metadata."""
-
-    kind: str
-    seed: int
-    num_contexts: int
-    labels: list[str]
-    tensors: dict[str, TensorMeta]
-    inputs: list[dict[str, Any]] = field(default_factory=list)  # {"path", "sha256", "label"}
-    recipe: dict[str, Any] = field(default_factory=dict)
-    task: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)  # later steps, e.g. tune
-    format_version: int = FORMAT_VERSION
-    pspctl_version: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Header:
-        data = json.loads(text)
-        data["tensors"] = {k: TensorMeta(**v) for k, v in data["tensors"].items()}
-        return cls(**data)
+CHECKSUMS = "pspctl.checksums"  # metadata key: CRC-32 of the header text and of every tensor
+METADATA_KEYS = {"format", "pspctl.format_version", "pspctl.header", CHECKSUMS}
 
 
 def pack(superposed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -98,21 +73,56 @@ def _check_name(path: Path) -> None:
 
 
 def write_superposed(
-    path: Path, tensors: Mapping[str, Tensor], header: Header, *, force: bool = False
+    path: Path,
+    tensors: Mapping[str, Tensor],
+    header: Header,
+    *,
+    force: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> None:
-    """Write tensors (already named superposed/…, stacked/…, contexts/…) and header atomically."""
+    """Write tensors (already named superposed/…, stacked/…, contexts/…) and header atomically.
+
+    The same tensors and header give the same bytes. `inputs` are files the output must not be.
+    """
     from pspctl import __version__
 
     header.pspctl_version = header.pspctl_version or __version__
+    text = header.to_json()
+    checksums = {"header": _crc_text(text), "tensors": {n: crc32(t) for n, t in sorted(tensors.items())}}
     metadata = {
         "format": FORMAT_NAME,
         "pspctl.format_version": str(FORMAT_VERSION),
-        "pspctl.header": header.to_json(),
+        "pspctl.header": text,
+        CHECKSUMS: json.dumps(checksums, sort_keys=True, separators=(",", ":")),
     }
     _check_name(path)  # atomic_path refuses an existing file
-    with atomic_path(path, force=force) as tmp:
-        save_file(dict(tensors), str(tmp), metadata=metadata)
-        SuperposedFile(tmp)  # write, then verify: the header parses and every tensor is there
+    with atomic_path(path, force=force, inputs=inputs) as tmp:
+        write_safetensors(tensors, tmp, metadata)
+        written = SuperposedFile(tmp)  # write, then verify: header, tensors and checksums
+        for name in tensors:
+            written.raw(name)
+
+
+def _crc_text(text: str) -> str:
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
+def _checksums(path: Path, meta: Mapping[str, str]) -> dict[str, str]:
+    """The per-tensor checksums, after checking the header's; {} for files written without them."""
+    if CHECKSUMS not in meta:
+        return {}
+    try:
+        sums = json.loads(meta[CHECKSUMS])
+        header_sum, tensor_sums = sums["header"], sums["tensors"]
+        if not isinstance(header_sum, str) or not isinstance(tensor_sums, dict):
+            raise TypeError("not a {header, tensors} object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{path}: corrupt {CHECKSUMS} entry ({e})") from None
+    if header_sum != _crc_text(meta["pspctl.header"]):
+        raise FormatError(
+            f"{path}: the pspctl header does not match its checksum: the file was corrupted or edited"
+        )
+    return {str(k): str(v) for k, v in tensor_sums.items()}
 
 
 class SuperposedFile:
@@ -125,12 +135,17 @@ class SuperposedFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory, not a superposed file")
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file")
         try:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             meta = self._handle.metadata() or {}
-            names = set(self._handle.keys())
+            stored = {}
+            for n in self._handle.keys():
+                piece = self._handle.get_slice(n)
+                stored[n] = (list(piece.get_shape()), ST_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
         except SafetensorError as e:
             if self.path.suffix in PICKLE_SUFFIXES:
                 raise FormatError(
@@ -142,21 +157,23 @@ class SuperposedFile:
         version = meta.get("pspctl.format_version", "?")
         if version != str(FORMAT_VERSION):
             raise FormatError(
-                f"{self.path}: pspctl format version {version}, this pspctl reads version {FORMAT_VERSION}; upgrade pspctl"
+                f"{self.path}: pspctl format version {version[:20]}, this pspctl reads version {FORMAT_VERSION}; upgrade pspctl"
             )
+        unknown = sorted(set(meta) - METADATA_KEYS)
+        if unknown:  # also catches a corrupted key name, e.g. one that hid the checksums
+            raise FormatError(
+                f"{self.path}: unknown metadata entries {unknown[:3]}: corrupted, or written by another tool"
+            )
+        self._checksums = _checksums(self.path, meta)
+        self._verified: set[str] = set()
         try:
-            self.header = Header.from_json(meta["pspctl.header"])
-        except (ValueError, TypeError, KeyError) as e:
-            raise FormatError(f"{self.path}: corrupt pspctl header ({e})") from None
-        missing = [n for n in self._expected_names() if n not in names]
-        if missing:
-            raise FormatError(f"{self.path}: header lists tensors the file lacks: {missing[:3]}")
-
-    def _expected_names(self) -> list[str]:
-        out = []
-        for name, meta in self.header.tensors.items():
-            out += [SUPERPOSED + name, CONTEXTS + name] if meta.role == Role.SUPERPOSED else [STACKED + name]
-        return out
+            self.header = parse_header(meta["pspctl.header"])
+            check_header(self.header, version)
+            check_tensors(self.header, stored)
+        except FormatError as e:
+            raise FormatError(f"{self.path}: {e}") from None
+        if self._checksums and set(self._checksums) != set(stored):
+            raise FormatError(f"{self.path}: the checksums do not list the stored tensors")
 
     @property
     def kind(self) -> Kind:
@@ -189,10 +206,22 @@ class SuperposedFile:
         return k
 
     def raw(self, stored_name: str) -> Tensor:
+        """A stored tensor as it is in the file, its checksum verified on first read.
+
+        Raises:
+            InputError: unreadable, or its bytes differ from the checksum written with it.
+        """
         try:
-            return self._handle.get_tensor(stored_name)
+            tensor = self._handle.get_tensor(stored_name)
         except SafetensorError as e:
             raise InputError(f"{self.path}: cannot read {stored_name!r} ({e})") from None
+        if stored_name not in self._verified and self._checksums:
+            if crc32(tensor) != self._checksums[stored_name]:
+                raise InputError(
+                    f"{self.path}: tensor {stored_name!r} does not match its checksum: the file is corrupted"
+                )
+            self._verified.add(stored_name)
+        return tensor
 
     def contexts(self, name: str) -> ContextSet:
         meta = self.header.tensors[name]

@@ -11,7 +11,7 @@ import torch
 
 from pspctl.checkpoints import INDEX_SUFFIX, Checkpoint, checkpoint_files, open_checkpoint, sha256_checkpoint
 from pspctl.contexts import Kind, make_contexts
-from pspctl.errors import MismatchError, OutputError, PolicyError, listed
+from pspctl.errors import MismatchError, PolicyError, listed
 from pspctl.fileformat import (
     CONTEXTS,
     STACKED,
@@ -22,6 +22,8 @@ from pspctl.fileformat import (
     pack,
     write_superposed,
 )
+from pspctl.header import check_labels, safe_label
+from pspctl.outputs import refuse_inputs
 from pspctl.policy import Decision, Policy, Role, TensorInfo, decide
 from pspctl.superpose import bind
 
@@ -110,15 +112,16 @@ def _default_label(path: Path) -> str:
 
 
 def _labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
-    if labels is None:
-        stems = [_default_label(p) for p in paths]
-        return stems if len(set(stems)) == len(stems) else [f"{s}-{i}" for i, s in enumerate(stems)]
-    labels = [s.strip() for s in labels]
-    if len(labels) != len(paths):
-        raise MismatchError(f"{len(labels)} labels for {len(paths)} inputs")
-    if len(set(labels)) != len(labels) or not all(labels):
-        raise MismatchError("labels must be unique and non-empty")
-    return labels
+    """The given labels, checked; or the inputs' names, made safe and unique."""
+    if labels is not None:
+        labels = [s.strip() for s in labels]
+        if len(labels) != len(paths):
+            raise MismatchError(f"{len(labels)} labels for {len(paths)} inputs")
+        return check_labels(labels)
+    stems = [safe_label(_default_label(p)) for p in paths]
+    if len({s.casefold() for s in stems}) < len(stems):
+        stems = [f"{s}-{i}" for i, s in enumerate(stems)]
+    return check_labels(stems)
 
 
 def plan(infos: Sequence[TensorInfo], num_contexts: int, options: MergeOptions) -> list[Decision]:
@@ -134,14 +137,14 @@ def plan(infos: Sequence[TensorInfo], num_contexts: int, options: MergeOptions) 
     return decisions
 
 
-def _resolve_inputs(inputs: Sequence[str | Path], output: Path) -> list[Path]:
+def _resolve_inputs(inputs: Sequence[str | Path], output: Path) -> tuple[list[Path], list[Path]]:
+    """The input paths, and every file they are read from (which the output must not be)."""
     paths = [Path(p) for p in inputs]
     if len(paths) < 2:
         raise MismatchError(f"merge needs at least 2 inputs, got {len(paths)}")
-    for p in paths:
-        if output.exists() and output.resolve() in {f.resolve() for f in checkpoint_files(p)}:
-            raise OutputError(f"{output}: output is one of the inputs; choose another -o")
-    return paths
+    files = [f for p in paths for f in checkpoint_files(p)]
+    refuse_inputs(output, files)
+    return paths, files
 
 
 def merge(
@@ -161,12 +164,12 @@ def merge(
     """
     output = Path(output)
     kind = Kind(options.kind)
-    paths = _resolve_inputs(inputs, output)
+    paths, files = _resolve_inputs(inputs, output)
     check_output(output, force=options.force)
+    labels = _labels(paths, options.labels)
     checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
     check_compatible(checkpoints)
     K = len(checkpoints)
-    labels = _labels(paths, options.labels)
     infos = list(checkpoints[0].infos.values())
     decisions = plan(infos, K, options)
     out_dtype = getattr(torch, options.dtype) if options.dtype else None
@@ -205,7 +208,7 @@ def merge(
         recipe=_recipe(options),
         task=options.task,
     )
-    write_superposed(output, tensors, header, force=options.force)
+    write_superposed(output, tensors, header, force=options.force, inputs=files)
     return MergeReport(
         output=str(output),
         kind=kind.value,
