@@ -1,7 +1,7 @@
 """The superposed file's header, and the checks a header passes before it is believed.
 
 The header is JSON in the safetensors metadata. Its schema is the two pydantic dataclasses
-below, strict (no type coercion, no unknown fields): pydantic checks types, ranges and the
+below, strict (no type coercion; unknown fields are ignored, as docs/format.md says): pydantic checks types, ranges and the
 allowed values when a header is built (merge, train, tune) and when it is read. What a
 schema cannot see, the header's agreement with itself (K against labels and inputs) and
 with the tensors actually stored, is checked by `check_header` and `check_tensors`.
@@ -127,7 +127,7 @@ KindName = Annotated[str, _one_of(KINDS)]
 RoleName = Annotated[str, _one_of(ROLES)]
 DTypeName = Annotated[str, _one_of(DTYPES)]
 Count = Annotated[int, Field(ge=1, le=MAX_CONTEXTS)]
-_CONFIG = ConfigDict(strict=True, extra="forbid")
+_CONFIG = ConfigDict(strict=True, extra="ignore")  # docs/format.md: readers ignore unknown fields
 
 
 class InputRecord(TypedDict):

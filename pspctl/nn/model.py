@@ -16,6 +16,7 @@ from pspctl.contexts import Kind, make_contexts
 from pspctl.errors import ContextError, PolicyError, TaskError, ValidationError
 from pspctl.fileformat import CONTEXTS, STACKED, SUPERPOSED, Header, SuperposedFile, TensorMeta, pack
 from pspctl.fileformat import write_superposed as _write
+from pspctl.header import check_labels
 from pspctl.merge import MergeOptions, plan
 from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
 from pspctl.nn.tensors import Stacked, Superposed, initial_superposed, mix_contexts
@@ -195,7 +196,7 @@ def superpose(
         else:
             tensors[info.name] = Stacked([_working(t)] * num_contexts, trainable=info.name in trainable)
         metas[info.name] = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason)
-    labels = list(labels) if labels else [str(k) for k in range(num_contexts)]
+    labels = check_labels(labels if labels else [str(k) for k in range(num_contexts)], num_contexts)
     stored_kind = Kind.COMPLEX if mixture else kind
     return PSPModel(
         _convert(model, tensors), tensors, metas, kind=stored_kind, seed=seed, labels=labels, mixture=mixture
