@@ -30,6 +30,7 @@ from pspctl.header import (
     check_header,
     check_tensors,
     parse_header,
+    stored_names,
 )
 from pspctl.outputs import atomic_path, crc32, refuse_existing, write_safetensors
 from pspctl.policy import Role
@@ -39,6 +40,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Header",
     "SuperposedFile",
+    "SuperposedWriter",
     "TensorMeta",
     "check_output",
     "pack",
@@ -125,7 +127,111 @@ def _checksums(path: Path, meta: Mapping[str, str]) -> dict[str, str]:
     return {str(k): str(v) for k, v in tensor_sums.items()}
 
 
-class SuperposedFile:
+class _Stored:
+    """Reading a superposed file's tensors back, for the file on disk and for one being written.
+
+    Subclasses give `kind`, `num_contexts`, `metas` and `raw(stored name)`; everything else,
+    model k's tensors above all, is computed here once for both.
+    """
+
+    kind: Kind
+    num_contexts: int
+    metas: dict[str, TensorMeta]
+    _last: tuple[str, Tensor, ContextSet] | None = None  # the last superposed tensor read
+
+    def raw(self, stored_name: str) -> Tensor:
+        raise NotImplementedError
+
+    def names(self, role: Role | None = None) -> list[str]:
+        """Original tensor names in their original order, optionally of one role."""
+        return [n for n, m in self.metas.items() if role is None or m.role == role]
+
+    def shapes(self) -> dict[str, list[int]]:
+        """The original shape of every tensor, by name."""
+        return {name: meta.shape for name, meta in self.metas.items()}
+
+    def contexts(self, name: str) -> ContextSet:
+        return self._superposed_and_contexts(name)[1]
+
+    def superposed(self, name: str) -> Tensor:
+        """The superposed tensor in float32 (complex64 for the complex kinds), original shape."""
+        return self._superposed_and_contexts(name)[0]
+
+    def _superposed_and_contexts(self, name: str) -> tuple[Tensor, ContextSet]:
+        # Kept for the next call: analysis and nn read one tensor's K views in a row.
+        if self._last is None or self._last[0] != name:
+            stored = self.raw(SUPERPOSED + name).float()
+            value = torch.view_as_complex(stored) if self.kind.is_complex else stored
+            ctx = ContextSet.from_stored(
+                self.kind, self.num_contexts, self.metas[name].fan_in, self.raw(CONTEXTS + name)
+            )
+            self._last = (name, value, ctx)
+        return self._last[1], self._last[2]
+
+    def stacked(self, name: str) -> Tensor:
+        """The K per-context tensors of `name`, stacked on dim 0."""
+        return self.raw(STACKED + name)
+
+    def retrieve(self, name: str, k: int, *, superposed: Tensor | None = None) -> Tensor:
+        """Model k's tensor, in its original dtype: exact for per-context tensors, Ŵ_k otherwise.
+
+        Args:
+            superposed: use this in place of the stored superposed tensor (e.g. pruned).
+        """
+        meta = self.metas[name]
+        if meta.role != Role.SUPERPOSED:
+            return self.stacked(name)[k].clone()
+        value = self.superposed(name) if superposed is None else superposed
+        return unbind(value, self.contexts(name), k).to(getattr(torch, meta.dtype))
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes the file spends on original tensor `name`."""
+        return sum(self.raw(n).nbytes for n in stored_names(name, self.metas[name]))
+
+
+class SuperposedWriter(_Stored):
+    """A superposed file being built in memory: the only code that knows the stored names and
+    packing. `retrieve` reads back exactly what `write` will store.
+
+    Args:
+        kind, num_contexts: of the file.
+    """
+
+    def __init__(self, kind: Kind | str, num_contexts: int):
+        self.kind, self.num_contexts = Kind(kind), num_contexts
+        self.metas = {}
+        self.tensors: dict[str, Tensor] = {}
+
+    def raw(self, stored_name: str) -> Tensor:
+        return self.tensors[stored_name]
+
+    def add_superposed(
+        self, name: str, meta: TensorMeta, superposed: Tensor, ctx: ContextSet, dtype: torch.dtype
+    ) -> int:
+        """Store a bound tensor in `dtype` (complex: a trailing (real, imag) pair); returns its bytes."""
+        return self._add(
+            name, meta, {SUPERPOSED + name: pack(superposed, dtype), CONTEXTS + name: ctx.stored()}
+        )
+
+    def add_per_context(self, name: str, meta: TensorMeta, stacked: Tensor) -> int:
+        """Store the K tensors of `name`, stacked on dim 0; returns their bytes."""
+        return self._add(name, meta, {STACKED + name: stacked.contiguous()})
+
+    def _add(self, name: str, meta: TensorMeta, tensors: dict[str, Tensor]) -> int:
+        self.metas[name] = meta
+        self.tensors.update(tensors)
+        self._last = None
+        return sum(t.nbytes for t in tensors.values())
+
+    def write(
+        self, path: str | Path, header: Header, *, force: bool = False, inputs: Sequence[str | Path] = ()
+    ) -> None:
+        """Write the file: `header` as given, with this writer's tensor records."""
+        header.tensors = dict(self.metas)
+        write_superposed(Path(path), self.tensors, header, force=force, inputs=inputs)
+
+
+class SuperposedFile(_Stored):
     """A pspctl file opened lazily: the header now, tensors when asked.
 
     Raises:
@@ -174,22 +280,12 @@ class SuperposedFile:
             raise FormatError(f"{self.path}: {e}") from None
         if self._checksums and set(self._checksums) != set(stored):
             raise FormatError(f"{self.path}: the checksums do not list the stored tensors")
-
-    @property
-    def kind(self) -> Kind:
-        return Kind(self.header.kind)
-
-    @property
-    def num_contexts(self) -> int:
-        return self.header.num_contexts
+        self.metas = self.header.tensors
+        self.kind, self.num_contexts = Kind(self.header.kind), self.header.num_contexts
 
     @property
     def labels(self) -> list[str]:
         return self.header.labels
-
-    def names(self, role: Role | None = None) -> list[str]:
-        """Original tensor names in their original order, optionally of one role."""
-        return [n for n, m in self.header.tensors.items() if role is None or m.role == role]
 
     def resolve_context(self, spec: int | str) -> int:
         """A 0-based index from an index or a label. Labels win over digits."""
@@ -222,31 +318,6 @@ class SuperposedFile:
                 )
             self._verified.add(stored_name)
         return tensor
-
-    def contexts(self, name: str) -> ContextSet:
-        meta = self.header.tensors[name]
-        return ContextSet.from_stored(self.kind, self.num_contexts, meta.fan_in, self.raw(CONTEXTS + name))
-
-    def superposed(self, name: str) -> Tensor:
-        """The superposed tensor in float32 (complex64 for the complex kinds), original shape."""
-        stored = self.raw(SUPERPOSED + name).float()
-        return torch.view_as_complex(stored) if self.kind.is_complex else stored
-
-    def stacked(self, name: str) -> Tensor:
-        """The K per-context tensors of `name`, stacked on dim 0."""
-        return self.raw(STACKED + name)
-
-    def retrieve(self, name: str, k: int) -> Tensor:
-        """Model k's tensor, in its original dtype: exact for per-context tensors, Ŵ_k otherwise."""
-        meta = self.header.tensors[name]
-        if meta.role != Role.SUPERPOSED:
-            return self.stacked(name)[k].clone()
-        weight = unbind(self.superposed(name), self.contexts(name), k)
-        return weight.to(getattr(torch, meta.dtype))
-
-    def shapes(self) -> dict[str, list[int]]:
-        """The original shape of every tensor, by name."""
-        return {name: meta.shape for name, meta in self.header.tensors.items()}
 
     def state_dict(self, context: int | str) -> dict[str, Tensor]:
         """Model `context` as a plain state_dict with the inputs' keys, shapes and dtypes."""

@@ -12,22 +12,13 @@ import torch
 from pspctl.checkpoints import INDEX_SUFFIX, Checkpoint, checkpoint_files, open_checkpoint, sha256_checkpoint
 from pspctl.contexts import Kind, make_contexts
 from pspctl.errors import MismatchError, PolicyError, listed
-from pspctl.fileformat import (
-    CONTEXTS,
-    STACKED,
-    SUPERPOSED,
-    Header,
-    TensorMeta,
-    check_output,
-    pack,
-    write_superposed,
-)
+from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output
 from pspctl.header import check_labels, safe_label
 from pspctl.outputs import refuse_inputs
 from pspctl.policy import Decision, Policy, Role, TensorInfo, decide
 from pspctl.superpose import bind
 
-__all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan"]
+__all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan", "store_tensor"]
 
 
 @dataclass(frozen=True)
@@ -172,27 +163,13 @@ def merge(
     K = len(checkpoints)
     infos = list(checkpoints[0].infos.values())
     decisions = plan(infos, K, options)
-    out_dtype = getattr(torch, options.dtype) if options.dtype else None
 
-    tensors: dict[str, torch.Tensor] = {}
-    metas: dict[str, TensorMeta] = {}
+    writer = SuperposedWriter(kind, K)
     stored: dict[str, int] = {}
-    for info, d in zip(infos, decisions, strict=True):
+    for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
         if progress:
-            progress(len(metas), len(infos), info.name)
-        if d.role is Role.SUPERPOSED:
-            ctx = make_contexts(kind, K, d.fan_in, options.seed, info.name)
-            weights = (_finite(c, info.name, options.allow_nonfinite) for c in checkpoints)
-            new = {
-                SUPERPOSED + info.name: pack(bind(weights, ctx), out_dtype or getattr(torch, info.dtype)),
-                CONTEXTS + info.name: ctx.stored(),
-            }
-        else:
-            per = [_finite(c, info.name, options.allow_nonfinite) for c in checkpoints]
-            new = {STACKED + info.name: torch.stack(per)}
-        tensors.update(new)
-        stored[info.name] = sum(t.nbytes for t in new.values())
-        metas[info.name] = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason)
+            progress(i, len(infos), info.name)
+        stored[info.name] = store_tensor(writer, info, d, checkpoints, options)
 
     notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes]
     header = Header(
@@ -200,7 +177,7 @@ def merge(
         seed=options.seed,
         num_contexts=K,
         labels=labels,
-        tensors=metas,
+        tensors={},
         inputs=[
             {"path": str(p), "sha256": sha256_checkpoint(p), "label": lab}
             for p, lab in zip(paths, labels, strict=True)
@@ -208,7 +185,7 @@ def merge(
         recipe=_recipe(options),
         task=options.task,
     )
-    write_superposed(output, tensors, header, force=options.force, inputs=files)
+    writer.write(output, header, force=options.force, inputs=files)
     return MergeReport(
         output=str(output),
         kind=kind.value,
@@ -220,6 +197,23 @@ def merge(
         output_bytes=output.stat().st_size,
         notes=notes,
     )
+
+
+def store_tensor(
+    writer: SuperposedWriter,
+    info: TensorInfo,
+    d: Decision,
+    checkpoints: Sequence[Checkpoint],
+    options: MergeOptions,
+) -> int:
+    """Bind (or stack) one tensor of the K checkpoints into `writer` as `d` says; returns its bytes."""
+    meta = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason)
+    weights = (_finite(c, info.name, options.allow_nonfinite) for c in checkpoints)
+    if d.role is not Role.SUPERPOSED:
+        return writer.add_per_context(info.name, meta, torch.stack(list(weights)))
+    ctx = make_contexts(writer.kind, writer.num_contexts, d.fan_in, options.seed, info.name)
+    dtype = getattr(torch, options.dtype or info.dtype)
+    return writer.add_superposed(info.name, meta, bind(weights, ctx), ctx, dtype)
 
 
 def _finite(ckpt: Checkpoint, name: str, allow: bool) -> torch.Tensor:

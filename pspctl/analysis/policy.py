@@ -31,11 +31,12 @@ from torch import Tensor
 
 from pspctl.analysis import sources
 from pspctl.checkpoints import Checkpoint
-from pspctl.contexts import Kind, make_contexts
+from pspctl.contexts import Kind
 from pspctl.errors import PolicyError, TaskError
-from pspctl.fileformat import pack
-from pspctl.policy import FLOAT_DTYPES, Policy, _matches
-from pspctl.superpose import bind, fan_in, unbind
+from pspctl.fileformat import SuperposedWriter
+from pspctl.merge import MergeOptions, store_tensor
+from pspctl.policy import FLOAT_DTYPES, Decision, Policy, Role, _matches
+from pspctl.superpose import fan_in
 
 __all__ = ["CandidateResult", "MeasuredPolicy", "measured_policy", "policy_for_merge"]
 
@@ -158,15 +159,13 @@ def measured_policy(
         )
 
     # What merge would store, one superposed tensor per name (one model's worth in memory).
-    stored: dict[str, tuple[Tensor, Any, torch.dtype]] = {}
+    stored = SuperposedWriter(kind, K)
+    options = MergeOptions(kind=kind, seed=seed, dtype=dtype, allow_nonfinite=True)
     saved: dict[str, int] = {}
     for info in eligible + [i for i in infos if i.name in forced]:
-        ctx = make_contexts(kind, K, fan_in(info.shape), seed, info.name)
-        packed = pack(bind((c[info.name] for c in checkpoints), ctx), getattr(torch, dtype or info.dtype))
-        W = torch.view_as_complex(packed.float()) if kind.is_complex else packed.float()
-        stored[info.name] = (W, ctx, getattr(torch, info.dtype))
+        decision = Decision(info.name, Role.SUPERPOSED, "measured", fan_in(info.shape), 0.0)
         own = math.prod(info.shape) * getattr(torch, info.dtype).itemsize
-        saved[info.name] = K * own - packed.nbytes - ctx.stored().nbytes
+        saved[info.name] = K * own - store_tensor(stored, info, decision, checkpoints, options)
     # Superposing saves nothing where the contexts outweigh the copies (rotation, small N).
     candidates = eligible
     eligible = [i for i in candidates if saved[i.name] > 0]
@@ -176,8 +175,7 @@ def measured_policy(
         for k, (ckpt, c) in enumerate(zip(checkpoints, contexts, strict=True)):
             state = {n: ckpt[n] for n in ckpt.names}
             for n in names:
-                W, ctx, dt = stored[n]
-                state[n] = unbind(W, ctx, k).to(dt)
+                state[n] = stored.retrieve(n, k)
             out = sources.run_model(sources.load_model(task, state, f"context {k}"), c.inputs)
             acc = _accuracy(out, c.targets)
             drops.append(None if acc is None or c.accuracy is None else c.accuracy - acc)

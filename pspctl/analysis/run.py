@@ -30,7 +30,6 @@ from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
-from pspctl.superpose import unbind
 from pspctl.task import check_fits
 
 __all__ = ["DEFAULT_SPARSITIES", "analyze", "lower_is_better"]
@@ -153,13 +152,10 @@ def retrieved_state(sf: SuperposedFile, k: int, tau: float | None = None) -> dic
     """Model k as retrieved from the file, with the superposed values pruned at τ if given."""
     out = {}
     for name, meta in sf.header.tensors.items():
-        if meta.role == Role.SUPERPOSED:
-            W = sf.superposed(name)
-            if tau is not None:
-                W = prune_superposed(W, tau)
-            out[name] = unbind(W, sf.contexts(name), k).to(getattr(torch, meta.dtype))
-        else:
-            out[name] = sf.stacked(name)[k].clone()
+        pruned = None
+        if tau is not None and meta.role == Role.SUPERPOSED:
+            pruned = prune_superposed(sf.superposed(name), tau)
+        out[name] = sf.retrieve(name, k, superposed=pruned)
     return out
 
 

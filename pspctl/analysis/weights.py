@@ -23,7 +23,6 @@ from pspctl.analysis.report import MagnitudeStats, TensorWeightError
 from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
-from pspctl.superpose import unbind
 
 __all__ = ["NBINS", "THRESHOLDS", "TensorPass", "stored_values", "tensor_pass"]
 
@@ -79,21 +78,15 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
     superposed = meta.role == Role.SUPERPOSED
     floating = dtype.is_floating_point
     if superposed:
-        W = sf.superposed(name)
-        ctx = sf.contexts(name)
-        values = stored_values(W)
-        stored_bytes = sf.raw("superposed/" + name).nbytes + sf.raw("contexts/" + name).nbytes
-
-        def retrieved(k: int) -> Tensor:
-            # What users get: Ŵ_k rounded to the original dtype.
-            return unbind(W, ctx, k).to(dtype).float()
+        values = stored_values(sf.superposed(name))
     else:
         stacked = sf.stacked(name)
         values = stacked
-        stored_bytes = stacked.nbytes
+    stored_bytes = sf.stored_bytes(name)
 
-        def retrieved(k: int) -> Tensor:
-            return stacked[k].float()
+    def retrieved(k: int) -> Tensor:
+        # What users get: Ŵ_k rounded to the original dtype (per-context tensors: exact).
+        return sf.retrieve(name, k).float() if superposed else stacked[k].float()
 
     def original(k: int) -> Tensor:
         return originals[k][name].float() if originals is not None else stacked[k].float()

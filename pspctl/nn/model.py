@@ -14,8 +14,7 @@ from torch import Tensor, nn
 from pspctl.checkpoints import dtype_name
 from pspctl.contexts import Kind, make_contexts
 from pspctl.errors import ContextError, PolicyError, TaskError, ValidationError
-from pspctl.fileformat import CONTEXTS, STACKED, SUPERPOSED, Header, SuperposedFile, TensorMeta, pack
-from pspctl.fileformat import write_superposed as _write
+from pspctl.fileformat import Header, SuperposedFile, SuperposedWriter, TensorMeta
 from pspctl.header import check_labels
 from pspctl.merge import MergeOptions, plan
 from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
@@ -224,30 +223,28 @@ def save(
         ValidationError: a tensor holds NaN/Inf (a broken file is never written).
         OutputError: `path` exists without `force`, or its directory does not exist.
     """
-    out: dict[str, Tensor] = {}
+    writer = SuperposedWriter(model.kind, model.num_contexts)
     for name, b in model.tensors.items():
-        dtype = getattr(torch, model.metas[name].dtype)
-        if isinstance(b, Superposed):
-            value = b.value()
-            out[SUPERPOSED + name] = pack(value, dtype)
-            out[CONTEXTS + name] = b.ctx.stored()
-        else:
-            value = b.stacked()
-            out[STACKED + name] = value.to(dtype).contiguous()
+        meta = model.metas[name]
+        value = b.value() if isinstance(b, Superposed) else b.stacked()
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             raise ValidationError(f"{name} has NaN/Inf values; refusing to write {path}")
+        if isinstance(b, Superposed):
+            writer.add_superposed(name, meta, value, b.ctx, getattr(torch, meta.dtype))
+        else:
+            writer.add_per_context(name, meta, value.to(getattr(torch, meta.dtype)))
     header = Header(
         kind=model.kind.value,
         seed=model.seed,
         num_contexts=model.num_contexts,
         labels=model.labels,
-        tensors=dict(model.metas),
+        tensors={},
         inputs=[dict(i) for i in inputs],
         recipe={"mixture": model.mixture, **(recipe or {})},
         task=task,
         history=[dict(h) for h in history],
     )
-    _write(Path(path), out, header, force=force)
+    writer.write(path, header, force=force)
 
 
 def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
