@@ -26,6 +26,7 @@ from pydantic.dataclasses import dataclass
 from typing_extensions import TypedDict
 
 from pspctl.errors import FormatError, MismatchError
+from pspctl.types import Kind, Role
 
 __all__ = [
     "FORMAT_VERSION",
@@ -43,8 +44,8 @@ SUPERPOSED, STACKED, CONTEXTS = "superposed/", "stacked/", "contexts/"
 MAX_CONTEXTS = 4096
 MAX_LABEL = 100
 
-KINDS = ("binary", "complex", "rotation", "onepower")
-ROLES = ("superposed", "per_context")
+KINDS = tuple(k.value for k in Kind)
+ROLES = tuple(r.value for r in Role)
 DTYPES = (
     "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
     "int64", "int32", "int16", "int8", "uint8", "bool", "complex64",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from pspctl.header import check_labels, safe_label
 from pspctl.outputs import refuse_inputs
 from pspctl.policy import Decision, Policy, Role, TensorInfo, decide
 from pspctl.superpose import bind
+from pspctl.types import Progress
 
 __all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan", "store_tensor"]
 
@@ -143,7 +144,7 @@ def merge(
     output: str | Path,
     options: MergeOptions = MergeOptions(),
     *,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> MergeReport:
     """Superpose K checkpoints into one pspctl file.
 

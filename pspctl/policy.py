@@ -12,20 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from fnmatch import fnmatchcase
 
 from pspctl.superpose import fan_in
+from pspctl.types import Role
 
 __all__ = ["Decision", "Policy", "Role", "TensorInfo", "decide"]
 
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 EMBEDDING_PATTERNS = ("*embed*", "*wte.*", "*wpe.*", "*tok_embeddings*")
-
-
-class Role(str, Enum):
-    SUPERPOSED = "superposed"
-    PER_CONTEXT = "per_context"
 
 
 @dataclass(frozen=True)

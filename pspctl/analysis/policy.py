@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import glob
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from pspctl.fileformat import SuperposedWriter
 from pspctl.merge import MergeOptions, store_tensor
 from pspctl.policy import FLOAT_DTYPES, Decision, Policy, Role, _matches
 from pspctl.superpose import fan_in
+from pspctl.types import Progress
 
 __all__ = ["CandidateResult", "MeasuredPolicy", "measured_policy", "policy_for_merge"]
 
@@ -120,7 +121,7 @@ def measured_policy(
     base: Policy = Policy(),
     dtype: str | None = None,
     max_samples: int = 256,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> MeasuredPolicy:
     """Choose the tensors to superpose by measuring their effect on calibration data.
 
@@ -223,7 +224,7 @@ def policy_for_merge(
     *,
     max_drop: float,
     max_output_error: float | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Policy, MeasuredPolicy]:
     """`merge --policy measured`: measure on the task's calib data, return the Policy to merge with.
 

@@ -8,7 +8,7 @@ the captured inputs of its layers. K full models are never held together.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,11 @@ from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
 from pspctl.task import check_fits
+from pspctl.types import Progress
 
 __all__ = ["DEFAULT_SPARSITIES", "analyze", "lower_is_better"]
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.9)
-Progress = Callable[[int, int, str], None]
 
 
 def lower_is_better(metric: str) -> bool:

@@ -18,13 +18,12 @@ from pspctl.fileformat import Header, SuperposedFile, SuperposedWriter, TensorMe
 from pspctl.header import check_labels
 from pspctl.merge import MergeOptions, plan
 from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
-from pspctl.nn.tensors import Stacked, Superposed, initial_superposed, mix_contexts
+from pspctl.nn.tensors import Binding, Stacked, Superposed, initial_superposed, mix_contexts
 from pspctl.policy import Policy, Role, TensorInfo
 from pspctl.task import check_fits
 
 __all__ = ["PSPModel", "load", "save", "superpose"]
 
-Binding = Superposed | Stacked
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

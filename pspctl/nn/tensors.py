@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from pspctl.contexts import ContextSet, Kind
 from pspctl.kinds import OPS, parts
 
-__all__ = ["Stacked", "Superposed", "initial_superposed", "mix_contexts"]
+__all__ = ["Binding", "Stacked", "Superposed", "initial_superposed", "mix_contexts"]
 
 
 def mix_contexts(ctx: ContextSet) -> ContextSet:
@@ -138,3 +138,6 @@ class Stacked(nn.Module):
         if self.trainable:
             return torch.stack([p.detach() for p in self.items])
         return self.stack.detach().clone()
+
+
+Binding = Superposed | Stacked  # how a PSP model holds one tensor
