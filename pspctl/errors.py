@@ -1,6 +1,7 @@
 """Errors pspctl raises for bad input. The CLI prints their message on one line and exits with `exit_code`.
 
-Any other exception escaping the library is a bug and keeps its traceback.
+Any other exception escaping the library is a bug: the CLI still prints one line for it
+(exit 1), or its traceback with `pspctl --debug`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ def listed(items: Sequence[str], sep: str = ", ") -> str:
     """
     more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
     return sep.join(items[:MAX_LISTED]) + more
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` with the message's whitespace (newlines too) collapsed, for an error line.
+
+    >>> one_line(ValueError("bad\\n  value"))
+    'ValueError: bad value'
+    """
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class PspctlError(Exception):

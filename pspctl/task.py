@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.errors import InputError, MismatchError, TaskError, listed
+from pspctl.errors import InputError, MismatchError, TaskError, listed, one_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OPTIONAL = ("example_inputs", "load_data", "evaluate")
@@ -150,7 +150,7 @@ def _import(spec: str | Path) -> ModuleType:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[name]
-            raise TaskError(f"task file {path} failed to import: {_one_line(exc)}") from exc
+            raise TaskError(f"task file {path} failed to import: {one_line(exc)}") from exc
         return module
     try:
         return importlib.import_module(str(spec))
@@ -160,14 +160,9 @@ def _import(spec: str | Path) -> ModuleType:
             raise InputError(
                 f"task module {spec} not found; pass a path to a .py file or an importable module name"
             ) from exc
-        raise TaskError(f"task module {spec} failed to import: {_one_line(exc)}") from exc
+        raise TaskError(f"task module {spec} failed to import: {one_line(exc)}") from exc
     except Exception as exc:
-        raise TaskError(f"task module {spec} failed to import: {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    message = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        raise TaskError(f"task module {spec} failed to import: {one_line(exc)}") from exc
 
 
 def check_fits(

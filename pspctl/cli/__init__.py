@@ -1,8 +1,8 @@
 """The `pspctl` command line: parse, call one library function, render with rich.
 
 Heavy modules (torch, onnx) are imported inside the commands so that `pspctl --help` is fast.
-Only `PspctlError` is caught: it becomes one line on stderr and its exit code. Anything
-else is a bug and keeps its traceback.
+Every error is one line on stderr: a `PspctlError` with its exit code; anything else is a bug,
+shown as one line (exit 1) that says which command failed, or with `--debug` as its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import typer
@@ -28,6 +29,16 @@ console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+@dataclass
+class State:
+    """Options of the root command, set before a command runs."""
+
+    debug: bool = False  # show an unexpected error's traceback instead of one line
+
+
+state = State()
+
+
 def _print_version(value: bool) -> None:
     if value:
         from pspctl import __version__
@@ -41,27 +52,53 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the traceback of an unexpected error instead of one line."
+    ),
 ) -> None:
     """Parameter superposition for PyTorch checkpoints: merge K models into one file and get each back."""
+    state.debug = debug
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def error_line(message: str) -> None:
+    """`error: <message>` on stderr, on one line whatever the message holds."""
+    from rich.markup import escape
+
+    err_console.print(
+        f"[bold red]error:[/] {escape(' '.join(message.split()))}", markup=True, highlight=False
+    )
+
+
 def handle_errors(fn: F) -> F:
-    """Turn a PspctlError into one stderr line and its exit code."""
+    """Turn any exception a command raises into one stderr line and an exit code.
+
+    A PspctlError gets its own exit code, Ctrl-C 130. Anything else is a bug: one line naming
+    the command and the exception, exit 1; with --debug it is raised, traceback and all.
+    """
+    command = fn.__name__.removesuffix("_command")
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rich.markup import escape
-
-        from pspctl.errors import PspctlError
+        from pspctl.errors import PspctlError, one_line
 
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):  # typer's own signals (RuntimeError subclasses)
+            raise
         except PspctlError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
+            error_line(str(e))
             raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            error_line("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if state.debug:
+                raise
+            error_line(f"pspctl {command} failed: {one_line(e)} (run with --debug for the traceback)")
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
