@@ -106,3 +106,41 @@ def test_the_installed_entry_point(workdir, debug):
             "error: pspctl merge failed: ZeroDivisionError: division by zero "
             "(run with --debug for the traceback)\n"
         )
+
+
+# --- click's own errors: options that do not parse ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "start", "hint"),
+    [
+        (["merge", "a.pt", "b.pt", "--seed", "abc"], "Invalid value for '--seed': ", "pspctl merge --help"),
+        (["merge", "a.pt", "b.pt", "--frob"], "No such option: --frob", "pspctl merge --help"),
+        (["merge"], "Missing argument 'inputs'.", "pspctl merge --help"),
+        (["extract"], "Missing option '--context' / '-c'.", "pspctl extract --help"),
+        (["mrege"], "No such command 'mrege'. Did you mean 'merge'?", "pspctl --help"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_with_a_help_hint(workdir, args, start, hint):
+    line = one_line(run(*args), 2)
+    assert line.startswith(f"error: {start}") and line.endswith(f" (see {hint})")
+
+
+def test_help_version_and_bare_pspctl_still_work():
+    for args in (["--help"], ["merge", "--help"]):
+        result = run(*args)
+        assert result.exit_code == 0 and "Usage: pspctl" in result.stdout and result.stderr == ""
+    assert run("--version").exit_code == 0
+    bare = run()  # click's no_args_is_help: the help, exit 2
+    assert bare.exit_code == 2 and "Usage: pspctl" in bare.stdout and bare.stderr == ""
+
+
+def test_usage_error_from_the_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "pspctl", "merge", "a.pt", "b.pt", "--seed", "abc"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("error: Invalid value for '--seed': ")
+    assert out.stderr.endswith(" (see python -m pspctl merge --help)\n")

@@ -18,9 +18,48 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer vendors click since 0.2x; before, it used click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException  # type: ignore[no-redef]
+
+
+class _RootGroup(TyperGroup):
+    """The root command. It runs click in non-standalone mode so that click's own errors (an
+    unknown option, a bad value, a missing argument) come back here and are printed as one
+    line like every other error, instead of click's usage box. Exit codes stay click's."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone = kwargs.get("standalone_mode", True)
+        kwargs["standalone_mode"] = False
+        if not standalone:
+            return super().main(*args, **kwargs)
+        try:
+            # Non-standalone, click returns a command's result, or the code of a typer.Exit.
+            result = super().main(*args, **kwargs)
+        except ClickException as e:
+            # NoArgsIsHelpError: bare `pspctl`; its message is the help, which typer has printed.
+            if type(e).__name__ != "NoArgsIsHelpError":
+                error_line(e.format_message() + _help_hint(e))
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            error_line("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _help_hint(e: ClickException) -> str:
+    ctx = getattr(e, "ctx", None)  # set on usage errors
+    if ctx is None or ctx.command.get_help_option(ctx) is None:
+        return ""
+    return f" (see {ctx.command_path} {ctx.help_option_names[0]})"
+
 
 app = typer.Typer(
     name="pspctl",
+    cls=_RootGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -86,7 +125,7 @@ def handle_errors(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):  # typer's own signals (RuntimeError subclasses)
+        except (typer.Exit, typer.Abort, ClickException):  # typer's own; _RootGroup renders them
             raise
         except PspctlError as e:
             error_line(str(e))
