@@ -114,14 +114,15 @@ def error_line(message: str) -> None:
 def handle_errors(fn: F) -> F:
     """Turn any exception a command raises into one stderr line and an exit code.
 
-    A PspctlError gets its own exit code, Ctrl-C 130. Anything else is a bug: one line naming
-    the command and the exception, exit 1; with --debug it is raised, traceback and all.
+    A PspctlError gets its own exit code, Ctrl-C 130, a full disk or a denied permission 8 when
+    writing (2 when reading). Anything else is a bug: one line naming the command and the
+    exception, exit 1; with --debug it is raised, traceback and all.
     """
     command = fn.__name__.removesuffix("_command")
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pspctl.errors import PspctlError, one_line
+        from pspctl.errors import PspctlError, one_line, os_error
 
         try:
             return fn(*args, **kwargs)
@@ -134,6 +135,10 @@ def handle_errors(fn: F) -> F:
             error_line("interrupted")
             raise typer.Exit(130) from None
         except Exception as e:
+            known = os_error(e) if isinstance(e, OSError) else None  # a full disk, a read-only dir
+            if known is not None:
+                error_line(str(known))
+                raise typer.Exit(known.exit_code) from None
             if state.debug:
                 raise
             error_line(f"pspctl {command} failed: {one_line(e)} (run with --debug for the traceback)")

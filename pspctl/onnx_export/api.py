@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pspctl.checkpoints import refuse_existing
-from pspctl.errors import OutputError, TaskError, ValidationError
+from pspctl.errors import OutputError, TaskError, ValidationError, cannot_write, os_error
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile
 from pspctl.onnx_export.convert import DEFAULT_OPSET, io_names, to_onnx
@@ -138,14 +138,21 @@ def _staging(targets: list[Path], *, force: bool, directory: Path | None) -> Ite
     parent = final_dir.parent if directory is not None else final_dir
     if not parent.is_dir():
         raise OutputError(f"{parent}: no such directory")
-    staging = Path(tempfile.mkdtemp(prefix=".pspctl-export.", dir=parent))
+    staging: Path | None = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=".pspctl-export.", dir=parent))
         yield staging
         final_dir.mkdir(exist_ok=True)
         for item in sorted(staging.iterdir()):
             os.replace(item, final_dir / item.name)
+    except OSError as e:
+        # A full disk or a read-only directory: name the output, not the staging directory.
+        if isinstance(os_error(e), OutputError):
+            raise cannot_write(directory or targets[0], e) from e
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _graph_bytes(path: Path) -> int:
