@@ -144,3 +144,75 @@ def test_usage_error_from_the_entry_point():
     assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
     assert out.stderr.startswith("error: Invalid value for '--seed': ")
     assert out.stderr.endswith(" (see python -m pspctl merge --help)\n")
+
+
+# --- a task file's functions fail -----------------------------------------------------------
+
+TASK = """
+import torch
+from tests.conftest import mlp
+
+def build_model():
+    return mlp(0, width=8)
+
+def example_inputs():
+    return (torch.randn(3, 16),)
+
+def load_data(context, split):
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(context))
+    yield x, (x[:, context] > 0).long()
+"""
+BROKEN = {
+    "build_raises": TASK.replace("return mlp(0, width=8)", "raise ValueError('width must be positive')"),
+    "build_none": TASK.replace("return mlp(0, width=8)", "return None"),
+    "data_raises": TASK.replace(
+        "    x = torch.randn", "    raise KeyError('DATA_ROOT')\n    x = torch.randn"
+    ),
+    "inputs_raise": TASK.replace("return (torch.randn(3, 16),)", "raise FileNotFoundError('examples.npy')"),
+    "evaluate_raises": TASK + "\ndef evaluate(model, context):\n    raise RuntimeError('no GPU')\n",
+    "misfit": TASK.replace("randn(32, 16", "randn(32, 20").replace("randn(3, 16)", "randn(3, 20)"),
+    "misfit_train": TASK.replace("randn(32, 16", "randn(32, 16 if split == 'test' else 20"),
+}
+TRAIN = ["train", "--contexts", "2", "--steps", "2", "-q", "-o", "t.safetensors", "--task"]
+EXPORT = ["export", "--multi", "-o", "m.onnx", "--task"]
+
+
+@pytest.fixture
+def taskdir(workdir):
+    (workdir / "task.py").write_text(TASK)
+    for name, text in BROKEN.items():
+        (workdir / f"{name}.py").write_text(text)
+    result = run("merge", "model0.pt", "model1.pt", "--task", "task.py", "--superpose", "*", "-q")
+    assert result.exit_code == 0, result.output
+    return workdir
+
+
+@pytest.mark.parametrize(
+    ("command", "task", "message"),
+    [
+        (TRAIN, "build_raises", "build_model() failed: ValueError: width must be positive"),
+        (EXPORT, "build_none", "build_model() returned NoneType, not a torch.nn.Module"),
+        (TRAIN, "data_raises", "load_data(0, 'test') failed: KeyError: 'DATA_ROOT'"),
+        (["analyze", "-q", "--task"], "data_raises", "load_data(0, 'calib') failed: KeyError: 'DATA_ROOT'"),
+        (["export", "-c", "0", "-o", "m.onnx", "--task"], "inputs_raise", "example_inputs() failed: FileNotFoundError: examples.npy"),
+        (["tune", "--steps", "2", "-q", "--task"], "evaluate_raises", "evaluate(model, 0) failed: RuntimeError: no GPU"),
+        (TRAIN, "misfit", "its model does not fit load_data(0, 'test'): RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x20 and 16x8)"),
+        (TRAIN, "misfit_train", "its model does not fit load_data(0, 'train'): RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x20 and 16x8)"),
+        (EXPORT, "misfit", "its model does not fit example_inputs(): RuntimeError: mat1 and mat2 shapes cannot be multiplied (3x20 and 16x8)"),
+        (["analyze", "-q", "--task"], "misfit", "its model does not fit load_data(0, 'calib'): RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x20 and 16x8)"),
+    ],
+)  # fmt: skip
+def test_a_failing_task_function_is_one_line_naming_it(taskdir, command, task, message):
+    before = sorted(p.name for p in taskdir.iterdir())
+    line = one_line(run(*command, f"{task}.py"), 9)
+    assert line == f"error: task file {task}.py: {message}"
+    assert sorted(p.name for p in taskdir.iterdir()) == before
+
+
+def test_debug_shows_where_the_task_file_failed(taskdir):
+    result = run("--debug", *TRAIN, "build_raises.py")
+    assert result.exit_code == 9
+    assert 'build_raises.py", line 6, in build_model' in result.stderr
+    assert result.stderr.endswith(
+        "error: task file build_raises.py: build_model() failed: ValueError: width must be positive\n"
+    )

@@ -36,6 +36,7 @@ from pspctl.errors import PolicyError, TaskError
 from pspctl.fileformat import pack
 from pspctl.policy import FLOAT_DTYPES, Policy, _matches
 from pspctl.superpose import bind, fan_in, unbind
+from pspctl.task import on_task_data
 
 __all__ = ["CandidateResult", "MeasuredPolicy", "measured_policy", "policy_for_merge"]
 
@@ -149,7 +150,8 @@ def measured_policy(
     for k, ckpt in enumerate(checkpoints):
         inputs, targets = _calib(task, k, max_samples)
         model = sources.load_model(task, {n: ckpt[n] for n in ckpt.names}, str(ckpt.path))
-        out = sources.run_model(model, inputs)
+        with on_task_data(getattr(task, "source", "?"), f"load_data({k}, 'calib')"):
+            out = sources.run_model(model, inputs)
         contexts.append(_Context(inputs, targets, out, _accuracy(out, targets)))
     metric = "calib_accuracy" if all(c.accuracy is not None for c in contexts) else None
     if metric is None and max_output_error is None:

@@ -11,6 +11,7 @@ import functools
 import json
 import shlex
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def _root(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
     debug: bool = typer.Option(
-        False, "--debug", help="Show the traceback of an unexpected error instead of one line."
+        False, "--debug", help="Show the traceback of an unexpected error, or of what caused an error."
     ),
 ) -> None:
     """Parameter superposition for PyTorch checkpoints: merge K models into one file and get each back."""
@@ -114,7 +115,8 @@ def error_line(message: str) -> None:
 def handle_errors(fn: F) -> F:
     """Turn any exception a command raises into one stderr line and an exit code.
 
-    A PspctlError gets its own exit code, Ctrl-C 130, a full disk or a denied permission 8 when
+    A PspctlError gets its own exit code (with --debug, after the traceback of the exception
+    it wraps, if any), Ctrl-C 130, a full disk or a denied permission 8 when
     writing (2 when reading). Anything else is a bug: one line naming the command and the
     exception, exit 1; with --debug it is raised, traceback and all.
     """
@@ -129,6 +131,8 @@ def handle_errors(fn: F) -> F:
         except (typer.Exit, typer.Abort, ClickException):  # typer's own; _RootGroup renders them
             raise
         except PspctlError as e:
+            if state.debug and e.__cause__ is not None:  # e.g. where a task file's function failed
+                traceback.print_exception(e, file=sys.stderr)
             error_line(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:

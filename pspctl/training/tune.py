@@ -20,7 +20,7 @@ from pspctl.checkpoints import open_checkpoint, sha256_checkpoint, sha256_file
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output
 from pspctl.nn import load, save
-from pspctl.task import Task, check_fits, load_model
+from pspctl.task import Task, check_fits, load_model, on_task_data
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -150,13 +150,14 @@ def tune(
         k = (step - 1) % K
         psp.set_context(k)
         inputs, targets = next(streams[k])
-        outputs = psp(inputs)
-        if teachers:
-            with torch.no_grad():
-                reference = teachers[k](inputs)
-            loss = F.mse_loss(outputs, reference)
-        else:
-            loss = task_loss(outputs, targets)
+        with on_task_data(task.source, f"load_data({k}, 'train')"):
+            outputs = psp(inputs)
+            if teachers:
+                with torch.no_grad():
+                    reference = teachers[k](inputs)
+                loss = F.mse_loss(outputs, reference)
+            else:
+                loss = task_loss(outputs, targets)
         guard(loss, step, k, f"nothing written; {file.path} is unchanged")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
