@@ -164,3 +164,33 @@ def test_python_dash_m_and_help_are_fast_to_import():
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     )
+
+
+TASK = """
+import torch
+from tests.conftest import mlp
+
+def build_model():
+    return mlp(0, width=8)
+
+def load_data(context, split):
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(context))
+    yield x, (x[:, context] > 0).long()
+"""
+
+
+def test_tune_trust_pickle_loads_pickled_originals(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "task.py").write_text(TASK)
+    for k in range(2):
+        torch.save(mlp(k, width=8), f"whole{k}.pt")  # whole modules: pickled code
+    result = run("merge", "whole0.pt", "whole1.pt", "--trust-pickle", "--task", "task.py", "-q")
+    assert result.exit_code == 0, result.output
+    result = run("tune", "--steps", "2", "-q")  # distills from the originals: refused
+    assert result.exit_code == 4 and "whole0.pt: loading it would execute pickled code" in result.stderr
+    assert "pass --trust-pickle" in result.stderr and not (tmp_path / "w.tuned.safetensors").exists()
+    result = run("tune", "--steps", "2", "-q", "--trust-pickle", "--json")
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads(result.stdout)["objective"] == "distill" and (tmp_path / "w.tuned.safetensors").is_file()
+    )

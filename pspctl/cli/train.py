@@ -160,6 +160,13 @@ def tune_command(
         typer.Option("-o", "--output", help="The tuned file (default: <file stem>.tuned.safetensors)."),
     ] = None,
     metrics: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow pickled modules among the originals: runs code from them. Only for files you trust.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -189,7 +196,7 @@ def tune_command(
     )
     loaded = load_task(spec)
     with progress_bar("tuning", quiet=quiet or json_out) as update:
-        report = tune(file, loaded, output, options, force=force, progress=update)
+        report = tune(file, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
     data = {"command": "tune", **report.to_dict()}
     if metrics is not None:
         write_json(data, metrics)
