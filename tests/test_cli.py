@@ -194,3 +194,38 @@ def test_tune_trust_pickle_loads_pickled_originals(tmp_path, monkeypatch):
     assert (
         json.loads(result.stdout)["objective"] == "distill" and (tmp_path / "w.tuned.safetensors").is_file()
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["info", "emptydir"],
+        ["extract", "emptydir", "--context", "0"],
+        ["export", "emptydir", "--multi", "-o", "m.onnx"],
+        ["analyze", "emptydir"],
+        ["tune", "emptydir", "--task", "task.py"],
+    ],
+)
+def test_a_directory_is_not_a_superposed_file(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emptydir").mkdir()
+    result = run(*args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == "error: emptydir: is a directory, not a superposed file\n"
+
+
+def test_train_labels_must_match_contexts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "task.py").write_text(TASK)
+    result = run("train", "--task", "task.py", "--contexts", "5", "--labels", "a,b", "-q")
+    assert result.exit_code == 3 and result.stdout == ""
+    assert result.stderr == "error: --labels gives 2 labels for --contexts 5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.py"]
+
+
+def test_superpose_labels_must_match_contexts():
+    from pspctl.errors import MismatchError
+    from pspctl.nn import superpose
+
+    with pytest.raises(MismatchError, match=r"^2 labels for 5 contexts$"):
+        superpose(mlp(0, width=8), 5, labels=["a", "b"])

@@ -19,6 +19,7 @@ from pspctl.cli.core import (
     SuperposeOpt,
     _kind,
     policy_from_flags,
+    superposed_path,
 )
 
 TaskOpt = Annotated[
@@ -79,13 +80,16 @@ def train_command(
 ) -> None:
     """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
     from pspctl.checkpoints import refuse_existing
-    from pspctl.errors import InputError
+    from pspctl.errors import InputError, MismatchError
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
     from pspctl.training.plot import plot_first_task
 
     if optimizer not in ("adam", "sgd"):
         raise InputError(f"--optimizer {optimizer}: expected adam or sgd")
+    label_list = tuple(labels.split(",")) if labels else None
+    if label_list is not None and len(label_list) != contexts:
+        raise MismatchError(f"--labels gives {len(label_list)} labels for --contexts {contexts}")
     output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
     metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
     if plot is not None:
@@ -102,7 +106,7 @@ def train_command(
         baseline=baseline,
         mixture=mixture,
         policy=policy_from_flags(max_interference, min_share, keep, superpose),
-        labels=tuple(labels.split(",")) if labels else None,
+        labels=label_list,
         task_spec=task,
         command=command_line(),
     )
@@ -179,6 +183,7 @@ def tune_command(
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
 
+    superposed_path(file)
     spec = task or SuperposedFile(file).header.task
     if spec is None:
         raise TaskError(f"{file} records no task; pass --task")

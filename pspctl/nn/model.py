@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from pspctl.checkpoints import dtype_name
 from pspctl.contexts import Kind, make_contexts
-from pspctl.errors import ContextError, PolicyError, TaskError, ValidationError
+from pspctl.errors import ContextError, MismatchError, PolicyError, TaskError, ValidationError
 from pspctl.fileformat import CONTEXTS, STACKED, SUPERPOSED, Header, SuperposedFile, TensorMeta, pack
 from pspctl.fileformat import write_superposed as _write
 from pspctl.merge import MergeOptions, plan
@@ -166,6 +166,7 @@ def superpose(
 
     Raises:
         PolicyError: bad kind, mixture without complex contexts, rotation fan-in over the limit.
+        MismatchError: `labels` is not one label per context.
         TaskError: a module owns tensors and has submodules.
     """
     try:
@@ -176,6 +177,8 @@ def superpose(
         raise PolicyError(f"a mixture of contexts needs --kind complex, not {kind.value}")
     if num_contexts < 1:
         raise PolicyError(f"need at least 1 context, got {num_contexts}")
+    if labels is not None and len(labels) != num_contexts:
+        raise MismatchError(f"{len(labels)} labels for {num_contexts} contexts")
     model = copy.deepcopy(model)
     state = model.state_dict(keep_vars=True)
     trainable = _trainable(model)
