@@ -140,10 +140,11 @@ def measured_policy(
         raise TaskError(f"{getattr(task, 'source', 'the task')}: --policy measured needs load_data")
     kind, K = Kind(kind), len(checkpoints)
     infos = list(checkpoints[0].infos.values())
-    forced = [i.name for i in infos if _matches(i.name, base.superpose)]
+    forced = [i.name for i in infos if i.numel and _matches(i.name, base.superpose)]  # empty: kept anyway
     eligible = [
         i for i in infos
-        if i.dtype in FLOAT_DTYPES and len(i.shape) >= 2 and not _matches(i.name, base.keep) and i.name not in forced
+        if i.dtype in FLOAT_DTYPES and len(i.shape) >= 2 and i.numel and not _matches(i.name, base.keep)
+        and i.name not in forced
     ]  # fmt: skip
     tick = progress or (lambda done, total, item: None)
     contexts: list[_Context] = []
