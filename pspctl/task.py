@@ -51,7 +51,9 @@ class Task:
     def __post_init__(self) -> None:
         for name in ("build_model", *OPTIONAL):
             fn = getattr(self, name)
-            if fn is not None and not isinstance(fn, _TaskFunction):
+            if isinstance(fn, _TaskFunction):  # dataclasses.replace: wrap the original for this Task
+                fn = fn.__wrapped__
+            if fn is not None:
                 object.__setattr__(self, name, _TaskFunction(self, name, fn))
 
     def _call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:

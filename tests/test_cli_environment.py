@@ -173,3 +173,11 @@ def test_unreadable_input_for_real(workdir):
     finally:
         os.chmod("model1.pt", 0o644)
     assert line == "error: model1.pt: cannot read: Permission denied"
+
+
+def test_debug_shows_the_os_error_and_keeps_the_exit_code(workdir, monkeypatch):
+    disk_full(monkeypatch, "pspctl.fileformat", "save_file")
+    result = run("--debug", "merge", "model0.pt", "model1.pt", "-o", "out/w.safetensors", "-q")
+    assert result.exit_code == 8 and result.stderr.startswith("Traceback (most recent call last):")
+    assert "OSError: [Errno 28] No space left on device" in result.stderr
+    assert result.stderr.endswith("error: out/w.safetensors: cannot write: No space left on device\n")

@@ -213,3 +213,13 @@ def test_export_still_reads_valueerror_as_no_such_split(tmp_path: Path) -> None:
     task = Task("t.py", lambda: mlp(0), lambda: (torch.randn(3, 16),), load_data)
     report = export_contexts(out, task, 0, tmp_path / "m.onnx")
     assert report.passed and report.inputs_from == "example_inputs()"
+
+
+def test_replace_names_the_new_source() -> None:
+    import dataclasses
+
+    task = Task(source="a.py", build_model=lambda: 3)
+    other = dataclasses.replace(task, source="b.py")
+    with pytest.raises(TaskError, match=r"^task file b.py: build_model\(\) returned int"):
+        other.build_model()
+    assert other.build_model.__wrapped__ is task.build_model.__wrapped__

@@ -141,6 +141,8 @@ def handle_errors(fn: F) -> F:
         except Exception as e:
             known = os_error(e) if isinstance(e, OSError) else None  # a full disk, a read-only dir
             if known is not None:
+                if state.debug:
+                    traceback.print_exception(e, file=sys.stderr)
                 error_line(str(known))
                 raise typer.Exit(known.exit_code) from None
             if state.debug:
