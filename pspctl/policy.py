@@ -63,6 +63,8 @@ def _matches(name: str, globs: Sequence[str]) -> bool:
 
 
 def _rule(info: TensorInfo, interference: float | None, share: float, policy: Policy) -> tuple[Role, str]:
+    if info.numel == 0:  # nothing to superpose, and a zero fan-in has no interference ratio
+        return Role.PER_CONTEXT, "empty"
     if _matches(info.name, policy.superpose):
         if info.dtype not in FLOAT_DTYPES or len(info.shape) < 2:
             return Role.PER_CONTEXT, "cannot superpose: not a floating tensor with ≥2 dims"
@@ -85,7 +87,7 @@ def _rule(info: TensorInfo, interference: float | None, share: float, policy: Po
 def decide(tensors: Sequence[TensorInfo], num_contexts: int, policy: Policy) -> list[Decision]:
     """Decide each tensor's role for a merge of `num_contexts` models.
 
-    Per context: non-floating tensors, tensors with <2 dims, embeddings, tensors whose
+    Per context: empty tensors, non-floating tensors, tensors with <2 dims, embeddings, tensors whose
     predicted interference (K−1)/fan_in exceeds `policy.max_interference`, tensors under
     `policy.min_share` of the parameters, and `policy.keep` matches. Superposed: the rest,
     plus any `policy.superpose` match.
@@ -94,7 +96,7 @@ def decide(tensors: Sequence[TensorInfo], num_contexts: int, policy: Policy) -> 
     decisions = []
     for info in tensors:
         m = fan_in(info.shape)
-        interference = (num_contexts - 1) / m if len(info.shape) >= 2 else None
+        interference = (num_contexts - 1) / m if len(info.shape) >= 2 and info.numel else None
         share = info.numel / total
         role, reason = _rule(info, interference, share, policy)
         decisions.append(Decision(info.name, role, reason, m, share, interference))

@@ -18,14 +18,14 @@ __all__ = ["advice", "recommend"]
 
 
 def advice(sf: SuperposedFile, report: Report, stored_bytes: dict[str, int]) -> list[TensorAdvice]:
-    """Per ≥2-d floating tensor: bytes saved by superposing it, and its measured layer error."""
+    """Per non-empty ≥2-d floating tensor: bytes saved by superposing it, and its measured layer error."""
     K = sf.num_contexts
     out = []
     for name, meta in sf.header.tensors.items():
         dtype = getattr(torch, meta.dtype)
-        if not dtype.is_floating_point or len(meta.shape) < 2:
-            continue
         n = math.prod(meta.shape)
+        if not dtype.is_floating_point or len(meta.shape) < 2 or n == 0:
+            continue
         separate = K * n * dtype.itemsize
         if meta.role == Role.SUPERPOSED:
             cost = stored_bytes[name]

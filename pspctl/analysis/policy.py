@@ -38,6 +38,7 @@ from pspctl.merge import MergeOptions, store_tensor
 from pspctl.policy import FLOAT_DTYPES, Decision, Policy, Role, _matches
 from pspctl.superpose import fan_in
 from pspctl.types import Progress
+from pspctl.task import on_task_data
 
 __all__ = ["CandidateResult", "MeasuredPolicy", "measured_policy", "policy_for_merge"]
 
@@ -141,17 +142,19 @@ def measured_policy(
         raise TaskError(f"{getattr(task, 'source', 'the task')}: --policy measured needs load_data")
     kind, K = Kind(kind), len(checkpoints)
     infos = list(checkpoints[0].infos.values())
-    forced = [i.name for i in infos if _matches(i.name, base.superpose)]
+    forced = [i.name for i in infos if i.numel and _matches(i.name, base.superpose)]  # empty: kept anyway
     eligible = [
         i for i in infos
-        if i.dtype in FLOAT_DTYPES and len(i.shape) >= 2 and not _matches(i.name, base.keep) and i.name not in forced
+        if i.dtype in FLOAT_DTYPES and len(i.shape) >= 2 and i.numel and not _matches(i.name, base.keep)
+        and i.name not in forced
     ]  # fmt: skip
     tick = progress or (lambda done, total, item: None)
     contexts: list[_Context] = []
     for k, ckpt in enumerate(checkpoints):
         inputs, targets = _calib(task, k, max_samples)
         model = sources.load_model(task, {n: ckpt[n] for n in ckpt.names}, str(ckpt.path))
-        out = sources.run_model(model, inputs)
+        with on_task_data(getattr(task, "source", "?"), f"load_data({k}, 'calib')"):
+            out = sources.run_model(model, inputs)
         contexts.append(_Context(inputs, targets, out, _accuracy(out, targets)))
     metric = "calib_accuracy" if all(c.accuracy is not None for c in contexts) else None
     if metric is None and max_output_error is None:

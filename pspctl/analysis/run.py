@@ -30,7 +30,7 @@ from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
-from pspctl.task import check_fits
+from pspctl.task import check_fits, on_task_data
 from pspctl.types import Progress
 
 __all__ = ["DEFAULT_SPARSITIES", "analyze", "lower_is_better"]
@@ -229,9 +229,15 @@ def _context_pass(
 
     caps = {}
     y_orig = None
+    what = (
+        f"load_data({k}, 'calib')"
+        if got and got[1] == "calib"
+        else "random inputs shaped like example_inputs()"
+    )
     if orig_model is not None and got is not None:
         out: list[Tensor] = []
-        caps = capture(orig_model, sup, lambda: out.append(sources.run_model(orig_model, got[0])))
+        with on_task_data(getattr(task, "source", "?"), what):
+            caps = capture(orig_model, sup, lambda: out.append(sources.run_model(orig_model, got[0])))
         y_orig = out[0]
     if orig_state is not None:
         for name in sup:
@@ -251,7 +257,8 @@ def _context_pass(
     summary.original_metric = m_orig[1] if m_orig else None
     summary.retrieved_metric = m_ret[1] if m_ret else None
     if y_orig is not None and ret_model is not None and got is not None:
-        summary.output_error = _rel(sources.run_model(ret_model, got[0]), y_orig)
+        with on_task_data(getattr(task, "source", "?"), what):
+            summary.output_error = _rel(sources.run_model(ret_model, got[0]), y_orig)
     del ret_model, ret_state, caps  # hold at most ~3 models at once: original, pruned, a fresh init
 
     for tau, row in zip(taus, report.pruning, strict=True):

@@ -108,7 +108,7 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
                 norms_sq.append(float(torch.linalg.vector_norm(Wk)) ** 2)
                 errs.append(float(torch.linalg.vector_norm(retrieved(k) - Wk)) ** 2)
                 if Wk.dim() >= 2:
-                    rows.append(torch.linalg.vector_norm(Wk.reshape(Wk.shape[0], -1), dim=1).double() ** 2)
+                    rows.append(torch.linalg.vector_norm(Wk.flatten(1), dim=1).double() ** 2)
         if originals is not None and floating:
             total = sum(norms_sq)
             v = kind.variance_factor if superposed else 0.0

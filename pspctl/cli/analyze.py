@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pspctl.cli import app, console, handle_errors, human_bytes, progress_bar
-from pspctl.cli.core import DEFAULT_FILE
+from pspctl.cli.core import DEFAULT_FILE, superposed_path
 
 if TYPE_CHECKING:
     from pspctl.analysis.report import Report
@@ -78,6 +78,7 @@ def analyze(
     from pspctl.analysis import analyze as run_analyze
     from pspctl.errors import OutputError
 
+    superposed_path(file)
     if plot is not None:
         from pspctl.analysis.plot import require_matplotlib
 

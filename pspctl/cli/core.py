@@ -153,6 +153,15 @@ def merge(
     )
 
 
+def superposed_path(path: Path) -> Path:
+    """`path`, refused if it is a directory (SuperposedFile would say "no such file")."""
+    from pspctl.errors import InputError
+
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a superposed file")
+    return path
+
+
 def policy_from_flags(
     max_interference: float, min_share: float, keep: list[str] | None, superpose: list[str] | None
 ) -> Policy:
@@ -195,7 +204,7 @@ def extract(
         raise OutputError(f"--format {fmt}: expected safetensors or pt")
     if output is None:
         output = Path("extracted") if context == "all" else Path(f"context-{context}.safetensors")
-    for path in run_extract(file, context, output, fmt=fmt, force=force):
+    for path in run_extract(superposed_path(file), context, output, fmt=fmt, force=force):
         console.print(f"wrote {path}")
 
 
@@ -210,7 +219,7 @@ def info(
 
     from pspctl.fileformat import SuperposedFile
 
-    sf = SuperposedFile(file)
+    sf = SuperposedFile(superposed_path(file))
     h = sf.header
     if json_out:
         print_json({"path": str(file), "bytes": sf.nbytes(), **asdict(h)})

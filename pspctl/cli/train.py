@@ -19,6 +19,7 @@ from pspctl.cli.core import (
     SuperposeOpt,
     _kind,
     policy_from_flags,
+    superposed_path,
 )
 
 TaskOpt = Annotated[
@@ -79,13 +80,16 @@ def train_command(
 ) -> None:
     """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
     from pspctl.checkpoints import refuse_existing
-    from pspctl.errors import InputError
+    from pspctl.errors import InputError, MismatchError
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
     from pspctl.training.plot import plot_first_task
 
     if optimizer not in ("adam", "sgd"):
         raise InputError(f"--optimizer {optimizer}: expected adam or sgd")
+    label_list = tuple(labels.split(",")) if labels else None
+    if label_list is not None and len(label_list) != contexts:
+        raise MismatchError(f"--labels gives {len(label_list)} labels for --contexts {contexts}")
     output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
     metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
     if plot is not None:
@@ -102,7 +106,7 @@ def train_command(
         baseline=baseline,
         mixture=mixture,
         policy=policy_from_flags(max_interference, min_share, keep, superpose),
-        labels=tuple(labels.split(",")) if labels else None,
+        labels=label_list,
         task_spec=task,
         command=command_line(),
     )
@@ -160,6 +164,13 @@ def tune_command(
         typer.Option("-o", "--output", help="The tuned file (default: <file stem>.tuned.safetensors)."),
     ] = None,
     metrics: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow pickled modules among the originals: runs code from them. Only for files you trust.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -172,6 +183,7 @@ def tune_command(
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
 
+    superposed_path(file)
     spec = task or SuperposedFile(file).header.task
     if spec is None:
         raise TaskError(f"{file} records no task; pass --task")
@@ -189,7 +201,7 @@ def tune_command(
     )
     loaded = load_task(spec)
     with progress_bar("tuning", quiet=quiet or json_out) as update:
-        report = tune(file, loaded, output, options, force=force, progress=update)
+        report = tune(file, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
     data = {"command": "tune", **report.to_dict()}
     if metrics is not None:
         write_json(data, metrics)

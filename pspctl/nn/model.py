@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from pspctl.checkpoints import dtype_name
 from pspctl.contexts import Kind, make_contexts
-from pspctl.errors import ContextError, PolicyError, TaskError, ValidationError
+from pspctl.errors import ContextError, MismatchError, PolicyError, TaskError, ValidationError
 from pspctl.fileformat import Header, SuperposedFile, SuperposedWriter, TensorMeta
 from pspctl.header import check_labels
 from pspctl.merge import MergeOptions, plan
@@ -165,6 +165,7 @@ def superpose(
 
     Raises:
         PolicyError: bad kind, mixture without complex contexts, rotation fan-in over the limit.
+        MismatchError: `labels` is not one label per context.
         TaskError: a module owns tensors and has submodules.
     """
     try:
@@ -175,6 +176,8 @@ def superpose(
         raise PolicyError(f"a mixture of contexts needs --kind complex, not {kind.value}")
     if num_contexts < 1:
         raise PolicyError(f"need at least 1 context, got {num_contexts}")
+    if labels is not None and len(labels) != num_contexts:
+        raise MismatchError(f"{len(labels)} labels for {num_contexts} contexts")
     model = copy.deepcopy(model)
     state = model.state_dict(keep_vars=True)
     trainable = _trainable(model)

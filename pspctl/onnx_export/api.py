@@ -25,7 +25,7 @@ from pspctl.onnx_export.errors import AtolError
 from pspctl.onnx_export.modules import MultiContextModel
 from pspctl.onnx_export.validate import Check, compare, session, torch_outputs
 from pspctl.outputs import staged_folder
-from pspctl.task import check_fits
+from pspctl.task import check_fits, on_task_data
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "ExportReport", "TaskLike", "export_contexts", "export_multi"]
 
@@ -104,17 +104,23 @@ def _as_inputs(obj: Any, what: str) -> tuple[Tensor, ...]:
     return inputs
 
 
-def _validation_inputs(task: TaskLike, k: int) -> tuple[tuple[Tensor, ...], str]:
-    """The first test batch of task k if the task has data, else example_inputs()."""
+def _validation_inputs(task: TaskLike, k: int) -> tuple[tuple[Tensor, ...], str, str]:
+    """The first test batch of task k if the task has data, else example_inputs(); and where
+    they came from, for the report and for error messages."""
     if task.load_data is not None:
         try:
             batch = next(iter(task.load_data(k, "test")), None)
-        except ValueError:  # the task has no "test" split
+        except (ValueError, TaskError) as e:
+            # ValueError is load_data's "no such split" (docs/task-file.md); a Task passes it
+            # on as a TaskError's cause. Any other failure is the task file's to fix.
+            if not isinstance(e, ValueError) and not isinstance(e.__cause__, ValueError):
+                raise
             batch = None
         if batch is not None:
-            return _as_inputs(batch[0], "load_data()'s inputs"), "load_data(k, 'test')"
+            inputs = _as_inputs(batch[0], "load_data()'s inputs")
+            return inputs, "load_data(k, 'test')", f"load_data({k}, 'test')"
     assert task.example_inputs is not None  # checked by _fresh_model
-    return _as_inputs(task.example_inputs(), "example_inputs()"), "example_inputs()"
+    return _as_inputs(task.example_inputs(), "example_inputs()"), "example_inputs()", "example_inputs()"
 
 
 def _tracing_inputs(task: TaskLike) -> tuple[Tensor, ...]:
@@ -124,10 +130,8 @@ def _tracing_inputs(task: TaskLike) -> tuple[Tensor, ...]:
     return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
 
 
-def _staging(targets: list[Path], *, force: bool, directory: Path | None, source: Path):
-    """A staging folder whose files move beside `targets` (into `directory` if given) on success."""
-    folder = directory if directory is not None else targets[0].parent
-    return staged_folder(folder, [t.name for t in targets], force=force, inputs=[source])
+from pspctl.outputs import staged_folder
+from pspctl.task import check_fits, on_task_data
 
 
 def _graph_bytes(path: Path) -> int:
@@ -147,10 +151,16 @@ def _fail_if_needed(report: ExportReport) -> ExportReport:
     return report
 
 
+def _outputs(task: TaskLike, model: nn.Module, inputs: tuple[Tensor, ...], what: str) -> list[np.ndarray]:
+    """The PyTorch reference's outputs; a failure means the task's model does not fit `what`."""
+    with on_task_data(task.source, what):
+        return torch_outputs(model, inputs)
+
+
 def _export_one(task: TaskLike, file: SuperposedFile, k: int, path: Path, opset: int) -> nn.Module:
     model = _retrieved(task, file, k)
     example = _tracing_inputs(task)
-    n_out = len(torch_outputs(model, example))
+    n_out = len(_outputs(task, model, example, "example_inputs()"))
     to_onnx(
         model, example, path,
         input_names=io_names("input", len(example)), output_names=io_names("output", n_out), opset=opset,
@@ -186,12 +196,13 @@ def export_contexts(
         for k, target in todo:
             graph = staging / target.name
             model = _export_one(task, file, k, graph, opset)
-            inputs, report.inputs_from = _validation_inputs(task, k)
+            inputs, report.inputs_from, what = _validation_inputs(task, k)
+            want = _outputs(task, model, inputs, what)  # first: PyTorch says best why inputs do not fit
             sess = session(graph)
             got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)})
             names = [o.name for o in sess.get_outputs()]
             report.checks += compare(
-                got, torch_outputs(model, inputs), names,
+                got, want, names,
                 context=k, label=file.labels[k], atol=atol, rtol=rtol,
             )  # fmt: skip
             report.files[str(target)] = _graph_bytes(graph)
@@ -228,7 +239,7 @@ def export_multi(
         graph = staging / output.name
         wrapper = MultiContextModel(_fresh_model(task, file), file)
         example = _tracing_inputs(task)
-        n_out = len(torch_outputs(_retrieved(task, file, 0), example))
+        n_out = len(_outputs(task, _retrieved(task, file, 0), example, "example_inputs()"))
         names = io_names("output", n_out)
         to_onnx(
             wrapper, (torch.tensor(0), *example), graph,
@@ -238,12 +249,13 @@ def export_multi(
         sess = session(graph)
         feeds = [i.name for i in sess.get_inputs()]
         for k in range(K):
-            inputs, report.inputs_from = _validation_inputs(task, k)
+            inputs, report.inputs_from, what = _validation_inputs(task, k)
+            want = _outputs(task, _retrieved(task, file, k), inputs, what)
             got = sess.run(None, _feed(feeds, k, inputs))
             if not bool(got[-1]):
                 raise ValidationError(f"context {k} is in range but the graph flags it invalid")
             report.checks += compare(
-                got[:-1], torch_outputs(_retrieved(task, file, k), inputs), names,
+                got[:-1], want, names,
                 context=k, label=file.labels[k], atol=atol, rtol=rtol,
             )  # fmt: skip
         for bad in (-1, K):
