@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed
+from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed, one_line
 from pspctl.outputs import ST_CODES, atomic_path, refuse_existing, write_safetensors
 from pspctl.policy import TensorInfo
 
@@ -51,6 +51,7 @@ DIRECTORY_NAMES = (
     "pytorch_model.bin",
 )
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+RAN_PICKLED_CODE = "ran pickled code (--trust-pickle)"  # a Checkpoint's note
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -149,6 +150,11 @@ class Checkpoint:
     def __getitem__(self, name: str) -> Tensor:
         return self._get(name)
 
+    @property
+    def pickled(self) -> bool:
+        """Whether loading it (a shard of it) ran pickled code, as trust_pickle allows."""
+        return RAN_PICKLED_CODE in self.notes
+
     def nbytes(self) -> int:
         """Bytes of all its tensors (not the file size)."""
         return sum(i.numel * _itemsize(i.dtype) for i in self.infos.values())
@@ -202,7 +208,10 @@ def _read_safetensors(path: Path) -> Raw:
 def _read_pickle(path: Path, trust_pickle: bool) -> Raw:
     if path.suffix not in PICKLE_SUFFIXES:
         raise InputError(f"{path}: unknown checkpoint type (expected .safetensors, .pt, .pth, .bin or .ckpt)")
-    state, notes = _unwrap(_torch_load(path, trust_pickle), path)
+    obj, pickled = _torch_load(path, trust_pickle)
+    state, notes = _unwrap(obj, path)
+    if pickled:
+        notes.append(RAN_PICKLED_CODE)
     raw = {n: (tuple(t.shape), dtype_name(t.dtype)) for n, t in state.items()}
     return raw, state.__getitem__, notes
 
@@ -240,24 +249,38 @@ def _unwrap(obj: object, path: Path) -> tuple[Mapping[str, Tensor], list[str]]:
     return obj, notes
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> object:
+def _torch_load(path: Path, trust_pickle: bool) -> tuple[object, bool]:
+    """The object pickled in `path`, and whether loading it ran pickled code.
+
+    Always tried with weights_only=True first: a plain state_dict needs no code, so
+    `trust_pickle` lets only the files that do need it run code (and they are reported).
+    """
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":
         raise InputError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK"), False
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f" (it references {found.group(1)})" if found else ""
-        raise UnsafeCheckpointError(
-            f"{path}: loading it would execute pickled code{what}; a malicious pickle can run "
-            "anything. Re-save it as a state_dict, or pass --trust-pickle if you trust its source"
-        ) from None
+        if not trust_pickle:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = f" (it references {found.group(1)})" if found else ""
+            raise UnsafeCheckpointError(
+                f"{path}: loading it would execute pickled code{what}; a malicious pickle can run "
+                "anything. Re-save it as a state_dict, or pass --trust-pickle if you trust its source"
+            ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InputError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), True
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # the file's own code failed, e.g. a class it pickled cannot be imported
+        raise InputError(f"{path}: its pickled code failed ({one_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:

@@ -99,8 +99,9 @@ class ValidationError(PspctlError):
 # OSErrors that are the environment's doing, not pspctl's or its input's (see `os_error`).
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)})
 _DENIED = frozenset({errno.EACCES, errno.EPERM})
-# checkpoints.atomic_path writes `.NAME.XXXXXXXX.tmp` (tempfile.mkstemp) and renames it onto NAME.
-_ATOMIC_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+WRITE_ERRNOS = _NO_ROOM | _DENIED  # what an OSError while writing an output can mean
+# outputs.atomic_path writes `.NAME.PID.RANDOM.pspctl-tmp` and renames it onto NAME.
+_ATOMIC_TEMP = re.compile(r"\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.pspctl-tmp")
 
 
 def os_error(exc: OSError) -> PspctlError | None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pspctl.errors import OutputError
+from pspctl.errors import WRITE_ERRNOS, OutputError, cannot_write
 
 __all__ = [
     "atomic_path",
@@ -150,10 +150,12 @@ def atomic_path(
         raise OutputError(f"{path.parent}: no such directory")
     clean_stale(path)
     tmp = _tmp_name(path)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
         yield tmp
         _publish(tmp, path, force=force)
+    except OSError as e:  # a full disk, a read-only folder: name the output, not our temp file
+        raise _write_error(path, e) from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -183,8 +185,8 @@ def staged_folder(
         raise OutputError(f"{folder.parent}: no such directory")
     clean_stale(absolute)
     staging = _tmp_name(absolute)
-    staging.mkdir(mode=0o777)
     try:
+        staging.mkdir(mode=0o777)
         yield staging
         if not folder.exists():
             with contextlib.suppress(OSError):  # it appeared meanwhile: move file by file below
@@ -194,8 +196,15 @@ def staged_folder(
             _check_target(folder / item.name, force=force, inputs=inputs)
         for item in sorted(staging.iterdir()):
             _publish(item, folder / item.name, force=force)
+    except OSError as e:  # name the one output, or the folder of several
+        raise _write_error(folder / names[0] if len(names) == 1 else folder, e) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_error(path: Path, exc: OSError) -> Exception:
+    """OutputError naming `path` for a full disk, a read-only folder or a denied write; else `exc`."""
+    return cannot_write(path, exc) if exc.errno in WRITE_ERRNOS else exc
 
 
 # --- safetensors, written by hand -------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-import tempfile
 
 import pytest
 from typer.testing import CliRunner
@@ -68,19 +67,33 @@ def disk_full(monkeypatch, module: str, name: str) -> None:
 
 def read_only(monkeypatch) -> None:
     """Creating a file or directory in out/ is denied, as in a read-only directory."""
-    mkstemp, mkdtemp = tempfile.mkstemp, tempfile.mkdtemp
+    real_open, real_mkdir = os.open, os.mkdir
 
-    def deny(real):
-        def make(suffix=None, prefix=None, dir=None, **kwargs):
-            if dir is not None and os.path.basename(os.path.normpath(dir)) == "out":
-                name = f"{prefix or 'tmp'}abcd1234{suffix or ''}"
-                raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, name))
-            return real(suffix=suffix, prefix=prefix, dir=dir, **kwargs)
+    def in_out(path) -> bool:
+        return os.path.basename(os.path.dirname(os.path.abspath(path))) == "out"
 
-        return make
+    def deny_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and in_out(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkstemp", deny(mkstemp))
-    monkeypatch.setattr(tempfile, "mkdtemp", deny(mkdtemp))
+    def deny_mkdir(path, *args, **kwargs):
+        if in_out(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def deny_into(real):
+        def move(src, dst, *args, **kwargs):
+            if in_out(dst):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(src), None, os.fspath(dst))
+            return real(src, dst, *args, **kwargs)
+
+        return move
+
+    monkeypatch.setattr(os, "open", deny_open)
+    monkeypatch.setattr(os, "mkdir", deny_mkdir)
+    for name in ("link", "replace", "rename"):
+        monkeypatch.setattr(os, name, deny_into(getattr(os, name)))
 
 
 def merged(workdir) -> None:
@@ -92,7 +105,7 @@ def merged(workdir) -> None:
 
 
 def test_merge_on_a_full_disk(workdir, monkeypatch):
-    disk_full(monkeypatch, "pspctl.fileformat", "save_file")
+    disk_full(monkeypatch, "pspctl.fileformat", "write_safetensors")
     line = one_line(run("merge", "model0.pt", "model1.pt", "-o", "out/w.safetensors", "-q"), 8)
     # The atomic write's temporary file is named as the output it stands for.
     assert line == "error: out/w.safetensors: cannot write: No space left on device"
@@ -101,7 +114,7 @@ def test_merge_on_a_full_disk(workdir, monkeypatch):
 
 def test_extract_on_a_full_disk(workdir, monkeypatch):
     merged(workdir)
-    disk_full(monkeypatch, "pspctl.checkpoints", "save_file")
+    disk_full(monkeypatch, "pspctl.checkpoints", "write_safetensors")
     line = one_line(run("extract", "--context", "0", "-o", "out/m0.safetensors"), 8)
     assert line == "error: out/m0.safetensors: cannot write: No space left on device"
 
@@ -116,7 +129,7 @@ def test_export_on_a_full_disk(workdir, monkeypatch):
 
 
 def test_train_on_a_full_disk(workdir, monkeypatch):
-    disk_full(monkeypatch, "pspctl.fileformat", "save_file")
+    disk_full(monkeypatch, "pspctl.fileformat", "write_safetensors")
     result = run(
         "train", "--task", "task.py", "--contexts", "2", "--steps", "2", "-o", "out/t.safetensors", "-q"
     )
@@ -176,7 +189,7 @@ def test_unreadable_input_for_real(workdir):
 
 
 def test_debug_shows_the_os_error_and_keeps_the_exit_code(workdir, monkeypatch):
-    disk_full(monkeypatch, "pspctl.fileformat", "save_file")
+    disk_full(monkeypatch, "pspctl.fileformat", "write_safetensors")
     result = run("--debug", "merge", "model0.pt", "model1.pt", "-o", "out/w.safetensors", "-q")
     assert result.exit_code == 8 and result.stderr.startswith("Traceback (most recent call last):")
     assert "OSError: [Errno 28] No space left on device" in result.stderr

@@ -132,9 +132,10 @@ def test_extract_all_is_all_or_nothing(merged, monkeypatch):
         return real(self, context)
 
     monkeypatch.setattr(SuperposedFile, "state_dict", fails_on_the_third)
-    with pytest.raises(OSError):
-        from pspctl.extract import extract
+    from pspctl.errors import OutputError
+    from pspctl.extract import extract
 
+    with pytest.raises(OutputError, match="out: cannot write: No space left on device"):
         extract(merged, "all", "out")
     assert not Path("out").exists()
     assert sorted(p.name for p in merged.parent.iterdir() if p.name.startswith(".")) == []

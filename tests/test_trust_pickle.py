@@ -37,7 +37,6 @@ def _truncated(legacy: bool) -> bytes:
     return data[: len(data) // 2]
 
 
-@pytest.mark.xfail(strict=True, reason="needs checkpoints fix")
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
 def test_corrupt_file_with_trust_pickle_is_an_input_error(workdir, legacy):
     (workdir / "bad.pt").write_bytes(_truncated(legacy))
@@ -48,7 +47,6 @@ def test_corrupt_file_with_trust_pickle_is_an_input_error(workdir, legacy):
     assert result.stderr.count("\n") == 1 and not (workdir / "w.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs checkpoints fix (Checkpoint.pickled) and the CLI warning")
 def test_trust_pickle_names_the_files_that_ran_pickled_code(workdir):
     torch.save(mlp(1, width=8), "whole.pt")  # a pickled module: only loads with --trust-pickle
     result = run("merge", "good.pt", "whole.pt", "--trust-pickle", "-q")

@@ -37,8 +37,8 @@ from pspctl.fileformat import SuperposedWriter
 from pspctl.merge import MergeOptions, store_tensor
 from pspctl.policy import FLOAT_DTYPES, Decision, Policy, Role, _matches
 from pspctl.superpose import fan_in
-from pspctl.types import Progress
 from pspctl.task import on_task_data
+from pspctl.types import Progress
 
 __all__ = ["CandidateResult", "MeasuredPolicy", "measured_policy", "policy_for_merge"]
 

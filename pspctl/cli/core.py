@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pspctl.cli import app, command_line, console, handle_errors, human_bytes, print_json, progress_bar
+from pspctl.cli import (
+    app,
+    command_line,
+    console,
+    err_console,
+    handle_errors,
+    human_bytes,
+    print_json,
+    progress_bar,
+)
 
 if TYPE_CHECKING:
     from pspctl.policy import Policy
@@ -133,6 +142,8 @@ def merge(
         raise PolicyError(f"--policy {policy}: expected rules or measured")
     with progress_bar("merging", quiet=quiet or json_out) as update:
         report = run_merge(inputs, output, options, progress=update)
+    if report.pickled:
+        err_console.print(f"warning: executed pickled code from {', '.join(report.pickled)}", markup=False)
     if json_out:
         print_json(report.to_dict())
         return

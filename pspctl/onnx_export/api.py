@@ -130,8 +130,10 @@ def _tracing_inputs(task: TaskLike) -> tuple[Tensor, ...]:
     return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
 
 
-from pspctl.outputs import staged_folder
-from pspctl.task import check_fits, on_task_data
+def _staging(targets: list[Path], *, force: bool, directory: Path | None, source: Path):
+    """A staging folder whose files move beside `targets` (into `directory` if given) on success."""
+    folder = directory if directory is not None else targets[0].parent
+    return staged_folder(folder, [t.name for t in targets], force=force, inputs=[source])
 
 
 def _graph_bytes(path: Path) -> int:
