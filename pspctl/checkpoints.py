@@ -52,6 +52,8 @@ DIRECTORY_NAMES = (
 )
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 RAN_PICKLED_CODE = "ran pickled code (--trust-pickle)"  # a Checkpoint's note
+# Every file whose pickled code this process ran (--trust-pickle), in order: the CLI names them.
+RAN_PICKLED: list[Path] = []
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -212,6 +214,7 @@ def _read_pickle(path: Path, trust_pickle: bool) -> Raw:
     state, notes = _unwrap(obj, path)
     if pickled:
         notes.append(RAN_PICKLED_CODE)
+        RAN_PICKLED.append(path)
     raw = {n: (tuple(t.shape), dtype_name(t.dtype)) for n, t in state.items()}
     return raw, state.__getitem__, notes
 

@@ -48,7 +48,6 @@ class MergeReport:
     input_bytes: int  # tensor bytes of the K inputs together
     output_bytes: int  # size of the output file
     notes: list[str]
-    pickled: list[str] = field(default_factory=list)  # inputs whose loading ran pickled code
 
     @property
     def storage_ratio(self) -> float:
@@ -198,7 +197,6 @@ def merge(
         input_bytes=sum(c.nbytes() for c in checkpoints),
         output_bytes=output.stat().st_size,
         notes=notes,
-        pickled=[str(c.path) for c in checkpoints if c.pickled],
     )
 
 

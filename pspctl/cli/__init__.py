@@ -121,7 +121,29 @@ def handle_errors(fn: F) -> F:
     exception, exit 1; with --debug it is raised, traceback and all.
     """
     command = fn.__name__.removesuffix("_command")
+    inner = _one_line_errors(fn, command)
 
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _name_pickled_code()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _name_pickled_code() -> None:
+    """With --trust-pickle, say which files' pickled code ran (merge, analyze, tune alike)."""
+    from pspctl.checkpoints import RAN_PICKLED
+
+    if RAN_PICKLED:
+        ran = ", ".join(dict.fromkeys(str(p) for p in RAN_PICKLED))
+        err_console.print(f"warning: executed pickled code from {ran}", markup=False)
+        RAN_PICKLED.clear()
+
+
+def _one_line_errors(fn: F, command: str) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from pspctl.errors import PspctlError, one_line, os_error

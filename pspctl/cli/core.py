@@ -12,7 +12,6 @@ from pspctl.cli import (
     app,
     command_line,
     console,
-    err_console,
     handle_errors,
     human_bytes,
     print_json,
@@ -142,8 +141,6 @@ def merge(
         raise PolicyError(f"--policy {policy}: expected rules or measured")
     with progress_bar("merging", quiet=quiet or json_out) as update:
         report = run_merge(inputs, output, options, progress=update)
-    if report.pickled:
-        err_console.print(f"warning: executed pickled code from {', '.join(report.pickled)}", markup=False)
     if json_out:
         print_json(report.to_dict())
         return
