@@ -17,12 +17,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from pspctl.checkpoints import PICKLE_SUFFIXES, ST_DTYPES
+from pspctl.checkpoints import PICKLE_SUFFIXES, ST_DTYPES, Checkpoint, open_checkpoint, sha256_checkpoint
 from pspctl.contexts import ContextSet, Kind
-from pspctl.errors import ContextError, FormatError, InputError, OutputError
+from pspctl.errors import ContextError, FormatError, InputError, MismatchError, OutputError
 from pspctl.header import (
+    BASE,
     CONTEXTS,
     FORMAT_VERSION,
+    SHARED,
     STACKED,
     SUPERPOSED,
     Header,
@@ -49,6 +51,7 @@ __all__ = [
 
 FORMAT_NAME = "pspctl"
 CHECKSUMS = "pspctl.checksums"  # metadata key: CRC-32 of the header text and of every tensor
+READS = {"1", "2"}  # the format versions this pspctl reads
 METADATA_KEYS = {"format", "pspctl.format_version", "pspctl.header", CHECKSUMS}
 
 
@@ -169,24 +172,40 @@ class _Stored:
         return self._last[1], self._last[2]
 
     def stacked(self, name: str) -> Tensor:
-        """The K per-context tensors of `name`, stacked on dim 0."""
+        """The K per-context tensors of `name`, stacked on dim 0 (a shared one K times, as a view)."""
+        if self.metas[name].role == Role.SHARED:
+            one = self.raw(SHARED + name)
+            return one.unsqueeze(0).expand(self.num_contexts, *one.shape)
         return self.raw(STACKED + name)
 
+    def base(self, name: str) -> Tensor | None:
+        """The base a superposed tensor is centred on (original dtype), or None if it is not."""
+        return self.raw(BASE + name) if self.metas[name].centred else None
+
     def retrieve(self, name: str, k: int, *, superposed: Tensor | None = None) -> Tensor:
-        """Model k's tensor, in its original dtype: exact for per-context tensors, Ŵ_k otherwise.
+        """Model k's tensor, in its original dtype: exact for per-context and shared tensors,
+        B + Ŵ_k for centred ones (Ŵ_k retrieved from the superposed deltas), Ŵ_k otherwise.
 
         Args:
             superposed: use this in place of the stored superposed tensor (e.g. pruned).
         """
         meta = self.metas[name]
+        if meta.role == Role.SHARED:
+            return self.raw(SHARED + name).clone()
         if meta.role != Role.SUPERPOSED:
             return self.stacked(name)[k].clone()
         value = self.superposed(name) if superposed is None else superposed
-        return unbind(value, self.contexts(name), k).to(getattr(torch, meta.dtype))
+        weight = unbind(value, self.contexts(name), k)
+        base = self.base(name)
+        if base is not None:
+            weight = base.to(weight.dtype) + weight
+        return weight.to(getattr(torch, meta.dtype))
 
     def stored_bytes(self, name: str) -> int:
-        """Bytes the file spends on original tensor `name`."""
-        return sum(self.raw(n).nbytes for n in stored_names(name, self.metas[name]))
+        """Bytes the file spends on original tensor `name` (a linked base costs none)."""
+        return sum(self.raw(n).nbytes for n in stored_names(name, self.metas[name], linked=self.linked))
+
+    linked = False  # whether the base is linked rather than stored
 
 
 class SuperposedWriter(_Stored):
@@ -197,8 +216,9 @@ class SuperposedWriter(_Stored):
         kind, num_contexts: of the file.
     """
 
-    def __init__(self, kind: Kind | str, num_contexts: int):
+    def __init__(self, kind: Kind | str, num_contexts: int, *, linked: bool = False):
         self.kind, self.num_contexts = Kind(kind), num_contexts
+        self.linked = linked
         self.metas = {}
         self.tensors: dict[str, Tensor] = {}
 
@@ -206,16 +226,32 @@ class SuperposedWriter(_Stored):
         return self.tensors[stored_name]
 
     def add_superposed(
-        self, name: str, meta: TensorMeta, superposed: Tensor, ctx: ContextSet, dtype: torch.dtype
+        self,
+        name: str,
+        meta: TensorMeta,
+        superposed: Tensor,
+        ctx: ContextSet,
+        dtype: torch.dtype,
+        base: Tensor | None = None,
     ) -> int:
-        """Store a bound tensor in `dtype` (complex: a trailing (real, imag) pair); returns its bytes."""
-        return self._add(
-            name, meta, {SUPERPOSED + name: pack(superposed, dtype), CONTEXTS + name: ctx.stored()}
-        )
+        """Store a bound tensor in `dtype` (complex: a trailing (real, imag) pair), and the base
+        it is centred on (`meta.centred`; kept in memory but not written if the base is linked).
+        Returns the bytes it takes in the file."""
+        tensors = {SUPERPOSED + name: pack(superposed, dtype), CONTEXTS + name: ctx.stored()}
+        if meta.centred:
+            if base is None:
+                raise ValueError(f"{name}: a centred tensor needs its base")
+            tensors[BASE + name] = base.to(getattr(torch, meta.dtype)).contiguous()
+        self._add(name, meta, tensors)
+        return self.stored_bytes(name)
 
     def add_per_context(self, name: str, meta: TensorMeta, stacked: Tensor) -> int:
         """Store the K tensors of `name`, stacked on dim 0; returns their bytes."""
         return self._add(name, meta, {STACKED + name: stacked.contiguous()})
+
+    def add_shared(self, name: str, meta: TensorMeta, tensor: Tensor) -> int:
+        """Store a tensor equal in every input once; returns its bytes."""
+        return self._add(name, meta, {SHARED + name: tensor.contiguous()})
 
     def _add(self, name: str, meta: TensorMeta, tensors: dict[str, Tensor]) -> int:
         self.metas[name] = meta
@@ -228,7 +264,8 @@ class SuperposedWriter(_Stored):
     ) -> None:
         """Write the file: `header` as given, with this writer's tensor records."""
         header.tensors = dict(self.metas)
-        write_superposed(Path(path), self.tensors, header, force=force, inputs=inputs)
+        stored = {n: t for n, t in self.tensors.items() if not (self.linked and n.startswith(BASE))}
+        write_superposed(Path(path), stored, header, force=force, inputs=inputs)
 
 
 class SuperposedFile(_Stored):
@@ -239,8 +276,10 @@ class SuperposedFile(_Stored):
         FormatError: a plain safetensors file, or an unknown format version.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, base: str | Path | None = None):
         self.path = Path(path)
+        self._base_path = None if base is None else Path(base)
+        self._base: Checkpoint | None = None
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a directory, not a superposed file")
         if not self.path.is_file():
@@ -261,9 +300,10 @@ class SuperposedFile(_Stored):
         if meta.get("format") != FORMAT_NAME or "pspctl.header" not in meta:
             raise FormatError(f"{self.path}: a plain safetensors file, not a pspctl superposed file")
         version = meta.get("pspctl.format_version", "?")
-        if version != str(FORMAT_VERSION):
+        if version not in READS:
             raise FormatError(
-                f"{self.path}: pspctl format version {version[:20]}, this pspctl reads version {FORMAT_VERSION}; upgrade pspctl"
+                f"{self.path}: pspctl format version {version[:20]}, this pspctl reads versions "
+                f"{' and '.join(sorted(READS))}; upgrade pspctl"
             )
         unknown = sorted(set(meta) - METADATA_KEYS)
         if unknown:  # also catches a corrupted key name, e.g. one that hid the checksums
@@ -282,6 +322,43 @@ class SuperposedFile(_Stored):
             raise FormatError(f"{self.path}: the checksums do not list the stored tensors")
         self.metas = self.header.tensors
         self.kind, self.num_contexts = Kind(self.header.kind), self.header.num_contexts
+        self.linked = bool(self.header.base and self.header.base["linked"])
+        if base is not None and not self.header.base:
+            raise MismatchError(
+                f"{self.path}: --base given, but this file's tensors are not centred on a base"
+            )
+
+    def raw(self, stored_name: str) -> Tensor:
+        if self.linked and stored_name.startswith(BASE):
+            return self.linked_base()[stored_name[len(BASE) :]]
+        return self._raw(stored_name)
+
+    def linked_base(self) -> Checkpoint:
+        """The linked base checkpoint, found at --base or at its recorded path (as given, then
+        beside this file), checked against its recorded sha256.
+
+        Raises:
+            InputError: not found. MismatchError: another sha256.
+        """
+        if self._base is None:
+            record = self.header.base or {}
+            recorded = Path(record["path"])
+            candidates = (
+                [self._base_path] if self._base_path else [recorded, self.path.parent / recorded.name]
+            )
+            found = next((p for p in candidates if p.exists()), None)
+            if found is None:
+                raise InputError(
+                    f"{self.path}: its linked base {recorded} is not there; pass --base PATH to the parent checkpoint"
+                )
+            digest = sha256_checkpoint(found)
+            if digest != record["sha256"]:
+                raise MismatchError(
+                    f"{found}: sha256 {digest[:12]}…, but {self.path.name} was merged on a base with sha256 "
+                    f"{record['sha256'][:12]}…; pass the base it was merged on"
+                )
+            self._base = open_checkpoint(found)
+        return self._base
 
     @property
     def labels(self) -> list[str]:
@@ -301,7 +378,7 @@ class SuperposedFile(_Stored):
             )
         return k
 
-    def raw(self, stored_name: str) -> Tensor:
+    def _raw(self, stored_name: str) -> Tensor:
         """A stored tensor as it is in the file, its checksum verified on first read.
 
         Raises:

@@ -39,8 +39,9 @@ __all__ = [
     "stored_names",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # this pspctl writes version 2 and reads 1 and 2
 SUPERPOSED, STACKED, CONTEXTS = "superposed/", "stacked/", "contexts/"
+BASE, SHARED = "base/", "shared/"
 MAX_CONTEXTS = 4096
 MAX_LABEL = 100
 
@@ -148,6 +149,30 @@ def _input_record(record: dict[str, Any]) -> dict[str, Any]:
 _INPUT = TypeAdapter(InputRecord)
 
 
+class BaseRecord(TypedDict):
+    """What superposed tensors are centred on (format v2): the inputs' mean, or a checkpoint.
+
+    A linked base is not stored: its tensors are read from `path`, whose sha256 must match.
+    """
+
+    __pydantic_config__ = _CONFIG  # type: ignore[misc]
+
+    source: Annotated[str, _one_of(("mean", "checkpoint"))]
+    path: str | None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None
+    linked: bool
+
+
+def _base_record(record: dict[str, Any]) -> dict[str, Any]:
+    record = dict(_BASE.validate_python(record, strict=True))
+    if record["linked"] and (record["source"] != "checkpoint" or not record["path"] or not record["sha256"]):
+        raise ValueError("a linked base must be a checkpoint with a path and a sha256")
+    return record
+
+
+_BASE = TypeAdapter(BaseRecord)
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class TensorMeta:
     role: RoleName
@@ -155,6 +180,8 @@ class TensorMeta:
     shape: list[Annotated[int, Field(ge=0)]]
     fan_in: Annotated[int, Field(ge=0)] = 1  # 0 for a zero-size tensor
     reason: str = ""
+    centred: bool = False  # v2, superposed only: the superposed sum is of deltas from the base
+    error: float | None = None  # v2: the predicted relative output error per context, at merge time
 
 
 @dataclass(config=_CONFIG)
@@ -172,6 +199,7 @@ class Header:
     history: list[dict[str, Any]] = field(default_factory=list)  # later steps, e.g. tune
     format_version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)] = FORMAT_VERSION
     pspctl_version: str = ""
+    base: Annotated[dict[str, Any], AfterValidator(_base_record)] | None = None  # v2
 
     def __post_init__(self) -> None:
         check_labels(self.labels, self.num_contexts)
@@ -206,9 +234,11 @@ def _one_line(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def stored_names(name: str, meta: TensorMeta) -> list[str]:
-    """The names under which original tensor `name` is stored."""
-    return [SUPERPOSED + name, CONTEXTS + name] if meta.role == "superposed" else [STACKED + name]
+def stored_names(name: str, meta: TensorMeta, *, linked: bool = False) -> list[str]:
+    """The names under which original tensor `name` is stored (a linked base stores none)."""
+    if meta.role == "superposed":
+        return [SUPERPOSED + name, CONTEXTS + name] + ([BASE + name] if meta.centred and not linked else [])
+    return [SHARED + name] if meta.role == "shared" else [STACKED + name]
 
 
 def expected_tensors(header: Header) -> dict[str, tuple[list[int], tuple[str, ...]]]:
@@ -216,10 +246,16 @@ def expected_tensors(header: Header) -> dict[str, tuple[list[int], tuple[str, ..
     K = header.num_contexts
     complex_kind = header.kind in ("complex", "onepower")
     out: dict[str, tuple[list[int], tuple[str, ...]]] = {}
+    linked = bool(header.base and header.base["linked"])
     for name, meta in header.tensors.items():
         if meta.role == "per_context":
             out[STACKED + name] = ([K, *meta.shape], (meta.dtype,))
             continue
+        if meta.role == "shared":
+            out[SHARED + name] = (list(meta.shape), (meta.dtype,))
+            continue
+        if meta.centred and not linked:
+            out[BASE + name] = (list(meta.shape), (meta.dtype,))
         M = meta.fan_in
         out[SUPERPOSED + name] = ([*meta.shape, 2] if complex_kind else list(meta.shape), FLOATING)
         out[CONTEXTS + name] = {
@@ -241,7 +277,16 @@ def check_header(header: Header, metadata_version: str) -> None:
         raise FormatError(
             f"corrupt pspctl header: format_version {header.format_version} but the file says {metadata_version}"
         )
+    v1 = header.format_version == 1
+    if v1 and (
+        header.base is not None or any(m.role == "shared" or m.centred for m in header.tensors.values())
+    ):
+        raise FormatError("corrupt pspctl header: format version 1 has no base and no shared tensors")
     for name, meta in header.tensors.items():
+        if meta.centred and (meta.role != "superposed" or header.base is None):
+            raise FormatError(
+                f"corrupt pspctl header: {name} is centred but {'not superposed' if header.base else 'there is no base'}"
+            )
         if meta.role != "superposed":
             continue
         if meta.dtype not in FLOATING:

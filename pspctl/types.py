@@ -7,7 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum
 
-__all__ = ["DType", "Kind", "Progress", "Role"]
+__all__ = ["ETA_PRIOR", "MAX_ERROR", "DType", "Kind", "Progress", "Role"]
+
+# Policy defaults, here so that `--help` need not import torch (docs/policy.md measures them).
+MAX_ERROR = 0.2  # merge: predicted relative output error, all superposed tensors together
+ETA_PRIOR = 0.15  # merge: alignment η of layer inputs with the weights, where nothing measured it
+TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE = 0.02, 0.05  # train: the shape rules (no weights to measure)
 
 Progress = Callable[[int, int, str], None]
 """A progress callback: (done, total, current item)."""
@@ -34,10 +39,12 @@ class Kind(str, Enum):
 
 
 class Role(str, Enum):
-    """How a tensor is stored: bound into the superposed sum, or once per context."""
+    """How a tensor is stored: bound into the superposed sum, once per context, or once for all
+    contexts (equal in every input)."""
 
     SUPERPOSED = "superposed"
     PER_CONTEXT = "per_context"
+    SHARED = "shared"
 
 
 class DType(str, Enum):

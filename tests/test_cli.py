@@ -38,11 +38,21 @@ def test_version_is_the_installed_one():
 
 
 def test_policy_flags_default_to_policy_defaults():
-    from pspctl.cli.core import MAX_INTERFERENCE, MIN_SHARE, policy_from_flags
-    from pspctl.policy import Policy
+    import inspect
 
-    assert (Policy().max_interference, Policy().min_share) == (MAX_INTERFERENCE, MIN_SHARE)
-    assert policy_from_flags(MAX_INTERFERENCE, MIN_SHARE, None, None) == Policy()
+    from pspctl.cli import core, train
+    from pspctl.cli.core import policy_from_flags
+    from pspctl.policy import SHAPE_RULES, Policy
+
+    def defaults(command):
+        params = inspect.signature(command).parameters
+        return tuple(
+            params[n].default for n in ("max_interference", "min_share", "max_error", "eta") if n in params
+        )
+
+    # merge's flags default to Policy()'s, train's shape rules to SHAPE_RULES' (no error budget)
+    assert policy_from_flags(*defaults(core.merge)[:2], None, None, max_error=defaults(core.merge)[2], eta=defaults(core.merge)[3]) == Policy()  # fmt: skip
+    assert defaults(train.train_command)[:2] == (SHAPE_RULES.max_interference, SHAPE_RULES.min_share)
     assert policy_from_flags(0.1, 0.2, ["a*"], ["b*"]) == Policy(0.1, 0.2, ("a*",), ("b*",))
 
 
@@ -70,14 +80,14 @@ def test_merge_info_extract_happy_path(workdir):
 
 
 def test_json_outputs(workdir):
-    result = run("merge", "model0.pt", "model1.pt", "--json")
+    result = run("merge", "model0.pt", "model1.pt", "--base", "none", "--max-error", "1", "--json")
     data = json.loads(result.output)
     assert data["num_contexts"] == 2 and data["output_bytes"] == (workdir / "w.safetensors").stat().st_size
     roles = {t["name"]: t["role"] for t in data["tensors"]}
     assert roles["2.weight"] == "superposed" and roles["0.weight"] == "per_context"
     assert data["storage_ratio"] == pytest.approx(data["input_bytes"] / data["output_bytes"])
     info = json.loads(run("info", "--json").output)
-    assert info["format_version"] == 1 and info["tensors"]["2.weight"]["role"] == "superposed"
+    assert info["format_version"] == 2 and info["tensors"]["2.weight"]["role"] == "superposed"
     assert info["inputs"][1]["path"] == "model1.pt" and len(info["inputs"][1]["sha256"]) == 64
 
 

@@ -213,7 +213,7 @@ def _set(path, value):
         (_set(["tensors", "4.weight", "shape"], [4, 47]), "stored shape [4, 4, 48], the header implies [4, 4, 47]"),
         (_set(["tensors", "2.weight", "dtype"], "float16"), "stored dtype float32, the header implies float16"),
         (_set(["tensors", "0.weight", "dtype"], "int64"), "superposed but its dtype is int64"),
-        (_set(["format_version"], 2), "format_version"),
+        (_set(["format_version"], 1), "format_version 1 but the file says 2"),
         (_set(["kind"], "quantum"), "kind: Value error, 'quantum' is not one of"),
         (_set(["seed"], "0"), "seed: Input should be a valid integer"),
         (_set(["tensors", "0.weight", "reason"], {"a": 1}), "reason: Input should be a valid string"),

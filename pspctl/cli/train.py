@@ -11,8 +11,6 @@ from rich.table import Table
 from pspctl.cli import app, command_line, console, handle_errors, print_json, progress_bar
 from pspctl.cli.core import (
     DEFAULT_FILE,
-    MAX_INTERFERENCE,
-    MIN_SHARE,
     KeepOpt,
     MaxInterferenceOpt,
     MinShareOpt,
@@ -21,6 +19,7 @@ from pspctl.cli.core import (
     policy_from_flags,
     superposed_path,
 )
+from pspctl.types import TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE
 
 TaskOpt = Annotated[
     str, typer.Option("--task", help="Task file (path or module) with build_model and load_data.")
@@ -62,8 +61,8 @@ def train_command(
     labels: Annotated[str | None, typer.Option(help="Comma-separated context labels.")] = None,
     keep: KeepOpt = None,
     superpose: SuperposeOpt = None,
-    max_interference: MaxInterferenceOpt = MAX_INTERFERENCE,
-    min_share: MinShareOpt = MIN_SHARE,
+    max_interference: MaxInterferenceOpt = TRAIN_MAX_INTERFERENCE,
+    min_share: MinShareOpt = TRAIN_MIN_SHARE,
     output: Annotated[
         Path | None,
         typer.Option("-o", "--output", help="Superposed file (with --baseline: a plain state_dict)."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from pspctl.header import check_labels
 from pspctl.merge import MergeOptions, plan
 from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
 from pspctl.nn.tensors import Binding, Stacked, Superposed, initial_superposed, mix_contexts
-from pspctl.policy import Policy, Role, TensorInfo
+from pspctl.policy import SHAPE_RULES, Policy, Role, TensorInfo
 from pspctl.task import check_fits
 
 __all__ = ["PSPModel", "load", "save", "superpose"]
@@ -45,6 +46,7 @@ class PSPModel(nn.Module):
         seed: int,
         labels: Sequence[str],
         mixture: bool = False,
+        base: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.module = module
@@ -54,6 +56,7 @@ class PSPModel(nn.Module):
         self.seed = seed
         self.labels = list(labels)
         self.mixture = mixture
+        self.base = base  # the file's base record (format v2), kept when saved again
         self.set_context(0)
 
     @property
@@ -183,7 +186,7 @@ def superpose(
     trainable = _trainable(model)
     infos = [TensorInfo(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in state.items()]
     options = MergeOptions(
-        kind=kind, seed=seed, policy=policy or Policy(), max_rotation_fan_in=max_rotation_fan_in
+        kind=kind, seed=seed, policy=policy or SHAPE_RULES, max_rotation_fan_in=max_rotation_fan_in
     )
     tensors: dict[str, Binding] = {}
     metas: dict[str, TensorMeta] = {}
@@ -225,16 +228,22 @@ def save(
         ValidationError: a tensor holds NaN/Inf (a broken file is never written).
         OutputError: `path` exists without `force`, or its directory does not exist.
     """
-    writer = SuperposedWriter(model.kind, model.num_contexts)
+    writer = SuperposedWriter(
+        model.kind, model.num_contexts, linked=bool(model.base and model.base["linked"])
+    )
     for name, b in model.tensors.items():
         meta = model.metas[name]
         value = b.value() if isinstance(b, Superposed) else b.stacked()
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             raise ValidationError(f"{name} has NaN/Inf values; refusing to write {path}")
         if isinstance(b, Superposed):
-            writer.add_superposed(name, meta, value, b.ctx, getattr(torch, meta.dtype))
-        else:
-            writer.add_per_context(name, meta, value.to(getattr(torch, meta.dtype)))
+            writer.add_superposed(name, meta, value, b.ctx, getattr(torch, meta.dtype), base=b.base)
+            continue
+        value = value.to(getattr(torch, meta.dtype))
+        if meta.role == Role.SHARED and all(torch.equal(value[0], v) for v in value[1:]):
+            writer.add_shared(name, meta, value[0])
+        else:  # training may have made a shared tensor differ between contexts
+            writer.add_per_context(name, replace(meta, role=Role.PER_CONTEXT.value), value)
     header = Header(
         kind=model.kind.value,
         seed=model.seed,
@@ -245,6 +254,7 @@ def save(
         recipe={"mixture": model.mixture, **(recipe or {})},
         task=task,
         history=[dict(h) for h in history],
+        base=model.base,
     )
     writer.write(path, header, force=force)
 
@@ -265,7 +275,7 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
     tensors: dict[str, Binding] = {}
     for name in file.names():
         if file.header.tensors[name].role == Role.SUPERPOSED:
-            tensors[name] = Superposed(file.contexts(name), file.superposed(name))
+            tensors[name] = Superposed(file.contexts(name), file.superposed(name), base=file.base(name))
             tensors[name].requires_grad_(name in trainable)
         else:
             stack = _working(file.stacked(name))
@@ -278,4 +288,5 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
         seed=file.header.seed,
         labels=file.labels,
         mixture=bool(file.header.recipe.get("mixture", False)),
+        base=file.header.base,
     )

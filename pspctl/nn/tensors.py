@@ -63,11 +63,16 @@ class Superposed(nn.Module):
     real: nn.Parameter
     imag: nn.Parameter
 
-    def __init__(self, ctx: ContextSet, value: Tensor):
+    base: Tensor | None
+
+    def __init__(self, ctx: ContextSet, value: Tensor, base: Tensor | None = None):
         super().__init__()
         self.ctx = ctx
         self.ops = OPS[ctx.kind]
         self.shape = tuple(value.shape)
+        # A centred tensor (format v2): W_k = B + Ŵ_k, where W holds the superposed deltas. The
+        # base stays fixed; training moves the deltas.
+        self.register_buffer("base", None if base is None else base.detach().float().clone())
         if self.ops.is_complex:
             value = value.detach().to(torch.complex64)
             self.real = nn.Parameter(value.real.clone().contiguous())
@@ -88,7 +93,8 @@ class Superposed(nn.Module):
     def retrieve(self, k: int) -> Tensor:
         """Ŵ_k in the weight's shape: differentiable, float32."""
         real, imag = self._parts()
-        return self.ops.retrieve(real, imag, self.ops.pick(self, k)).reshape(self.shape)
+        out = self.ops.retrieve(real, imag, self.ops.pick(self, k)).reshape(self.shape)
+        return out if self.base is None else self.base + out
 
     def linear(self, x: Tensor, k: int) -> Tensor:
         """y = W (c_k ⊙ x) (the paper's eq. 1/7): the context binds the input, not the weight.
@@ -101,7 +107,7 @@ class Superposed(nn.Module):
         y = F.linear(bound[0], weights[0])
         for xj, wj in zip(bound[1:], weights[1:], strict=True):
             y = y + F.linear(xj, wj)
-        return y
+        return y if self.base is None else y + F.linear(x, self.base)
 
     def value(self) -> Tensor:
         """The superposed weight to store: complex64 for complex kinds, else float32."""

@@ -83,8 +83,16 @@ class Retriever(nn.Module):
 
     real: Tensor
     imag: Tensor  # None for the real kinds
+    base: Tensor | None  # a centred weight's base (format v2)
 
-    def __init__(self, superposed: Tensor, ctx: ContextSet, dtype: torch.dtype, slot: ContextSlot):
+    def __init__(
+        self,
+        superposed: Tensor,
+        ctx: ContextSet,
+        dtype: torch.dtype,
+        slot: ContextSlot,
+        base: Tensor | None = None,
+    ):
         super().__init__()
         self.shape = tuple(superposed.shape)
         self.slot = slot
@@ -92,10 +100,14 @@ class Retriever(nn.Module):
         real, imag = _as_matrix(superposed, dtype)
         self.register_buffer("real", real)
         self.register_buffer("imag", imag)
+        self.register_buffer(
+            "base", None if base is None else base.to(dtype).reshape(real.shape).contiguous()
+        )
 
     def forward(self) -> Tensor:
         c = self.contexts.pick(self.slot.get())
-        return self.contexts.ops.retrieve(self.real, self.imag, c).reshape(self.shape)
+        out = self.contexts.ops.retrieve(self.real, self.imag, c)
+        return (out if self.base is None else self.base + out).reshape(self.shape)
 
 
 class BoundLinear(nn.Module):
@@ -111,18 +123,28 @@ class BoundLinear(nn.Module):
 
     bound_weight: Tensor
 
-    def __init__(self, linear: nn.Linear, superposed: Tensor, ctx: ContextSet, slot: ContextSlot):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        superposed: Tensor,
+        ctx: ContextSet,
+        slot: ContextSlot,
+        base: Tensor | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.slot = slot
-        self.contexts = _Contexts(ctx, linear.weight.dtype, input_side=True)
-        self.register_buffer(
-            "bound_weight", torch.cat(parts(*_as_matrix(superposed, linear.weight.dtype)), dim=1)
-        )
+        self.centred = base is not None
+        dtype = linear.weight.dtype
+        self.contexts = _Contexts(ctx, dtype, input_side=True)
+        # A centred weight (format v2) is B + Ŵ_k: y = [B | S] [x ; c_k ⊙ x], still one GEMM.
+        weights = ([base.to(dtype)] if base is not None else []) + parts(*_as_matrix(superposed, dtype))
+        self.register_buffer("bound_weight", torch.cat(weights, dim=1).contiguous())
         self.bias = linear.bias  # replaced by b_k at run time; dropped from the graph as unused
 
     def forward(self, x: Tensor) -> Tensor:
         bound = self.contexts.ops.bind_input(x, self.contexts.pick(self.slot.get()))
+        bound = [x, *bound] if self.centred else bound
         return F.linear(
             bound[0] if len(bound) == 1 else torch.cat(bound, dim=-1), self.bound_weight, self.bias
         )
@@ -130,12 +152,10 @@ class BoundLinear(nn.Module):
     @property
     def weight(self) -> Tensor:  # type: ignore[override]
         ops, m = self.contexts.ops, self.in_features
-        real, imag = (
-            (self.bound_weight[:, :m], self.bound_weight[:, m:])
-            if ops.is_complex
-            else (self.bound_weight, None)
-        )
-        return ops.retrieve(real, imag, ops.flip(self.contexts.pick(self.slot.get())))
+        w = self.bound_weight[:, m:] if self.centred else self.bound_weight
+        real, imag = (w[:, :m], w[:, m:]) if ops.is_complex else (w, None)
+        out = ops.retrieve(real, imag, ops.flip(self.contexts.pick(self.slot.get())))
+        return self.bound_weight[:, :m] + out if self.centred else out
 
 
 def _sanitize(name: str) -> str:
@@ -148,14 +168,18 @@ class StackedTensors(nn.Module):
     def __init__(self, file: SuperposedFile, dtypes: dict[str, torch.dtype]):
         super().__init__()
         self.keys: dict[str, str] = {}  # tensor name -> buffer name
-        for name in file.names():
-            if file.header.tensors[name].role != Role.SUPERPOSED:
-                self.keys[name] = _sanitize(name)
-                self.register_buffer(self.keys[name], file.stacked(name).to(dtypes[name]))
+        self.shared: dict[str, str] = {}  # the same for tensors equal in every context: no Gather
+        for name in file.names(Role.PER_CONTEXT):
+            self.keys[name] = _sanitize(name)
+            self.register_buffer(self.keys[name], file.stacked(name).to(dtypes[name]))
+        for name in file.names(Role.SHARED):
+            self.shared[name] = _sanitize(name)
+            self.register_buffer(self.shared[name], file.retrieve(name, 0).to(dtypes[name]))
 
     def select(self, k: Tensor) -> dict[str, Tensor]:
-        """Context k's tensors by name: one Gather each."""
-        return {name: getattr(self, key)[k] for name, key in self.keys.items()}
+        """Context k's tensors by name: one Gather each (none for shared ones)."""
+        out = {name: getattr(self, key)[k] for name, key in self.keys.items()}
+        return out | {name: getattr(self, key) for name, key in self.shared.items()}
 
 
 class MultiContextModel(nn.Module):
@@ -177,13 +201,16 @@ class MultiContextModel(nn.Module):
             key = _sanitize(name)
             prefix, _, attr = name.rpartition(".")
             owner = model.get_submodule(prefix)
+            base = file.base(name)
             if prefix and type(owner) is nn.Linear and attr == "weight":
                 # Exact type only: a subclass may use its weight in ways BoundLinear cannot see.
                 model.set_submodule(
-                    prefix, BoundLinear(owner, file.superposed(name), file.contexts(name), self.slot)
+                    prefix, BoundLinear(owner, file.superposed(name), file.contexts(name), self.slot, base)
                 )
             else:
-                retriever = Retriever(file.superposed(name), file.contexts(name), dtypes[name], self.slot)
+                retriever = Retriever(
+                    file.superposed(name), file.contexts(name), dtypes[name], self.slot, base
+                )
                 self.retrievers.add_module(key, retriever)
                 self._retrieved_names[name] = key
         self.model = model
