@@ -33,6 +33,7 @@ def extract(
     *,
     fmt: str = "safetensors",
     force: bool = False,
+    base: str | Path | None = None,
 ) -> list[Path]:
     """Write model `context` (an index, a label, or "all") as a plain state_dict.
 
@@ -44,16 +45,19 @@ def extract(
         ContextError: unknown label or index out of range.
         OutputError: an output exists (without `force`), is the input file, or "all" was
             given a file.
+        InputError, MismatchError: a linked base that is missing, or another than merged on
+            (`base` names where it is, when not at its recorded path).
     """
-    file = SuperposedFile(path)
+    file = SuperposedFile(path, base=base)
     output = Path(output)
+    sources = [file.path] + ([file.linked_base().path] if file.linked else [])
     targets = plan_outputs(file, context, output, f".{fmt}")
     if str(context) != "all":
         [(k, target)] = targets
-        save_state_dict(file.state_dict(k), target, force=force, inputs=[file.path])
+        save_state_dict(file.state_dict(k), target, force=force, inputs=sources)
         return [target]
     names = [t.name for _, t in targets]
-    with staged_folder(output, names, force=force, inputs=[file.path]) as staging:
+    with staged_folder(output, names, force=force, inputs=sources) as staging:
         for k, target in targets:
             save_state_dict(file.state_dict(k), staging / target.name)
     return [t for _, t in targets]

@@ -170,12 +170,16 @@ def merge(
     if json_out:
         print_json(report.to_dict())
         return
+    from rich.markup import escape
+
     for warning in report.warnings:
         err_console.print(f"warning: {warning}", markup=False)
     console.print(merge_table(report))
     for note in report.notes:
-        console.print(f"note: {note}")
-    errors = ", ".join(f"{lab} {e:.3f}" for lab, e in zip(report.labels, report.predicted_error, strict=True))
+        console.print(f"note: {escape(note)}")
+    errors = ", ".join(
+        f"{escape(lab)} {e:.3f}" for lab, e in zip(report.labels, report.predicted_error, strict=True)
+    )
     console.print(
         f"inputs {human_bytes(report.input_bytes)} → output {human_bytes(report.output_bytes)}: "
         f"storage ratio [bold]{report.storage_ratio:.2f}×[/]; predicted output error per context: {errors}"
@@ -184,6 +188,8 @@ def merge(
 
 def merge_table(report: MergeReport) -> Table:
     """One row per tensor, fit for 80 columns: long names fold, never cut."""
+    from rich.markup import escape
+
     table = Table(title=f"{report.output}: {report.num_contexts} models, {report.kind} contexts")
     table.add_column("tensor", overflow="fold", ratio=3)
     table.add_column("role")
@@ -194,8 +200,8 @@ def merge_table(report: MergeReport) -> Table:
     for d in report.decisions:
         superposed = d.role.value == "superposed"
         table.add_row(
-            d.name, d.role.value.replace("_", " "), d.centre if superposed else "",
-            "" if d.error is None else f"{d.error:.3f}", human_bytes(report.stored_bytes[d.name]), d.reason,
+            escape(d.name), d.role.value.replace("_", " "), d.centre if superposed else "",
+            "" if d.error is None else f"{d.error:.3f}", human_bytes(report.stored_bytes[d.name]), escape(d.reason),
         )  # fmt: skip
     return table
 
@@ -250,6 +256,12 @@ def extract(
         typer.Option("--format", help="File type per context with --context all: safetensors or pt."),
     ] = "safetensors",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
+        ),
+    ] = None,
 ) -> None:
     """Write one model (or all) back out as a plain state_dict."""
     from pspctl.errors import OutputError
@@ -259,7 +271,7 @@ def extract(
         raise OutputError(f"--format {fmt}: expected safetensors or pt")
     if output is None:
         output = Path("extracted") if context == "all" else Path(f"context-{context}.safetensors")
-    for path in run_extract(superposed_path(file), context, output, fmt=fmt, force=force):
+    for path in run_extract(superposed_path(file), context, output, fmt=fmt, force=force, base=base):
         console.print(f"wrote {path}")
 
 
@@ -279,27 +291,39 @@ def info(
     if json_out:
         print_json({"path": str(file), "bytes": sf.nbytes(), **asdict(h)})
         return
+    from rich.markup import escape  # labels, names and paths come from the file: never markup
+
     console.print(
-        f"[bold]{file}[/]  pspctl format v{h.format_version} (written by pspctl {h.pspctl_version})"
+        f"[bold]{escape(str(file))}[/]  pspctl format v{h.format_version} (written by pspctl {escape(h.pspctl_version)})"
     )
     console.print(f"kind {h.kind}, seed {h.seed}, {h.num_contexts} contexts, {human_bytes(sf.nbytes())}")
+    if h.base:
+        where = (
+            "the inputs' mean"
+            if h.base["source"] == "mean"
+            else f"{h.base['path']} (sha256 {h.base['sha256'][:12]})"
+        )
+        console.print(
+            f"centred on {escape(where)}, {'linked' if h.base['linked'] else 'stored'}", highlight=False
+        )
     contexts = Table("context", "label", "input", "sha256", title="contexts")
     for k, label in enumerate(h.labels):
         src = h.inputs[k] if k < len(h.inputs) else {}
-        contexts.add_row(str(k), label, src.get("path", ""), src.get("sha256", "")[:12])
+        contexts.add_row(str(k), escape(label), escape(src.get("path", "")), src.get("sha256", "")[:12])
     console.print(contexts)
-    tensors = Table("tensor", "role", "dtype", "shape", "fan-in", "why", title="tensors")
+    tensors = Table("tensor", "role", "base", "dtype", "shape", "fan-in", "why", title="tensors")
     for name, m in h.tensors.items():
         tensors.add_row(
-            name, m.role, m.dtype, "×".join(map(str, m.shape)) or "scalar", str(m.fan_in), m.reason
-        )
+            escape(name), m.role, "centred" if m.centred else "", m.dtype, "×".join(map(str, m.shape)) or "scalar",
+            str(m.fan_in), escape(m.reason),
+        )  # fmt: skip
     console.print(tensors)
     if h.task:
-        console.print(f"task: {h.task}")
+        console.print(f"task: {escape(h.task)}")
     if h.recipe.get("command"):
-        console.print(f"recipe: {h.recipe['command']}")
+        console.print(f"recipe: {escape(str(h.recipe['command']))}")
     for step in h.history:
-        console.print(f"then: {step}")
+        console.print(f"then: {escape(str(step))}")
 
 
 @app.command()
