@@ -1,5 +1,5 @@
 """Policy advice: what superposing each tensor saves next to the error it adds, and the
-measured policy's recommendation for a budget (see pspctl.analysis.policy)."""
+measured policy's recommendation for a budget (see pspctl.planning)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
 from pspctl.kinds import OPS
 from pspctl.policy import Role
+from pspctl.task import Task
 
 __all__ = ["advice", "recommend"]
 
@@ -42,7 +43,7 @@ def advice(sf: SuperposedFile, report: Report, stored_bytes: dict[str, int]) -> 
 
 def recommend(
     sf: SuperposedFile,
-    task: Any,
+    task: Task | None,
     origs: list[Checkpoint] | None,
     max_drop: float,
     max_output_error: float | None,
@@ -53,7 +54,7 @@ def recommend(
     if task is None or origs is None or task.load_data is None:
         notes.append("--max-drop needs the originals and a task with load_data: no recommendation")
         return None
-    from pspctl.analysis.policy import measured_policy
+    from pspctl.planning import measured_policy
 
     result = measured_policy(
         origs, task, kind=sf.kind, seed=sf.header.seed, max_drop=max_drop, max_output_error=max_output_error,

@@ -48,21 +48,17 @@ def export(
     json_out: Annotated[bool, typer.Option("--json", help="Print the validation report as JSON.")] = False,
 ) -> None:
     """Export ONNX graphs (per context, or one multi-context graph) and validate them in onnxruntime."""
-    from pspctl.errors import InputError, TaskError
+    from pspctl.errors import InputError
     from pspctl.fileformat import SuperposedFile
     from pspctl.onnx_export import AtolError, export_contexts, export_multi
-    from pspctl.task import load_task
+    from pspctl.sources import require_task
 
     superposed_path(file)
     if multi == (context is not None):
         raise InputError("pass exactly one of --context K|LABEL|all and --multi")
     if atol < 0 or rtol < 0:
         raise InputError(f"--atol {atol:g} / --rtol {rtol:g}: tolerances cannot be negative")
-    spec = task or SuperposedFile(file).header.task
-    if spec is None:
-        raise TaskError(f"{file} records no task file; pass --task")
-    loaded = load_task(spec)
-    loaded.require("example_inputs")
+    loaded = require_task(SuperposedFile(file), task, "example_inputs")
     try:
         if multi:
             report = export_multi(file, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force)

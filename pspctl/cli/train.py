@@ -177,16 +177,13 @@ def tune_command(
 ) -> None:
     """Heal a post-hoc merge: fine-tune the superposed weights, one context at a time."""
     from pspctl.checkpoints import refuse_existing
-    from pspctl.errors import TaskError
     from pspctl.fileformat import SuperposedFile
-    from pspctl.task import load_task
+    from pspctl.sources import require_task
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
 
-    superposed_path(file)
-    spec = task or SuperposedFile(file).header.task
-    if spec is None:
-        raise TaskError(f"{file} records no task; pass --task")
+    sf = SuperposedFile(superposed_path(file))
+    loaded = require_task(sf, task)
     output = output or default_output(file)
     if metrics is not None:
         refuse_existing(metrics, force=force)
@@ -196,10 +193,9 @@ def tune_command(
         lr=lr,
         eval_every=eval_every,
         seed=seed,
-        task_spec=spec,
+        task_spec=task or sf.header.task,
         command=command_line(),
     )
-    loaded = load_task(spec)
     with progress_bar("tuning", quiet=quiet or json_out) as update:
         report = tune(file, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
     data = {"command": "tune", **report.to_dict()}
