@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from pspctl.checkpoints import Checkpoint
 from pspctl.contexts import Kind
+from pspctl.dtypes import itemsize
 from pspctl.errors import PolicyError, TaskError
 from pspctl.fileformat import SuperposedWriter
 from pspctl.merge import MergeOptions, store_tensor
@@ -153,7 +153,7 @@ def measured_policy(
     saved: dict[str, int] = {}
     for info in eligible + [i for i in infos if i.name in forced]:
         decision = Decision(info.name, Role.SUPERPOSED, "measured", fan_in(info.shape), 0.0)
-        own = math.prod(info.shape) * getattr(torch, info.dtype).itemsize
+        own = math.prod(info.shape) * itemsize(info.dtype)
         saved[info.name] = K * own - store_tensor(stored, info, decision, checkpoints, options)
     # Superposing saves nothing where the contexts outweigh the copies (rotation, small N).
     candidates = eligible

@@ -27,6 +27,7 @@ from pspctl.analysis.pruning import (
 from pspctl.analysis.report import ContextSummary, LayerError, PruneResult, Report
 from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
+from pspctl.dtypes import itemsize
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
 from pspctl.task import Task, check_fits, load_model, load_task, on_task_data, primary_metric, run_model
@@ -143,7 +144,7 @@ def analyze(
 def _input_bytes(sf: SuperposedFile, origs: list[Checkpoint] | None) -> int:
     if origs is not None:
         return sum(c.nbytes() for c in origs)
-    per = sum(math.prod(m.shape) * getattr(torch, m.dtype).itemsize for m in sf.header.tensors.values())
+    per = sum(math.prod(m.shape) * itemsize(m.dtype) for m in sf.header.tensors.values())
     return per * sf.num_contexts
 
 

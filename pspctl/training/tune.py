@@ -33,10 +33,11 @@ from pspctl.training.common import (
     task_loss,
 )
 from pspctl.training.online import make_optimizer
+from pspctl.types import Objective
 
 __all__ = ["OBJECTIVES", "TuneOptions", "TuneReport", "default_output", "tune"]
 
-OBJECTIVES = ("auto", "distill", "task")
+OBJECTIVES = tuple(o.value for o in Objective)
 
 
 @dataclass(frozen=True)
