@@ -8,14 +8,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pspctl.cli import app, console, handle_errors, human_bytes, print_json
+from pspctl.cli.common import app, console, handle_errors, human_bytes, print_json
 from pspctl.cli.core import DEFAULT_FILE, FileArg, superposed_path
+from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
 if TYPE_CHECKING:
     from pspctl.onnx_export import ExportReport
-
-# Kept in step with pspctl.onnx_export (a test checks), which is imported lazily.
-DEFAULT_OPSET, DEFAULT_ATOL, DEFAULT_RTOL = 20, 1e-4, 1e-3
 
 
 @app.command()
