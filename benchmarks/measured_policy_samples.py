@@ -18,9 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pspctl.analysis.policy import policy_for_merge  # noqa: E402
 from pspctl.demo import evaluate_retrieved  # noqa: E402
 from pspctl.merge import MergeOptions, merge  # noqa: E402
+from pspctl.planning import policy_for_merge  # noqa: E402
 from pspctl.policy import SHAPE_RULES  # noqa: E402
 from pspctl.task import load_task  # noqa: E402
 

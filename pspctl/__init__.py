@@ -9,6 +9,11 @@ The pure core is importable without any I/O:
     torch.Size([3, 4])
 
 Names are resolved lazily so that `pspctl --help` does not pay for importing torch.
+
+`pspctl.merge` and `pspctl.extract` are the modules (as `import pspctl.merge` makes them);
+their functions are `pspctl.merge.merge` and `pspctl.extract.extract`:
+
+    >>> from pspctl.merge import MergeOptions, merge
 """
 
 from __future__ import annotations
@@ -27,15 +32,18 @@ _EXPORTS = {
     "Policy": "pspctl.policy",
     "PspctlError": "pspctl.errors",
     "SuperposedFile": "pspctl.fileformat",
-    "merge": "pspctl.merge",
     "MergeOptions": "pspctl.merge",
-    "extract": "pspctl.extract",
 }
+# Submodules named like their main function. Exporting the function under the module's name
+# made `pspctl.merge` a function until something imported the module, then the module.
+_MODULES = ("merge", "extract")
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, *_MODULES, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"pspctl.{name}")
     raise AttributeError(f"module 'pspctl' has no attribute {name!r}")

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed, one_line
 from pspctl.outputs import ST_CODES, atomic_path, refuse_existing, write_safetensors
 from pspctl.policy import TensorInfo
@@ -159,11 +160,7 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         """Bytes of all its tensors (not the file size)."""
-        return sum(i.numel * _itemsize(i.dtype) for i in self.infos.values())
-
-
-def _itemsize(dtype: str) -> int:
-    return getattr(torch, dtype).itemsize
+        return sum(i.numel * itemsize(i.dtype) for i in self.infos.values())
 
 
 def _strip_prefixes(names: list[str]) -> tuple[dict[str, str], list[str]]:

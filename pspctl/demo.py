@@ -12,7 +12,7 @@ from pspctl.errors import InputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, MergeReport, merge
 from pspctl.policy import Policy
-from pspctl.task import Task, load_model, load_task
+from pspctl.task import Task, load_model, load_task, primary_metric
 
 __all__ = ["DemoRow", "evaluate_retrieved", "run_demo"]
 
@@ -37,8 +37,8 @@ def evaluate_retrieved(
         ckpt = open_checkpoint(original_path)
         original = task.metric(load_model(task, {n: ckpt[n] for n in ckpt.names}, str(original_path)), k)
         retrieved = task.metric(load_model(task, sf.state_dict(k), f"context {k} of {sf.path}"), k)
-        metric = next(iter(original))
-        out.append((original[metric], retrieved[metric]))
+        metric, value = primary_metric(original)
+        out.append((value, retrieved[metric]))
     return out
 
 

@@ -77,6 +77,9 @@ def _matches(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatchcase(name, g) for g in globs)
 
 
+matches_any = _matches  # public: the measured policy (pspctl.planning) matches the same globs
+
+
 def _rule(info: TensorInfo, interference: float | None, share: float, policy: Policy) -> tuple[Role, str]:
     if info.numel == 0:  # nothing to superpose, and a zero fan-in has no interference ratio
         return Role.PER_CONTEXT, "empty"

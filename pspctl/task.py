@@ -118,6 +118,51 @@ class Task:
             raise TaskError(f"task file {self.source}: load_data({context}, {split!r}) returned no batches")
         return batches
 
+    def inputs(self, context: int, split: str, max_samples: int) -> tuple[torch.Tensor, ...]:
+        """The first ``max_samples`` inputs of ``load_data(context, split)``, concatenated.
+
+        A batch is ``(inputs, targets)``, ``(inputs,)`` or bare inputs; inputs are one tensor
+        or a tuple of tensors (a model with several arguments).
+
+        Raises:
+            TaskError: there is no ``load_data()``, or it returned no batches.
+        """
+        xs, _ = self._take(context, split, max_samples)
+        return tuple(torch.cat(parts)[:max_samples] for parts in zip(*xs, strict=True))
+
+    def samples(
+        self, context: int, split: str, max_samples: int
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """``inputs(...)`` and their targets, or None for the targets unless every batch has a tensor one.
+
+        Raises:
+            TaskError: as ``inputs``.
+        """
+        xs, ys = self._take(context, split, max_samples)
+        inputs = tuple(torch.cat(parts)[:max_samples] for parts in zip(*xs, strict=True))
+        labels = [y for y in ys if isinstance(y, torch.Tensor)]
+        targets = torch.cat(labels)[:max_samples] if len(labels) == len(ys) else None
+        return inputs, targets
+
+    def _take(
+        self, context: int, split: str, max_samples: int
+    ) -> tuple[list[tuple[torch.Tensor, ...]], list[Any]]:
+        """Batches of ``load_data(context, split)`` until ``max_samples``: (inputs, targets) per batch."""
+        xs: list[tuple[torch.Tensor, ...]] = []
+        ys: list[Any] = []
+        n = 0
+        for batch in self.batches(context, split):
+            if isinstance(batch, tuple | list):
+                x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+            else:
+                x, y = batch, None
+            xs.append(tuple(x) if isinstance(x, tuple | list) else (x,))
+            ys.append(y)
+            n += len(xs[-1][0])
+            if n >= max_samples:
+                break
+        return xs, ys
+
     def metric(self, model: nn.Module, context: int) -> dict[str, float]:
         """Metrics of ``model`` on task ``context``.
 
@@ -170,6 +215,32 @@ class _TaskFunction:
 
     def __repr__(self) -> str:
         return f"<{self._name} of task file {self._task.source}>"
+
+
+def primary_metric(metrics: Mapping[str, float]) -> tuple[str, float]:
+    """The metric tables, plots and summaries use: the first one the task reports."""
+    name = next(iter(metrics))
+    return name, float(metrics[name])
+
+
+def as_tensor(output: Any) -> torch.Tensor:
+    """The tensor to compare of a model's output: itself, `.logits`, or the first tensor inside."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits
+    items = output.values() if isinstance(output, Mapping) else output
+    if isinstance(items, Sequence | type({}.values())):
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError(f"cannot compare a model output of type {type(output).__name__}")
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``model(*inputs)`` as a float tensor (see `as_tensor`), without gradients."""
+    return as_tensor(model(*inputs)).float()
 
 
 @contextmanager

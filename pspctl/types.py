@@ -1,5 +1,8 @@
 """The vocabulary every layer shares, torch-free so that the CLI can declare its options
-(typer reads these enums for choices and `--help`) without importing torch.
+(typer reads these enums for choices and `--help`) and their defaults without importing torch.
+
+The library takes these enums or their string values alike; the defaults here are the ones the
+library's own signatures use, so `--help` and the library cannot disagree.
 """
 
 from __future__ import annotations
@@ -7,12 +10,29 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum
 
-__all__ = ["ETA_PRIOR", "MAX_ERROR", "DType", "Kind", "Progress", "Role"]
+__all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_OPSET",
+    "DEFAULT_RTOL",
+    "ETA_PRIOR",
+    "MAX_ERROR",
+    "DType",
+    "Kind",
+    "Objective",
+    "Optimizer",
+    "PolicySource",
+    "Progress",
+    "Role",
+    "StateDictFormat",
+]
 
 # Policy defaults, here so that `--help` need not import torch (docs/policy.md measures them).
 MAX_ERROR = 0.2  # merge: predicted relative output error, all superposed tensors together
 ETA_PRIOR = 0.15  # merge: alignment η of layer inputs with the weights, where nothing measured it
 TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE = 0.02, 0.05  # train: the shape rules (no weights to measure)
+# ONNX export (pspctl.onnx_export; export --opset, --atol, --rtol). Opset 20: onnxruntime ≥ 1.17
+# runs it; the dynamo exporter's own default in torch 2.13.
+DEFAULT_OPSET, DEFAULT_ATOL, DEFAULT_RTOL = 20, 1e-4, 1e-3
 
 Progress = Callable[[int, int, str], None]
 """A progress callback: (done, total, current item)."""
@@ -53,3 +73,32 @@ class DType(str, Enum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+
+
+class StateDictFormat(str, Enum):
+    """The file type of a plain state_dict that extract writes (`extract --format`)."""
+
+    SAFETENSORS = "safetensors"
+    PT = "pt"
+
+
+class PolicySource(str, Enum):
+    """How merge decides what to superpose (`merge --policy`): from shapes, or by measuring."""
+
+    RULES = "rules"
+    MEASURED = "measured"
+
+
+class Objective(str, Enum):
+    """What `tune` trains against: the originals' outputs, the task's labels, or distill when it can."""
+
+    AUTO = "auto"
+    DISTILL = "distill"
+    TASK = "task"
+
+
+class Optimizer(str, Enum):
+    """`train --optimizer`: Adam, or SGD with momentum 0.9."""
+
+    ADAM = "adam"
+    SGD = "sgd"

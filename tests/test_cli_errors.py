@@ -42,7 +42,7 @@ def merge_raises(monkeypatch):
         def boom(*args, **kwargs):
             raise exc
 
-        # By module object: `pspctl.merge` is also the lazily exported function.
+        # By module object, as the CLI's lazy `from pspctl.merge import merge` finds it.
         monkeypatch.setattr(importlib.import_module("pspctl.merge"), "merge", boom)
 
     return install

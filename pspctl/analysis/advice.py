@@ -1,18 +1,18 @@
 """Policy advice: what superposing each tensor saves next to the error it adds, and the
-measured policy's recommendation for a budget (see pspctl.analysis.policy)."""
+measured policy's recommendation for a budget (see pspctl.planning)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import torch
-
 from pspctl.analysis.report import Report, TensorAdvice
 from pspctl.checkpoints import Checkpoint
+from pspctl.dtypes import torch_dtype
 from pspctl.fileformat import SuperposedFile
 from pspctl.kinds import OPS
 from pspctl.policy import Role
+from pspctl.task import Task
 
 __all__ = ["advice", "recommend"]
 
@@ -22,7 +22,7 @@ def advice(sf: SuperposedFile, report: Report, stored_bytes: dict[str, int]) -> 
     K = sf.num_contexts
     out = []
     for name, meta in sf.header.tensors.items():
-        dtype = getattr(torch, meta.dtype)
+        dtype = torch_dtype(meta.dtype)
         n = math.prod(meta.shape)
         if not dtype.is_floating_point or len(meta.shape) < 2 or n == 0:
             continue
@@ -31,7 +31,7 @@ def advice(sf: SuperposedFile, report: Report, stored_bytes: dict[str, int]) -> 
             cost = stored_bytes[name]
         else:
             # What merge would store: the superposed values in the recorded --dtype, and the contexts.
-            stored = getattr(torch, sf.header.recipe.get("dtype") or meta.dtype)
+            stored = torch_dtype(sf.header.recipe.get("dtype") or meta.dtype)
             ops = OPS[sf.kind]
             cost = n * stored.itemsize * (2 if ops.is_complex else 1) + ops.context_bytes(K, meta.fan_in)
         errs = [r.measured for r in report.layers if r.name == name and not math.isnan(r.measured)]
@@ -42,7 +42,7 @@ def advice(sf: SuperposedFile, report: Report, stored_bytes: dict[str, int]) -> 
 
 def recommend(
     sf: SuperposedFile,
-    task: Any,
+    task: Task | None,
     origs: list[Checkpoint] | None,
     max_drop: float,
     max_output_error: float | None,
@@ -53,7 +53,7 @@ def recommend(
     if task is None or origs is None or task.load_data is None:
         notes.append("--max-drop needs the originals and a task with load_data: no recommendation")
         return None
-    from pspctl.analysis.policy import measured_policy
+    from pspctl.planning import measured_policy
 
     result = measured_policy(
         origs, task, kind=sf.kind, seed=sf.header.seed, max_drop=max_drop, max_output_error=max_output_error,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pspctl.analysis.sources import as_tensor
+from pspctl.task import as_tensor
 
 __all__ = ["Capture", "LayerSums", "capture", "layer_sums", "matrix_probe_sums"]
 

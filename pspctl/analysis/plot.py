@@ -1,7 +1,7 @@
 """`--plot`: magnitude histograms per tensor (superposed vs originals, as in the paper's Figure 5)
 and per-layer function-space error against the Proposition 2 prediction.
 
-matplotlib is an optional extra (`pip install 'pspctl[plot]'`) and is imported only here.
+matplotlib is an optional extra, imported through pspctl.plotting.
 """
 
 from __future__ import annotations
@@ -11,32 +11,14 @@ from pathlib import Path
 
 from pspctl.analysis.report import Report
 from pspctl.checkpoints import atomic_path
-from pspctl.errors import PspctlError
+from pspctl.plotting import INSTALL_HINT, pyplot, require_matplotlib
 
 __all__ = ["INSTALL_HINT", "plot_report", "require_matplotlib"]
-
-INSTALL_HINT = "--plot needs matplotlib: pip install 'pspctl[plot]'"
-
-
-def require_matplotlib() -> None:
-    """Fail early, before any work, when matplotlib is missing.
-
-    Raises:
-        PspctlError: matplotlib cannot be imported; the message says how to install it.
-    """
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise PspctlError(INSTALL_HINT) from None
 
 
 def plot_report(report: Report, path: str | Path) -> Path:
     """Draw the report's histograms and error-vs-prediction panel into one PNG, atomically."""
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; must precede pyplot
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tensors = [
         n for n in report.edges if any(m.name == n and m.source == "superposed" for m in report.magnitudes)

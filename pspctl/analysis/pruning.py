@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from pspctl.dtypes import itemsize
 from pspctl.fileformat import SuperposedFile
 
 __all__ = [
@@ -38,7 +39,7 @@ def model_size(sf: SuperposedFile) -> tuple[int, int]:
     for meta in sf.header.tensors.values():
         n = math.prod(meta.shape)
         values += n
-        nbytes += n * getattr(torch, meta.dtype).itemsize
+        nbytes += n * itemsize(meta.dtype)
     return nbytes, values
 
 

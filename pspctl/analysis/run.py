@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from pspctl.analysis import sources
+from pspctl import sources
 from pspctl.analysis.advice import advice, recommend
 from pspctl.analysis.function import capture, layer_sums, matrix_probe_sums
 from pspctl.analysis.pruning import (
@@ -28,9 +27,10 @@ from pspctl.analysis.pruning import (
 from pspctl.analysis.report import ContextSummary, LayerError, PruneResult, Report
 from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
+from pspctl.dtypes import itemsize
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
-from pspctl.task import check_fits, on_task_data
+from pspctl.task import Task, check_fits, load_model, load_task, on_task_data, primary_metric, run_model
 from pspctl.types import Progress
 
 __all__ = ["DEFAULT_SPARSITIES", "analyze", "lower_is_better"]
@@ -47,7 +47,7 @@ def analyze(
     file: str | Path = "w.safetensors",
     *,
     originals: Sequence[str | Path] | None = None,
-    task: Any = None,
+    task: str | Path | Task | None = None,
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
     max_samples: int = 256,
     max_drop: float | None = None,
@@ -78,7 +78,7 @@ def analyze(
     """
     sf = SuperposedFile(file)
     notes: list[str] = []
-    task_obj, note = sources.find_task(sf, task)
+    task_obj, note = _find_task(sf, task)
     notes += [note] if note else []
     if task_obj is not None:
         check_fits(task_obj.build_model(), sf.shapes(), str(sf.path))
@@ -91,7 +91,7 @@ def analyze(
         file=str(sf.path), kind=kind.value, num_contexts=K, labels=list(sf.labels),
         file_bytes=sf.nbytes(), input_bytes=_input_bytes(sf, origs), stored_bytes=0,
         model_values=model_values, originals=[str(c.path) for c in origs] if origs else None,
-        task=getattr(task_obj, "source", None) if task_obj else None, inputs=None, notes=notes,
+        task=task_obj.source if task_obj else None, inputs=None, notes=notes,
         thresholds=[0.01, 0.1, 0.5],
     )  # fmt: skip
     tick = progress or (lambda done, total, item: None)
@@ -144,7 +144,7 @@ def analyze(
 def _input_bytes(sf: SuperposedFile, origs: list[Checkpoint] | None) -> int:
     if origs is not None:
         return sum(c.nbytes() for c in origs)
-    per = sum(math.prod(m.shape) * getattr(torch, m.dtype).itemsize for m in sf.header.tensors.values())
+    per = sum(math.prod(m.shape) * itemsize(m.dtype) for m in sf.header.tensors.values())
     return per * sf.num_contexts
 
 
@@ -160,20 +160,11 @@ def retrieved_state(sf: SuperposedFile, k: int, tau: float | None = None) -> dic
 
 
 def _inputs(
-    task: Any, k: int, max_samples: int, gen: torch.Generator
+    task: Task, k: int, max_samples: int, gen: torch.Generator
 ) -> tuple[tuple[Tensor, ...], str] | None:
     """One context's calibration inputs, or random probes shaped like example_inputs()."""
     if task.load_data is not None:
-        xs: list[tuple[Tensor, ...]] = []
-        n = 0
-        for batch in task.batches(k, "calib"):
-            x = batch[0] if isinstance(batch, tuple | list) else batch
-            xs.append(tuple(x) if isinstance(x, tuple | list) else (x,))
-            n += len(xs[-1][0])
-            if n >= max_samples:
-                break
-        cat = tuple(torch.cat(parts)[:max_samples] for parts in zip(*xs, strict=True))
-        return cat, "calib"
+        return task.inputs(k, "calib", max_samples), "calib"
     if task.example_inputs is not None:
         probes = []
         for e in task.example_inputs():
@@ -186,12 +177,34 @@ def _inputs(
     return None
 
 
-def _metric(task: Any, model: torch.nn.Module, k: int) -> tuple[str, float] | None:
+def _find_task(sf: SuperposedFile, spec: str | Path | Task | None) -> tuple[Task | None, str | None]:
+    """`spec` (a path, a module name or a loaded Task) or the task the file records; or a note.
+
+    Raises:
+        TaskError: the task cannot be imported or has no build_model.
+    """
+    if spec is None:
+        recorded, found = sources.recorded_task(sf)
+        if recorded is None:
+            return (
+                None,
+                "no task (merge --task or --task): function-space error on random probes of the weights only",
+            )
+        if not found:
+            return None, (
+                f"task {recorded} (recorded by merge) not found: pass --task; "
+                "function-space error on random probes of the weights only"
+            )
+        spec = recorded
+    task = spec if isinstance(spec, Task) else load_task(spec)
+    task.require("build_model")
+    return task, None
+
+
+def _metric(task: Task | None, model: torch.nn.Module, k: int) -> tuple[str, float] | None:
     if task is None or (task.evaluate is None and task.load_data is None):
         return None
-    metrics = task.metric(model, k)
-    name = next(iter(metrics))
-    return name, float(metrics[name])
+    return primary_metric(task.metric(model, k))
 
 
 def _norm(t: Tensor) -> float:
@@ -207,7 +220,7 @@ def _context_pass(
     report: Report,
     sf: SuperposedFile,
     k: int,
-    task: Any,
+    task: Task | None,
     origs: list[Checkpoint] | None,
     row_sq: dict[str, Tensor],
     taus: list[float],
@@ -224,8 +237,8 @@ def _context_pass(
         report.inputs = got[1]
     ret_state = retrieved_state(sf, k)
     orig_state = {n: origs[k][n] for n in sf.names()} if origs is not None else None
-    orig_model = sources.load_model(task, orig_state, f"original {k}") if task and orig_state else None
-    ret_model = sources.load_model(task, ret_state, f"context {k} of {sf.path}") if task else None
+    orig_model = load_model(task, orig_state, f"original {k}") if task and orig_state else None
+    ret_model = load_model(task, ret_state, f"context {k} of {sf.path}") if task else None
 
     caps = {}
     y_orig = None
@@ -236,8 +249,8 @@ def _context_pass(
     )
     if orig_model is not None and got is not None:
         out: list[Tensor] = []
-        with on_task_data(getattr(task, "source", "?"), what):
-            caps = capture(orig_model, sup, lambda: out.append(sources.run_model(orig_model, got[0])))
+        with on_task_data(task.source if task else "?", what):
+            caps = capture(orig_model, sup, lambda: out.append(run_model(orig_model, got[0])))
         y_orig = out[0]
     if orig_state is not None:
         for name in sup:
@@ -257,8 +270,8 @@ def _context_pass(
     summary.original_metric = m_orig[1] if m_orig else None
     summary.retrieved_metric = m_ret[1] if m_ret else None
     if y_orig is not None and ret_model is not None and got is not None:
-        with on_task_data(getattr(task, "source", "?"), what):
-            summary.output_error = _rel(sources.run_model(ret_model, got[0]), y_orig)
+        with on_task_data(task.source if task else "?", what):
+            summary.output_error = _rel(run_model(ret_model, got[0]), y_orig)
     del ret_model, ret_state, caps  # hold at most ~3 models at once: original, pruned, a fresh init
 
     for tau, row in zip(taus, report.pruning, strict=True):
@@ -269,11 +282,11 @@ def _context_pass(
             row.weight_error.append(math.sqrt(num / den) if den > 0 else None)
         else:
             row.weight_error.append(None)
-        model = sources.load_model(task, state, f"pruned context {k}") if task else None
+        model = load_model(task, state, f"pruned context {k}") if task else None
         m = _metric(task, model, k) if model is not None else None
         row.metric.append(m[1] if m else None)
         row.output_error.append(
-            _rel(sources.run_model(model, got[0]), y_orig)
+            _rel(run_model(model, got[0]), y_orig)
             if model is not None and y_orig is not None and got
             else None
         )
@@ -282,11 +295,11 @@ def _context_pass(
     if orig_state is not None:
         base_state, summary.same_budget_density = same_budget_state(orig_state, budget)
         if task is not None:
-            base = sources.load_model(task, base_state, f"pruned original {k}")
+            base = load_model(task, base_state, f"pruned original {k}")
             m_base = _metric(task, base, k)
             summary.same_budget_metric = m_base[1] if m_base else None
             if y_orig is not None and got is not None:
-                summary.same_budget_output_error = _rel(sources.run_model(base, got[0]), y_orig)
+                summary.same_budget_output_error = _rel(run_model(base, got[0]), y_orig)
     summary.winner = _winner(summary)
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pspctl.analysis.report import MagnitudeStats, TensorWeightError
 from pspctl.checkpoints import Checkpoint
+from pspctl.dtypes import torch_dtype
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
 
@@ -74,7 +75,7 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
     """
     meta = sf.header.tensors[name]
     K, kind = sf.num_contexts, sf.kind
-    dtype = getattr(torch, meta.dtype)
+    dtype = torch_dtype(meta.dtype)
     superposed = meta.role == Role.SUPERPOSED
     floating = dtype.is_floating_point
     if superposed:

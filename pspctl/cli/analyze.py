@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pspctl.cli import app, console, handle_errors, human_bytes, progress_bar
+from pspctl.cli.common import app, console, handle_errors, human_bytes, progress_bar
 from pspctl.cli.core import DEFAULT_FILE, superposed_path
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def analyze(
 
     superposed_path(file)
     if plot is not None:
-        from pspctl.analysis.plot import require_matplotlib
+        from pspctl.plotting import require_matplotlib
 
         require_matplotlib()
     from pspctl.outputs import refuse_inputs

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pspctl.cli import (
+from pspctl.cli.common import (
     app,
     command_line,
     console,

@@ -8,14 +8,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pspctl.cli import app, console, handle_errors, human_bytes, print_json
+from pspctl.cli.common import app, console, handle_errors, human_bytes, print_json
 from pspctl.cli.core import DEFAULT_FILE, FileArg, superposed_path
+from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
 if TYPE_CHECKING:
     from pspctl.onnx_export import ExportReport
-
-# Kept in step with pspctl.onnx_export (a test checks), which is imported lazily.
-DEFAULT_OPSET, DEFAULT_ATOL, DEFAULT_RTOL = 20, 1e-4, 1e-3
 
 
 @app.command()
@@ -48,21 +46,17 @@ def export(
     json_out: Annotated[bool, typer.Option("--json", help="Print the validation report as JSON.")] = False,
 ) -> None:
     """Export ONNX graphs (per context, or one multi-context graph) and validate them in onnxruntime."""
-    from pspctl.errors import InputError, TaskError
+    from pspctl.errors import InputError
     from pspctl.fileformat import SuperposedFile
     from pspctl.onnx_export import AtolError, export_contexts, export_multi
-    from pspctl.task import load_task
+    from pspctl.sources import require_task
 
     superposed_path(file)
     if multi == (context is not None):
         raise InputError("pass exactly one of --context K|LABEL|all and --multi")
     if atol < 0 or rtol < 0:
         raise InputError(f"--atol {atol:g} / --rtol {rtol:g}: tolerances cannot be negative")
-    spec = task or SuperposedFile(file).header.task
-    if spec is None:
-        raise TaskError(f"{file} records no task file; pass --task")
-    loaded = load_task(spec)
-    loaded.require("example_inputs")
+    loaded = require_task(SuperposedFile(file), task, "example_inputs")
     try:
         if multi:
             report = export_multi(file, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force)

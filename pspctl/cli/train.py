@@ -8,18 +8,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pspctl.cli import app, command_line, console, handle_errors, print_json, progress_bar
+from pspctl.cli.common import app, command_line, console, handle_errors, print_json, progress_bar
 from pspctl.cli.core import (
     DEFAULT_FILE,
     KeepOpt,
     MaxInterferenceOpt,
     MinShareOpt,
     SuperposeOpt,
-    _kind,
     policy_from_flags,
     superposed_path,
 )
-from pspctl.types import TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE
+from pspctl.types import TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE, Kind, Objective, Optimizer
 
 TaskOpt = Annotated[
     str, typer.Option("--task", help="Task file (path or module) with build_model and load_data.")
@@ -35,13 +34,11 @@ def _fmt(rows: list[dict[str, float]] | None, k: int, metric: str) -> str:
 def train_command(
     task: TaskOpt = ...,  # type: ignore[assignment]
     contexts: Annotated[int, typer.Option("--contexts", "-k", help="Number of tasks/contexts K.")] = ...,  # type: ignore[assignment]
-    kind: Annotated[
-        str, typer.Option(help="Context kind: binary, complex, rotation or onepower.")
-    ] = "binary",
+    kind: Annotated[Kind, typer.Option(help="Context kind.")] = Kind.BINARY,
     steps: Annotated[int, typer.Option(help="Training steps per context (per cycle).")] = 500,
     cycles: Annotated[int, typer.Option(help="Passes over the K contexts.")] = 1,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd (momentum 0.9).")] = "adam",
+    optimizer: Annotated[Optimizer, typer.Option(help="Adam, or SGD with momentum 0.9.")] = Optimizer.ADAM,
     eval_every: Annotated[
         int, typer.Option(help="Evaluate every context every N steps (0: at the end of each context).")
     ] = 0,
@@ -79,27 +76,27 @@ def train_command(
 ) -> None:
     """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
     from pspctl.checkpoints import refuse_existing
-    from pspctl.errors import InputError, MismatchError
+    from pspctl.errors import MismatchError
+    from pspctl.plotting import require_matplotlib
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
     from pspctl.training.plot import plot_first_task
 
-    if optimizer not in ("adam", "sgd"):
-        raise InputError(f"--optimizer {optimizer}: expected adam or sgd")
     label_list = tuple(labels.split(",")) if labels else None
     if label_list is not None and len(label_list) != contexts:
         raise MismatchError(f"--labels gives {len(label_list)} labels for --contexts {contexts}")
     output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
     metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
     if plot is not None:
+        require_matplotlib()
         refuse_existing(plot, force=force)
     options = TrainOptions(
         num_contexts=contexts,
-        kind=_kind(kind),
+        kind=kind.value,
         steps=steps,
         cycles=cycles,
         lr=lr,
-        optimizer=optimizer,
+        optimizer=optimizer.value,
         eval_every=eval_every,
         seed=seed,
         baseline=baseline,
@@ -148,11 +145,11 @@ def tune_command(
     ] = None,
     steps: Annotated[int, typer.Option(help="Training steps, round-robin over the contexts.")] = 200,
     objective: Annotated[
-        str,
+        Objective,
         typer.Option(
             help="distill (match the original models), task (labels), or auto: distill if they exist."
         ),
-    ] = "auto",
+    ] = Objective.AUTO,
     lr: Annotated[float, typer.Option(help="Learning rate (Adam).")] = 1e-4,
     eval_every: Annotated[
         int, typer.Option(help="Also evaluate every N steps (0: before and after only).")
@@ -176,29 +173,25 @@ def tune_command(
 ) -> None:
     """Heal a post-hoc merge: fine-tune the superposed weights, one context at a time."""
     from pspctl.checkpoints import refuse_existing
-    from pspctl.errors import TaskError
     from pspctl.fileformat import SuperposedFile
-    from pspctl.task import load_task
+    from pspctl.sources import require_task
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
 
-    superposed_path(file)
-    spec = task or SuperposedFile(file).header.task
-    if spec is None:
-        raise TaskError(f"{file} records no task; pass --task")
+    sf = SuperposedFile(superposed_path(file))
+    loaded = require_task(sf, task)
     output = output or default_output(file)
     if metrics is not None:
         refuse_existing(metrics, force=force)
     options = TuneOptions(
         steps=steps,
-        objective=objective,
+        objective=objective.value,
         lr=lr,
         eval_every=eval_every,
         seed=seed,
-        task_spec=spec,
+        task_spec=task or sf.header.task,
         command=command_line(),
     )
-    loaded = load_task(spec)
     with progress_bar("tuning", quiet=quiet or json_out) as update:
         report = tune(file, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
     data = {"command": "tune", **report.to_dict()}

@@ -8,10 +8,8 @@ left behind.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,64 +18,19 @@ from torch import Tensor, nn
 from pspctl.errors import TaskError, ValidationError
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile
-from pspctl.onnx_export.convert import DEFAULT_OPSET, io_names, to_onnx
+from pspctl.onnx_export.convert import io_names, to_onnx
 from pspctl.onnx_export.errors import AtolError
 from pspctl.onnx_export.modules import MultiContextModel
-from pspctl.onnx_export.validate import Check, compare, session, torch_outputs
+from pspctl.onnx_export.report import ExportReport
+from pspctl.onnx_export.validate import compare, session, torch_outputs
 from pspctl.outputs import staged_folder
-from pspctl.task import check_fits, on_task_data
+from pspctl.task import Task, check_fits, on_task_data
+from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
-__all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "ExportReport", "TaskLike", "export_contexts", "export_multi"]
-
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
+__all__ = ["export_contexts", "export_multi"]
 
 
-class TaskLike(Protocol):
-    """What export needs of a task (pspctl.task.Task fits): absent functions are None."""
-
-    @property
-    def source(self) -> str: ...
-    @property
-    def build_model(self) -> Callable[[], nn.Module] | None: ...
-    @property
-    def example_inputs(self) -> Callable[[], Any] | None: ...
-    @property
-    def load_data(self) -> Callable[[int, str], Iterable[Any]] | None: ...
-
-
-@dataclass
-class ExportReport:
-    """What was exported and how each graph compares with PyTorch."""
-
-    multi: bool
-    kind: str
-    num_contexts: int
-    labels: list[str]
-    opset: int
-    atol: float
-    rtol: float
-    inputs_from: str  # "load_data(k, 'test')" or "example_inputs()"
-    files: dict[str, int] = field(default_factory=dict)  # graph path -> bytes, external data included
-    checks: list[Check] = field(default_factory=list)
-    per_context_bytes: int | None = None  # multi only: K × the size of one per-context graph
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.files.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["passed"] = self.passed
-        out["total_bytes"] = self.total_bytes
-        return out
-
-
-def _fresh_model(task: TaskLike, file: SuperposedFile) -> nn.Module:
+def _fresh_model(task: Task, file: SuperposedFile) -> nn.Module:
     if task.build_model is None or task.example_inputs is None:
         missing = next(n for n in ("build_model", "example_inputs") if getattr(task, n, None) is None)
         raise TaskError(
@@ -90,7 +43,7 @@ def _fresh_model(task: TaskLike, file: SuperposedFile) -> nn.Module:
     return model.eval()
 
 
-def _retrieved(task: TaskLike, file: SuperposedFile, k: int) -> nn.Module:
+def _retrieved(task: Task, file: SuperposedFile, k: int) -> nn.Module:
     """The PyTorch reference: build_model() with context k's retrieved weights."""
     model = _fresh_model(task, file)
     model.load_state_dict(file.state_dict(k))
@@ -104,7 +57,7 @@ def _as_inputs(obj: Any, what: str) -> tuple[Tensor, ...]:
     return inputs
 
 
-def _validation_inputs(task: TaskLike, k: int) -> tuple[tuple[Tensor, ...], str, str]:
+def _validation_inputs(task: Task, k: int) -> tuple[tuple[Tensor, ...], str, str]:
     """The first test batch of task k if the task has data, else example_inputs(); and where
     they came from, for the report and for error messages."""
     if task.load_data is not None:
@@ -123,7 +76,7 @@ def _validation_inputs(task: TaskLike, k: int) -> tuple[tuple[Tensor, ...], str,
     return _as_inputs(task.example_inputs(), "example_inputs()"), "example_inputs()", "example_inputs()"
 
 
-def _tracing_inputs(task: TaskLike) -> tuple[Tensor, ...]:
+def _tracing_inputs(task: Task) -> tuple[Tensor, ...]:
     assert task.example_inputs is not None
     inputs = _as_inputs(task.example_inputs(), "example_inputs()")
     # torch.export specialises a batch of 1 as a constant; trace with 2 so the batch stays dynamic.
@@ -153,13 +106,13 @@ def _fail_if_needed(report: ExportReport) -> ExportReport:
     return report
 
 
-def _outputs(task: TaskLike, model: nn.Module, inputs: tuple[Tensor, ...], what: str) -> list[np.ndarray]:
+def _outputs(task: Task, model: nn.Module, inputs: tuple[Tensor, ...], what: str) -> list[np.ndarray]:
     """The PyTorch reference's outputs; a failure means the task's model does not fit `what`."""
     with on_task_data(task.source, what):
         return torch_outputs(model, inputs)
 
 
-def _export_one(task: TaskLike, file: SuperposedFile, k: int, path: Path, opset: int) -> nn.Module:
+def _export_one(task: Task, file: SuperposedFile, k: int, path: Path, opset: int) -> nn.Module:
     model = _retrieved(task, file, k)
     example = _tracing_inputs(task)
     n_out = len(_outputs(task, model, example, "example_inputs()"))
@@ -172,7 +125,7 @@ def _export_one(task: TaskLike, file: SuperposedFile, k: int, path: Path, opset:
 
 def export_contexts(
     path: str | Path,
-    task: TaskLike,
+    task: Task,
     context: int | str,
     output: str | Path,
     *,
@@ -214,7 +167,7 @@ def export_contexts(
 
 def export_multi(
     path: str | Path,
-    task: TaskLike,
+    task: Task,
     output: str | Path,
     *,
     opset: int = DEFAULT_OPSET,

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from pspctl.onnx_export.errors import TraceError
+from pspctl.types import DEFAULT_OPSET
 
 __all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "io_names", "to_onnx"]
 
-DEFAULT_OPSET = 20  # onnxruntime ≥ 1.17 runs it; the dynamo exporter's own default in torch 2.13
 # A protobuf message cannot exceed 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pspctl.errors import TaskError, ValidationError
-
-if TYPE_CHECKING:
-    from pspctl.onnx_export.api import ExportReport
+from pspctl.onnx_export.report import ExportReport
 
 __all__ = ["AtolError", "TraceError"]
 

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from pspctl.checkpoints import atomic_path
 from pspctl.errors import InputError, ValidationError
 from pspctl.nn import PSPModel
-from pspctl.task import Task
+from pspctl.task import Task, primary_metric
 from pspctl.types import Progress
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "evaluate_all",
     "guard",
     "mean_primary",
-    "primary",
     "task_loss",
     "write_json",
 ]
@@ -77,14 +76,9 @@ def evaluate_all(task: Task, model: nn.Module, num_contexts: int) -> list[dict[s
     return out
 
 
-def primary(metrics: Mapping[str, float]) -> tuple[str, float]:
-    """The metric tables and plots use: the first one the task reports."""
-    name = next(iter(metrics))
-    return name, float(metrics[name])
-
-
 def mean_primary(rows: Sequence[Mapping[str, float]]) -> float:
-    return sum(primary(r)[1] for r in rows) / max(len(rows), 1)
+    """The mean over contexts of the primary metric (pspctl.task.primary_metric)."""
+    return sum(primary_metric(r)[1] for r in rows) / max(len(rows), 1)
 
 
 def write_json(data: Mapping[str, Any], path: str | Path, *, force: bool = True) -> None:

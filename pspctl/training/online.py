@@ -22,7 +22,7 @@ from pspctl.errors import InputError
 from pspctl.fileformat import check_output
 from pspctl.nn import PSPModel, save, superpose
 from pspctl.policy import Policy
-from pspctl.task import Task, on_task_data
+from pspctl.task import Task, on_task_data, primary_metric
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -144,7 +144,7 @@ def train(
 
     def evaluate(step: int, context: int) -> None:
         rows = evaluate_all(task, model, K)
-        report.metric = report.metric or next(iter(rows[0]))
+        report.metric = report.metric or primary_metric(rows[0])[0]
         report.evaluations.append({"step": step, "context": context, "metrics": rows})
         report.final, report.steps = rows, step
 

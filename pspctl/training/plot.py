@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pspctl.checkpoints import atomic_path
-from pspctl.errors import OutputError
+from pspctl.plotting import pyplot
 
 __all__ = ["plot_first_task"]
 
@@ -26,15 +26,10 @@ def plot_first_task(
         block: steps per context; draws a faint line at every task switch.
 
     Raises:
-        OutputError: matplotlib is missing, or the path is unusable.
+        PspctlError: matplotlib is missing (exit 1, as analyze --plot).
+        OutputError: the path is unusable.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise OutputError("--plot needs matplotlib: pip install 'pspctl[plot]'") from None
+    plt = pyplot()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     last = 0

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pspctl.checkpoints import open_checkpoint, sha256_checkpoint, sha256_file
+from pspctl.checkpoints import sha256_file
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output
 from pspctl.nn import load, save
-from pspctl.task import Task, check_fits, load_model, on_task_data
+from pspctl.sources import locate_originals, open_originals
+from pspctl.task import Task, check_fits, load_model, on_task_data, primary_metric
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -32,10 +33,11 @@ from pspctl.training.common import (
     task_loss,
 )
 from pspctl.training.online import make_optimizer
+from pspctl.types import Objective
 
 __all__ = ["OBJECTIVES", "TuneOptions", "TuneReport", "default_output", "tune"]
 
-OBJECTIVES = ("auto", "distill", "task")
+OBJECTIVES = tuple(o.value for o in Objective)
 
 
 @dataclass(frozen=True)
@@ -76,32 +78,30 @@ def default_output(path: str | Path) -> Path:
 
 
 def _teachers(file: SuperposedFile, task: Task, objective: str, trust_pickle: bool) -> list[nn.Module] | None:
-    """The original models for distillation, or None when `objective` is task / they are gone."""
+    """The original models for distillation, or None when `objective` is task / they are gone.
+
+    They are found as analyze finds them (pspctl.sources): as recorded, then beside the file.
+    """
     if objective == "task":
         return None
-    inputs = file.header.inputs
+    located = locate_originals(file)
     problem = None
-    if len(inputs) != file.num_contexts:
+    if not located.recorded:
         problem = "the file records no input checkpoints"
-    else:
-        for i in inputs:
-            if not Path(i["path"]).exists():
-                problem = f"original {i['path']} not found"
-            elif i.get("sha256") and sha256_checkpoint(i["path"]) != i["sha256"]:
-                problem = f"original {i['path']} changed since the merge (sha256 differs)"
-            if problem:
-                break
+    elif located.missing:
+        problem = f"original {located.missing[0]} not found"
+    elif located.changed:
+        problem = f"original {located.changed[0]} changed since the merge (sha256 differs)"
     if problem:
         if objective == "distill":
             raise InputError(
                 f"--objective distill needs the original models: {problem}; use --objective task"
             )
         return None
-    teachers = []
-    for i in inputs:
-        ckpt = open_checkpoint(i["path"], trust_pickle=trust_pickle)
-        teachers.append(load_model(task, {n: ckpt[n] for n in ckpt.names}, i["path"]))
-    return teachers
+    return [
+        load_model(task, {n: ckpt[n] for n in ckpt.names}, str(ckpt.path))
+        for ckpt in open_originals(located.paths, trust_pickle=trust_pickle)
+    ]
 
 
 def tune(
@@ -146,7 +146,9 @@ def tune(
     K = file.num_contexts
     before = evaluate_all(task, psp, K)
     originals = [task.metric(teachers[k], k) for k in range(K)] if teachers else None
-    report = TuneReport(str(file.path), str(output), objective, next(iter(before[0])), before, [], originals)
+    report = TuneReport(
+        str(file.path), str(output), objective, primary_metric(before[0])[0], before, [], originals
+    )
     report.curve.append({"step": 0, "metrics": before})
     streams = [batch_stream(task, k, "train", options.seed) for k in range(K)]
     optimizer = make_optimizer(psp.parameters(), options.optimizer, options.lr)
