@@ -341,7 +341,9 @@ def build(name: str, out_dir: str | Path, *, small: bool = False, force: bool = 
     digests = {}
     for stem, state in files.items():
         path = directory / f"{stem}.safetensors"
-        save_file(state, str(path), metadata={"suite": name, "recipe": recipe_hash(cfg)})
+        # One metadata key: safetensors writes a map's keys in no fixed order, which would change
+        # the file's bytes (and its sha256) from one build to the next.
+        save_file(state, str(path), metadata={"pspctl_suite": f"{name}/{recipe_hash(cfg)}"})
         digests[path.name] = _sha256(path)
     meta = {"recipe": recipe(cfg), "hash": recipe_hash(cfg), "files": digests, "report": report}
     (directory / "recipe.json").write_text(json.dumps(meta, indent=1) + "\n")
