@@ -1,0 +1,626 @@
+"""Prototype of `merge --base` (issue 13) on the two suites of benchmarks/suites.py.
+
+Superposing K near-identical models directly leaves noise proportional to ‖W‖ in every
+retrieval. Centring on a base B (the parent, or the inputs' mean) superposes only the
+deltas: S = Σ_k (W_k − B) ⊙ c_k, Ŵ_k = B + unbind(S, c_k). This script measures, with
+pspctl's pure core only (`make_contexts`, `bind`, `unbind`, `predicted_output_error`):
+
+- per layer: the alignment η, Proposition 2's predicted relative output error and the
+  measured one, for plain and centred superposition;
+- end to end, per method and kind: accuracy (original vs retrieved), relative logit
+  error, output correlation, averaged-ensemble correlation and the storage ratio;
+- the same-bytes baseline: magnitude pruning of the deltas;
+- a sweep of the budget of `--base auto` (per tensor the cheapest of none / mean / per
+  context whose predicted error, with the η prior, is within the budget).
+
+    python benchmarks/base_prototype.py            # the numbers in docs/base-prototype.md
+    python benchmarks/base_prototype.py --small    # the reduced suites, a quick look
+
+Formulas and their derivation: docs/base-prototype.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.func import functional_call
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import suites  # noqa: E402
+from benchmarks.suites import StateDict, Suite  # noqa: E402
+from pspctl.contexts import ContextSet, Kind, make_contexts  # noqa: E402
+from pspctl.superpose import bind, fan_in, predicted_output_error, unbind  # noqa: E402
+
+KINDS = ("binary", "complex")
+ETA_PRIOR = 0.15  # see docs/base-prototype.md: below every η measured on both suites' layers
+BUDGETS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.22, 0.25, 0.3)
+DEFAULT_BUDGET = 0.1
+VALUE_BYTES = 4  # float32
+
+
+# --- What is stored: a plan per tensor -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How one tensor is stored: role "superposed", "per_context" or "shared"; centre "none", "mean", "parent"."""
+
+    role: str
+    centre: str = "none"
+
+
+Plan = dict[str, Choice]
+
+
+def superposable(t: Tensor) -> bool:
+    return t.is_floating_point() and t.dim() >= 2
+
+
+def uniform_plan(states: list[StateDict], centre: str) -> Plan:
+    """Every ≥2-d weight superposed around `centre`; biases per context (the paper's setting)."""
+    return {
+        n: Choice("superposed", centre) if superposable(t) else Choice("per_context")
+        for n, t in states[0].items()
+    }
+
+
+def centres(states: list[StateDict], parent: StateDict | None) -> dict[str, StateDict]:
+    """The bases a plan may name: the inputs' mean and, when there is one, the parent."""
+    mean = {n: torch.stack([s[n] for s in states]).mean(0) for n in states[0]}
+    return {"mean": mean} | ({"parent": parent} if parent is not None else {})
+
+
+def deltas(states: list[StateDict], bases: dict[str, StateDict], name: str, centre: str) -> list[Tensor]:
+    """What gets superposed for tensor `name`: W_k, or W_k − B."""
+    if centre == "none":
+        return [s[name] for s in states]
+    return [s[name] - bases[centre][name] for s in states]
+
+
+def predicted_errors(
+    weights: list[Tensor], ds: list[Tensor], kind: str, eta: float | list[float]
+) -> list[float]:
+    """Per context k: Proposition 2 with the norms of what is superposed (docs/base-prototype.md).
+
+    err_k = sqrt(v·(K−1)/M)/η_k · sqrt(mean_{s≠k} ‖D_s‖²)/‖W_k‖, i.e. pspctl's
+    `predicted_output_error` scaled by the superposed deltas' RMS norm relative to W_k.
+    """
+    K, M = len(ds), fan_in(ds[0].shape)
+    sq = [float(d.double().pow(2).sum()) for d in ds]
+    etas = eta if isinstance(eta, list) else [eta] * K
+    out = []
+    for k in range(K):
+        others = (sum(sq) - sq[k]) / max(K - 1, 1)
+        ratio = math.sqrt(max(others, 0.0)) / max(float(weights[k].norm()), 1e-30)
+        out.append(predicted_output_error(kind, K, M, etas[k]) * ratio)
+    return out
+
+
+def tensor_bytes(t: Tensor, choice: Choice, kind: str, K: int) -> tuple[int, int]:
+    """(bytes stored for this tensor, of which base bytes), at float32 values.
+
+    A superposed tensor costs its values (complex: two floats each) plus its contexts as
+    pspctl stores them (binary: packed bits, K·⌈M/8⌉; complex: K·M float32 phases).
+    """
+    n = t.numel()
+    if choice.role == "per_context":
+        return K * n * VALUE_BYTES, 0
+    if choice.role == "shared":
+        return n * VALUE_BYTES, 0
+    M = fan_in(t.shape)
+    ctx = K * math.ceil(M / 8) if kind == "binary" else K * M * 4
+    values = n * VALUE_BYTES * (2 if Kind(kind).is_complex else 1)
+    base = n * VALUE_BYTES if choice.centre != "none" else 0
+    return values + ctx + base, base
+
+
+def auto_plan(states: list[StateDict], bases: dict[str, StateDict], kind: str, budget: float,
+              centre: str = "mean", eta: float = ETA_PRIOR) -> Plan:  # fmt: skip
+    """`--base auto`: per tensor, the fewest bytes among none / `centre` / per context whose
+    worst predicted error (η prior) is within `budget`; biases per context; equal tensors shared."""
+    K = len(states)
+    plan: Plan = {}
+    for n, t in states[0].items():
+        if all(torch.equal(s[n], t) for s in states[1:]):
+            plan[n] = Choice("shared")
+            continue
+        if not superposable(t):
+            plan[n] = Choice("per_context")
+            continue
+        weights = [s[n] for s in states]
+        options = [Choice("per_context")]
+        for c in ("none", centre):
+            if max(predicted_errors(weights, deltas(states, bases, n, c), kind, eta)) <= budget:
+                options.append(Choice("superposed", c))
+        plan[n] = min(options, key=lambda ch: tensor_bytes(t, ch, kind, K)[0])
+    return plan
+
+
+# --- Retrieval: superposition, and pruning at the same bytes ----------------------------------
+
+
+def contexts_for(name: str, t: Tensor, kind: str, K: int, seed: int) -> ContextSet:
+    return make_contexts(kind, K, fan_in(t.shape), seed, name)
+
+
+def retrieve(states: list[StateDict], bases: dict[str, StateDict], plan: Plan, kind: str,
+             seed: int) -> list[StateDict]:  # fmt: skip
+    """Each context's weights as a merge with `plan` would give them back."""
+    K = len(states)
+    out: list[StateDict] = [dict(s) for s in states]
+    for n, choice in plan.items():
+        if choice.role != "superposed":
+            continue  # per context and shared tensors come back exactly
+        ctx = contexts_for(n, states[0][n], kind, K, seed)
+        ds = deltas(states, bases, n, choice.centre)
+        S = bind(ds, ctx)
+        for k in range(K):
+            back = unbind(S, ctx, k).to(states[k][n].dtype)
+            out[k][n] = back if choice.centre == "none" else bases[choice.centre][n] + back
+    return out
+
+
+def index_bytes(numel: int) -> int:
+    """The narrowest standard integer that addresses every entry (uint16 up to 65,536)."""
+    return 2 if numel <= 2**16 else 4
+
+
+def prune_same_bytes(states: list[StateDict], bases: dict[str, StateDict], plan: Plan,
+                     kind: str) -> list[StateDict]:  # fmt: skip
+    """The baseline: for each superposed tensor, keep per context the largest |W_k − B| entries
+    (B the plan's centre, 0 for none) in the bytes the superposed values and contexts take."""
+    K = len(states)
+    out: list[StateDict] = [dict(s) for s in states]
+    for n, choice in plan.items():
+        if choice.role != "superposed":
+            continue
+        t = states[0][n]
+        stored, base_bytes = tensor_bytes(t, choice, kind, K)
+        keep = int((stored - base_bytes) / K // (VALUE_BYTES + index_bytes(t.numel())))
+        base = bases[choice.centre][n] if choice.centre != "none" else torch.zeros_like(t)
+        for k, d in enumerate(deltas(states, bases, n, choice.centre)):
+            flat = d.flatten()
+            kept = torch.zeros_like(flat)
+            if keep > 0:
+                top = flat.abs().topk(min(keep, flat.numel())).indices
+                kept[top] = flat[top]
+            out[k][n] = base + kept.reshape(t.shape)
+    return out
+
+
+def storage(states: list[StateDict], plan: Plan, kind: str) -> dict[str, float]:
+    """K inputs' bytes over stored bytes; "ratio_linked" leaves out the parent, which exists
+    already and can be linked rather than stored (a mean cannot: it is new)."""
+    K = len(states)
+    inputs = K * sum(t.numel() * VALUE_BYTES for t in states[0].values())
+    stored = parent = 0
+    for n, choice in plan.items():
+        b, bb = tensor_bytes(states[0][n], choice, kind, K)
+        stored += b
+        parent += bb if choice.centre == "parent" else 0
+    out = {"ratio": inputs / stored}
+    uses_mean = any(c.role == "superposed" and c.centre == "mean" for c in plan.values())
+    return out if uses_mean else out | {"ratio_linked": inputs / (stored - parent)}
+
+
+def predicted_total(states: list[StateDict], bases: dict[str, StateDict], plan: Plan, kind: str) -> float:
+    """sqrt(Σ err_t²) over the superposed tensors (worst context, η prior): if the layers'
+    errors added up independently, the relative error of the logits."""
+    total = 0.0
+    for n, choice in plan.items():
+        if choice.role == "superposed":
+            weights = [s[n] for s in states]
+            total += (
+                max(predicted_errors(weights, deltas(states, bases, n, choice.centre), kind, ETA_PRIOR)) ** 2
+            )
+    return math.sqrt(total)
+
+
+# --- Measurements -------------------------------------------------------------------------------
+
+
+def linear_inputs(suite: Suite, state: StateDict, x: Tensor) -> dict[str, Tensor]:
+    """The input of every Linear layer when `state` runs on x, keyed by its weight's name."""
+    model = suite.model()
+    model.load_state_dict(state)
+    out = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model):
+            if isinstance(layer, torch.nn.Linear):
+                out[f"{i}.weight"] = x
+            x = layer(x)
+    return out
+
+
+def eta_rms(w: Tensor, x: Tensor) -> float:
+    """η² = ‖W x‖²/(‖W‖_F²‖x‖²), sums over the batch: the energy-weighted RMS of the paper's cos(w_i, x)."""
+    return math.sqrt(float((x @ w.T).pow(2).sum() / (w.pow(2).sum() * x.pow(2).sum())))
+
+
+def logits(suite: Suite, state: StateDict, x: Tensor) -> Tensor:
+    """The model's outputs with `state`'s tensors, without building a model per call."""
+    with torch.no_grad():
+        return functional_call(_model(suite.config), state, (x,))
+
+
+@lru_cache(maxsize=4)
+def _model(cfg: suites.SuiteConfig) -> torch.nn.Module:
+    return suites.make_model(cfg).eval()
+
+
+def corr(a: Tensor, b: Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+@dataclass
+class Evaluation:
+    """Outputs of every context's original model on its test inputs, to compare retrievals with."""
+
+    suite: Suite
+    inputs: list[tuple[Tensor, Tensor]]
+    original: list[Tensor]
+
+    @classmethod
+    def of(cls, suite: Suite, states: list[StateDict]) -> Evaluation:
+        inputs = [suite.data(k, "test") for k in range(len(states))]
+        return cls(suite, inputs, [logits(suite, s, x) for s, (x, _) in zip(states, inputs, strict=True)])
+
+    def __call__(self, retrieved: list[StateDict]) -> dict:
+        rows = []
+        outs = []
+        for k, state in enumerate(retrieved):
+            (x, y), orig = self.inputs[k], self.original[k]
+            out = logits(self.suite, state, x)
+            outs.append(out)
+            rows.append({"acc_orig": _acc(orig, y), "acc": _acc(out, y), "corr": corr(out, orig),
+                         "rel_err": float((out - orig).norm() / orig.norm())})  # fmt: skip
+        result: dict = {"contexts": rows}
+        if self.suite.name == "ensemble":  # every fold sees the same test inputs
+            y = self.inputs[0][1]
+            avg, avg_orig = torch.stack(outs).mean(0), torch.stack(self.original).mean(0)
+            result |= {
+                "ens_corr": corr(avg, avg_orig),
+                "ens_acc": _acc(avg, y),
+                "ens_acc_orig": _acc(avg_orig, y),
+            }
+        return result
+
+
+def _acc(out: Tensor, y: Tensor) -> float:
+    return 100.0 * float((out.argmax(1) == y).float().mean())
+
+
+def averaged(results: list[dict]) -> dict:
+    """The mean over context seeds of every number, per context; then the summary numbers."""
+    first = results[0]
+    rows = [{f: statistics.fmean(r["contexts"][k][f] for r in results) for f in first["contexts"][k]}
+            for k in range(len(first["contexts"]))]  # fmt: skip
+    out = {f: statistics.fmean(r[f] for r in results) for f in first if f != "contexts"}
+    drops = [r["acc_orig"] - r["acc"] for r in rows]
+    return out | {"contexts": rows, "mean_drop": statistics.fmean(drops), "worst_drop": max(drops),
+                  "min_corr": min(r["corr"] for r in rows), "mean_rel_err": statistics.fmean(r["rel_err"] for r in rows),
+                  "max_rel_err": max(r["rel_err"] for r in rows)}  # fmt: skip
+
+
+def describe(plan: Plan) -> str:
+    """e.g. "3 mean, 3 per-context": how many tensors each choice got."""
+    counts: dict[str, int] = {}
+    for c in plan.values():
+        key = c.centre if c.role == "superposed" else c.role.replace("_", "-")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
+
+
+# --- Per-layer: η, predicted and measured error ----------------------------------------------
+
+
+def layer_rows(
+    suite: Suite, states: list[StateDict], bases: dict[str, StateDict], seeds: range
+) -> list[dict]:
+    """Per Linear weight, centre and kind: Proposition 2's prediction against the measured error.
+
+    Inputs are the *original* model k's activations on its calibration data, so one layer's
+    error does not compound into the next (as `pspctl analyze` does).
+    """
+    K = len(states)
+    acts = [linear_inputs(suite, s, suite.data(k, "calib")[0]) for k, s in enumerate(states)]
+    rows = []
+    for name in acts[0]:
+        weights = [s[name] for s in states]
+        xs = [a[name] for a in acts]
+        signal = [float((x @ w.T).pow(2).sum()) for w, x in zip(weights, xs, strict=True)]
+        etas = [eta_rms(w, x) for w, x in zip(weights, xs, strict=True)]
+        for centre in ("none", *bases):
+            ds = deltas(states, bases, name, centre)
+            rel = _rms([float(d.norm() / w.norm()) for d, w in zip(ds, weights, strict=True)])
+            # Exact expectation over the contexts, column by column: E‖e_k‖² = v Σ_{s≠k} Σ_i ‖D_s[:,i]‖² Σ_p x_pi².
+            col = [d.pow(2).sum(0) for d in ds]
+            for kind in KINDS:
+                v = Kind(kind).variance_factor
+                expected = [math.sqrt(v * float(sum(c for j, c in enumerate(col) if j != k) @ xs[k].pow(2).sum(0))
+                                      / signal[k]) for k in range(K)]  # fmt: skip
+                measured = []
+                for seed in seeds:
+                    ctx = contexts_for(name, weights[0], kind, K, seed)
+                    S = bind(ds, ctx)
+                    for k in range(K):
+                        err = (unbind(S, ctx, k) - ds[k]) @ xs[k].T
+                        measured.append(math.sqrt(float(err.pow(2).sum()) / signal[k]))
+                rows.append({"layer": name, "fan_in": fan_in(weights[0].shape), "centre": centre, "kind": kind,
+                             "rel_delta": rel, "eta": statistics.fmean(etas), "eta_min": min(etas),
+                             "predicted": _rms(predicted_errors(weights, ds, kind, etas)),
+                             "predicted_prior": _rms(predicted_errors(weights, ds, kind, ETA_PRIOR)),
+                             "expected": _rms(expected), "measured": _rms(measured)})  # fmt: skip
+    return rows
+
+
+def _rms(values: list[float]) -> float:
+    return math.sqrt(statistics.fmean(v * v for v in values))
+
+
+# --- End to end ------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    suite: Suite
+    states: list[StateDict]
+    bases: dict[str, StateDict]
+    evaluation: Evaluation
+    seeds: range
+
+    def run(self, label: str, plan: Plan, kind: str, *, prune: bool = True) -> dict:
+        """Mean over context seeds of the retrieval metrics, the storage, and the pruning baseline."""
+        runs = [self.evaluation(retrieve(self.states, self.bases, plan, kind, s)) for s in self.seeds]
+        result = {"label": label, "kind": kind, "plan": describe(plan)} | averaged(runs)
+        result |= storage(self.states, plan, kind)
+        result["predicted_total"] = predicted_total(self.states, self.bases, plan, kind)
+        if prune:
+            pruned = averaged([self.evaluation(prune_same_bytes(self.states, self.bases, plan, kind))])
+            result["pruned"] = pruned
+        return result
+
+
+def current_policy(bench: Bench, tmp: Path) -> dict:
+    """`pspctl merge` with its default policy (binary), then `extract --context all`, evaluated."""
+    out, ext = tmp / f"{bench.suite.name}.safetensors", tmp / f"{bench.suite.name}-extracted"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pspctl",
+        "merge",
+        *map(str, bench.suite.paths),
+        "-o",
+        str(out),
+        "-q",
+        "--json",
+    ]
+    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    subprocess.run([sys.executable, "-m", "pspctl", "extract", str(out), "-c", "all", "-o", str(ext)],
+                   check=True, capture_output=True)  # fmt: skip
+    retrieved = [load_file(str(ext / f"{p.stem}.safetensors")) for p in bench.suite.paths]
+    superposed = [t["name"] for t in report["tensors"] if t["role"] == "superposed"]
+    reasons = sorted({t["reason"] for t in report["tensors"] if t["role"] != "superposed"})
+    return {"label": "pspctl merge (default policy)", "kind": "binary", "ratio": report["storage_ratio"],
+            "superposed": superposed, "reasons": reasons} | averaged([bench.evaluation(retrieved)])  # fmt: skip
+
+
+def quality_ok(suite: str, r: dict) -> bool:
+    """The issue's accuracy / correlation targets (meant for kind binary)."""
+    if suite == "finetunes":
+        return r["mean_drop"] <= 1.0 and r["worst_drop"] <= 2.0
+    return r["min_corr"] >= 0.98 and r["ens_corr"] >= 0.995
+
+
+def storage_ok(suite: str, r: dict) -> bool:
+    """Fine-tunes: ≥ 3.5× with the base stored and ≥ 7× with it linked; ensemble: ≥ 2.2×."""
+    if suite == "finetunes":
+        # A mean cannot be linked (it is new), so plans using one answer to 3.5× alone.
+        return r["ratio"] >= 3.5 and r.get("ratio_linked", 7.0) >= 7.0
+    return r["ratio"] >= 2.2
+
+
+# --- Report ------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+
+
+def layer_table(rows: list[dict]) -> str:
+    header = ["layer", "M", "centre", "kind", "‖D‖/‖W‖", "η (mean)", "η (min)", "predicted (η measured)",
+              f"predicted (η={ETA_PRIOR})", "expected (per column)", "measured", "measured/predicted"]  # fmt: skip
+    return _table(header, [[r["layer"], r["fan_in"], r["centre"], r["kind"], r["rel_delta"], r["eta"], r["eta_min"],
+                            r["predicted"], r["predicted_prior"], r["expected"], r["measured"],
+                            f"{r['measured'] / r['predicted']:.2f}"] for r in rows])  # fmt: skip
+
+
+def method_table(suite: str, results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        linked = f"{r['ratio_linked']:.2f}×" if "ratio_linked" in r else "–"
+        row = [r["label"], r["kind"], r.get("plan", ", ".join(r.get("superposed", [])) or "nothing superposed"),
+               f"{r['ratio']:.2f}×", linked]  # fmt: skip
+        p = r.get("pruned")
+        total = f"{r['predicted_total']:.3f}" if "predicted_total" in r else "–"
+        if suite == "finetunes":
+            row += [
+                f"{r['mean_drop']:+.2f}",
+                f"{r['worst_drop']:+.2f}",
+                r["mean_rel_err"],
+                r["max_rel_err"],
+                total,
+            ]
+            row += [f"{p['mean_drop']:+.2f} / {p['worst_drop']:+.2f}" if p else "–"]
+        else:
+            row += [r["min_corr"], f"{r['ens_corr']:.4f}", r["mean_rel_err"], r["max_rel_err"], total,
+                    f"{r['ens_acc_orig']:.1f} → {r['ens_acc']:.1f}"]  # fmt: skip
+            row += [f"{p['min_corr']:.3f} / {p['ens_corr']:.4f}" if p else "–"]
+        row += ["yes" if quality_ok(suite, r) else "no", "yes" if storage_ok(suite, r) else "no"]
+        rows.append(row)
+    if suite == "finetunes":
+        header = ["method", "kind", "tensors", "ratio (base stored)", "ratio (base linked)", "acc. drop mean",
+                  "worst", "logit err mean", "max", "predicted (quadrature)", "pruned Δ, same bytes: drop mean / worst"]  # fmt: skip
+    else:
+        header = ["method", "kind", "tensors", "ratio (base stored)", "ratio (base linked)", "min fold corr",
+                  "averaged corr", "logit err mean", "max", "predicted (quadrature)", "ensemble acc.", "pruned Δ, same bytes: min corr / avg corr"]  # fmt: skip
+    return _table(header + ["quality target", "storage target"], rows)
+
+
+def condensed(sweep: list[dict]) -> list[dict]:
+    """Consecutive budgets that chose the same tensors, as one row labelled with the budget range."""
+    rows: list[dict] = []
+    for r in sweep:
+        prev = rows[-1] if rows else None
+        if prev and (prev["kind"], prev["centre"], prev["plan"]) == (r["kind"], r["centre"], r["plan"]):
+            prev["label"] = f"auto ({r['centre']}), budget {prev['budget']:g}–{r['budget']:g}"
+        else:
+            rows.append(dict(r))
+    return rows
+
+
+def eta_table(rows: list[dict]) -> str:
+    """η per layer: mean and min over contexts, and η·√M (1 for inputs unrelated to the weights)."""
+    return _table(["layer", "M", "η (mean)", "η (min)", "η·√M"],
+                  [[r["layer"], r["fan_in"], r["eta"], r["eta_min"], f"{r['eta'] * math.sqrt(r['fan_in']):.2f}"]
+                   for r in rows if r["centre"] == "none" and r["kind"] == "binary"])  # fmt: skip
+
+
+def context_table(suite: str, r: dict) -> str:
+    p = r["pruned"]["contexts"]
+    rows = [[k, f"{c['acc_orig']:.1f}", f"{c['acc']:.1f}", f"{p[k]['acc']:.1f}", f"{c['corr']:.4f}",
+             f"{p[k]['corr']:.4f}", c["rel_err"], p[k]["rel_err"]] for k, c in enumerate(r["contexts"])]  # fmt: skip
+    return _table(["context", "acc. original", "acc. retrieved", "acc. pruned Δ", "corr", "corr pruned",
+                   "logit err", "logit err pruned"], rows)  # fmt: skip
+
+
+def run_suite(suite: Suite, seeds: range, budgets: tuple[float, ...], tmp: Path) -> dict:
+    states, parent = suite.states(), suite.base_state()
+    bases = centres(states, parent)
+    bench = Bench(suite, states, bases, Evaluation.of(suite, states), seeds)
+    out: dict = {"suite": suite.name, "timings": {}}
+    clock = time.perf_counter()
+    out["layers"] = layer_rows(suite, states, bases, seeds)
+    out["timings"]["layers_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    methods = []
+    for kind in KINDS:
+        for centre in ("none", *bases):
+            methods.append(bench.run(f"all weights, centre {centre}", uniform_plan(states, centre), kind))
+        for centre in bases:
+            plan = auto_plan(states, bases, kind, DEFAULT_BUDGET, centre)
+            methods.append(bench.run(f"auto ({centre}), budget {DEFAULT_BUDGET:g}", plan, kind))
+    out["methods"] = methods
+    out["timings"]["methods_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    out["current_policy"] = current_policy(bench, tmp)
+    out["timings"]["pspctl_merge_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    sweep = []
+    for kind in KINDS:
+        for centre in bases:
+            for budget in budgets:
+                plan = auto_plan(states, bases, kind, budget, centre)
+                row = bench.run(f"auto ({centre}), budget {budget:g}", plan, kind)
+                sweep.append(row | {"budget": budget, "centre": centre})
+    out["sweep"] = sweep
+    out["timings"]["sweep_s"] = time.perf_counter() - clock
+    return out
+
+
+def _quality(suite: str, r: dict) -> str:
+    if suite == "finetunes":
+        return f"accuracy drop mean {r['mean_drop']:+.2f} / worst {r['worst_drop']:+.2f} points"
+    return f"fold corr ≥ {r['min_corr']:.3f}, averaged {r['ens_corr']:.4f}"
+
+
+def verdict(suite: str, r: dict) -> list[str]:
+    """For kind binary: the most storage that keeps the quality target, the best quality that
+    reaches the storage target, and magnitude-pruned deltas at those bytes."""
+    rows = [m for m in [*r["methods"], *condensed(r["sweep"])] if m["kind"] == "binary"]
+    lines = []
+    good = [m for m in rows if quality_ok(suite, m)]
+    if good:
+        m = max(good, key=lambda m: (m["ratio"], m.get("ratio_linked", 0.0)))
+        linked = f", {m['ratio_linked']:.2f}× linked" if "ratio_linked" in m else ""
+        lines.append(f"- most storage with the quality target met: {m['label']} ({m['plan']}): "
+                     f"{m['ratio']:.2f}×{linked}; {_quality(suite, m)}; storage target {'met' if storage_ok(suite, m) else 'NOT met'}")  # fmt: skip
+    big = [m for m in rows if storage_ok(suite, m)]
+    if big:
+        key = (lambda m: m["worst_drop"]) if suite == "finetunes" else (lambda m: -m["min_corr"])
+        m = min(big, key=key)
+        lines.append(f"- best quality with the storage target met: {m['label']} ({m['plan']}): {m['ratio']:.2f}×; "
+                     f"{_quality(suite, m)}; quality target {'met' if quality_ok(suite, m) else 'NOT met'}")  # fmt: skip
+        p = m["pruned"]
+        lines.append(f"- magnitude-pruned deltas in the same bytes: {_quality(suite, p)}; "
+                     f"quality target {'met' if quality_ok(suite, p) else 'NOT met'}")  # fmt: skip
+    return lines
+
+
+def print_suite(suite: Suite, r: dict) -> None:
+    print(f"\n## {suite.name}{' (small)' if suite.config.small else ''}\n")
+    print(suites.summary(suite))
+    print("\n### η on calibration inputs\n")
+    print(eta_table(r["layers"]))
+    print("\n### Per layer (inputs: the original's activations; measured = RMS over contexts and seeds)\n")
+    print(layer_table(r["layers"]))
+    print("\n### Methods\n")
+    print(method_table(suite.name, [*r["methods"], r["current_policy"]]))
+    if reasons := r["current_policy"]["reasons"]:
+        print(f"\npspctl merge kept per context because: {'; '.join(reasons)}")
+    print("\n### Budget sweep of --base auto\n")
+    print(method_table(suite.name, condensed(r["sweep"])))
+    for label in (f"auto (mean), budget {DEFAULT_BUDGET:g}", "all weights, centre mean"):
+        row = next(m for m in r["methods"] if m["kind"] == "binary" and m["label"] == label)
+        print(f"\n### Per context: {label}, binary ({row['plan']})\n")
+        print(context_table(suite.name, row))
+    print("\n### Targets (binary)\n")
+    print("\n".join(verdict(suite.name, r)))
+    timings = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
+    print(f"\ntimings (s): {timings}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suites", nargs="*", help=f"any of {', '.join(suites.SUITES)} (default: all)")
+    p.add_argument("--small", action="store_true", help="the reduced suites")
+    p.add_argument("--seeds", type=int, default=3, help="context seeds to average")
+    p.add_argument(
+        "--data", type=Path, default=suites.DEFAULT_DIR, help="where the suites are (built if missing)"
+    )
+    p.add_argument("--json", type=Path, help="write every number here")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 is slower here)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.suites or suites.SUITES:
+            start = time.perf_counter()
+            suite = suites.build(
+                name, args.data / (f"{name}-small" if args.small else name), small=args.small
+            )
+            build_s = time.perf_counter() - start
+            results[name] = run_suite(suite, range(args.seeds), BUDGETS, Path(tmp))
+            results[name]["timings"] = {"build_or_cache_s": build_s} | results[name]["timings"]
+            print_suite(suite, results[name])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
