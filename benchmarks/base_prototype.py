@@ -50,6 +50,7 @@ KINDS = ("binary", "complex")
 ETA_PRIOR = 0.15  # see docs/base-prototype.md: below every η measured on both suites' layers
 BUDGETS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.22, 0.25, 0.3)
 DEFAULT_BUDGET = 0.1
+SCALES = (1.0, 0.75, 0.5, 0.35, 0.25)  # synthetic: the deltas from the mean, shrunk
 VALUE_BYTES = 4  # float32
 
 
@@ -497,6 +498,28 @@ def condensed(sweep: list[dict]) -> list[dict]:
     return rows
 
 
+def scaled_table(suite: str, rows: list[dict]) -> str:
+    names = list(rows[0]["rel_delta"])
+    quality = ["acc. drop mean", "worst"] if suite == "finetunes" else ["min fold corr", "averaged corr"]
+    out = []
+    for r in rows:
+        q = ([f"{r['mean_drop']:+.2f}", f"{r['worst_drop']:+.2f}"] if suite == "finetunes"
+             else [f"{r['min_corr']:.3f}", f"{r['ens_corr']:.4f}"])  # fmt: skip
+        out.append([f"{r['alpha']:g}", *[f"{r['rel_delta'][n]:.3f}" for n in names], r["label"], r["plan"], f"{r['ratio']:.2f}×",
+                    r["mean_rel_err"], *q, "yes" if quality_ok(suite, r) else "no"])  # fmt: skip
+    header = [
+        "α",
+        *[f"‖D‖/‖W‖ {n}" for n in names],
+        "method",
+        "tensors",
+        "ratio",
+        "logit err",
+        *quality,
+        "quality target",
+    ]
+    return _table(header, out)
+
+
 def eta_table(rows: list[dict]) -> str:
     """η per layer: mean and min over contexts, and η·√M (1 for inputs unrelated to the weights)."""
     return _table(["layer", "M", "η (mean)", "η (min)", "η·√M"],
@@ -510,6 +533,25 @@ def context_table(suite: str, r: dict) -> str:
              f"{p[k]['corr']:.4f}", c["rel_err"], p[k]["rel_err"]] for k, c in enumerate(r["contexts"])]  # fmt: skip
     return _table(["context", "acc. original", "acc. retrieved", "acc. pruned Δ", "corr", "corr pruned",
                    "logit err", "logit err pruned"], rows)  # fmt: skip
+
+
+def scaled_rows(suite: Suite, states: list[StateDict], seeds: range) -> list[dict]:
+    """How close must the models be? Shrink every model towards the mean, W_k' = B + α(W_k − B),
+    take those as the originals, and merge them (binary): every weight around the mean, and
+    the auto choice at the default budget and one step above it."""
+    mean = centres(states, None)["mean"]
+    names = sorted((n for n in mean if superposable(mean[n])), key=lambda n: int(n.split(".")[0]))
+    rows = []
+    for alpha in SCALES:
+        close = [{n: mean[n] + alpha * (s[n] - mean[n]) for n in s} for s in states]
+        bench = Bench(suite, close, {"mean": mean}, Evaluation.of(suite, close), seeds)
+        rel = {n: _rms([float((c[n] - mean[n]).norm() / c[n].norm()) for c in close]) for n in names}
+        plans = {"all weights, mean": uniform_plan(close, "mean")}
+        for budget in (DEFAULT_BUDGET, 0.15):
+            plans[f"auto (mean), budget {budget:g}"] = auto_plan(close, {"mean": mean}, "binary", budget)
+        for label, plan in plans.items():
+            rows.append(bench.run(label, plan, "binary", prune=False) | {"alpha": alpha, "rel_delta": rel})
+    return rows
 
 
 def run_suite(suite: Suite, seeds: range, budgets: tuple[float, ...], tmp: Path) -> dict:
@@ -539,7 +581,9 @@ def run_suite(suite: Suite, seeds: range, budgets: tuple[float, ...], tmp: Path)
                 row = bench.run(f"auto ({centre}), budget {budget:g}", plan, kind)
                 sweep.append(row | {"budget": budget, "centre": centre})
     out["sweep"] = sweep
-    out["timings"]["sweep_s"] = time.perf_counter() - clock
+    out["timings"]["sweep_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    out["scaled"] = scaled_rows(suite, states, seeds)
+    out["timings"]["scaled_s"] = time.perf_counter() - clock
     return out
 
 
@@ -589,6 +633,8 @@ def print_suite(suite: Suite, r: dict) -> None:
         row = next(m for m in r["methods"] if m["kind"] == "binary" and m["label"] == label)
         print(f"\n### Per context: {label}, binary ({row['plan']})\n")
         print(context_table(suite.name, row))
+    print("\n### How close must the models be? (synthetic: deltas from the mean × α; binary)\n")
+    print(scaled_table(suite.name, r["scaled"]))
     print("\n### Targets (binary)\n")
     print("\n".join(verdict(suite.name, r)))
     timings = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
