@@ -1,4 +1,4 @@
-"""The issue-13 suites (benchmarks/suites.py) and the --base prototype (benchmarks/base_prototype.py).
+"""The issue-13 suites (benchmarks/suites.py) and the --base prototype (benchmarks/base_*.py).
 
 Builds the small variants once per session (a few seconds) and checks what the suites are
 for: fine-tunes a few percent away from their parent that still need their own weights,
@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from benchmarks import base_methods as bm
 from benchmarks import base_prototype as bp
 from benchmarks import suites
 
@@ -81,12 +82,12 @@ def test_a_changed_file_is_rebuilt(ensemble: suites.Suite) -> None:
 
 def test_centring_on_the_mean_shrinks_the_retrieval_error(finetunes: suites.Suite) -> None:
     states = finetunes.states()
-    bases = bp.centres(states, finetunes.base_state())
-    evaluation = bp.Evaluation.of(finetunes, states)
+    bases = bm.centres(states, finetunes.base_state())
+    evaluation = bm.Evaluation.of(finetunes, states)
     errors = {}
     for centre in ("none", "mean"):
-        plan = bp.uniform_plan(states, centre)
-        errors[centre] = bp.averaged([evaluation(bp.retrieve(states, bases, plan, "binary", 0))])
+        plan = bm.uniform_plan(states, centre)
+        errors[centre] = bm.averaged([evaluation(bm.retrieve(states, bases, plan, "binary", 0))])
     assert errors["none"]["mean_rel_err"] > 5 * errors["mean"]["mean_rel_err"]
     assert errors["none"]["mean_drop"] > 30
     assert errors["mean"]["mean_drop"] < 10
@@ -94,7 +95,7 @@ def test_centring_on_the_mean_shrinks_the_retrieval_error(finetunes: suites.Suit
 
 def test_predicted_error_follows_the_measured_one(finetunes: suites.Suite) -> None:
     states = finetunes.states()
-    rows = bp.layer_rows(finetunes, states, bp.centres(states, finetunes.base_state()), range(2))
+    rows = bp.layer_rows(finetunes, states, bm.centres(states, finetunes.base_state()), range(2))
     assert len(rows) == 3 * 3 * 2  # layers × centres × kinds
     for r in rows:
         assert 0.75 < r["measured"] / r["predicted"] < 1.3, r
@@ -103,12 +104,12 @@ def test_predicted_error_follows_the_measured_one(finetunes: suites.Suite) -> No
 def test_retrieve_with_one_context_or_per_context_is_exact() -> None:
     gen = torch.Generator().manual_seed(0)
     states = [{"w": torch.randn(4, 6, generator=gen), "b": torch.randn(4, generator=gen)} for _ in range(3)]
-    bases = bp.centres(states, None)
-    for kind in bp.KINDS:
-        back = bp.retrieve(states, bases, {n: bp.Choice("per_context") for n in states[0]}, kind, 0)
+    bases = bm.centres(states, None)
+    for kind in bm.KINDS:
+        back = bm.retrieve(states, bases, {n: bm.Choice("per_context") for n in states[0]}, kind, 0)
         assert all(torch.equal(b["w"], s["w"]) for b, s in zip(back, states, strict=True))
-        (one,) = bp.retrieve(
-            states[:1], bp.centres(states[:1], None), bp.uniform_plan(states[:1], "mean"), kind, 0
+        (one,) = bm.retrieve(
+            states[:1], bm.centres(states[:1], None), bm.uniform_plan(states[:1], "mean"), kind, 0
         )
         torch.testing.assert_close(one["w"], states[0]["w"])
 
@@ -118,14 +119,14 @@ def test_storage_and_pruning_spend_the_same_bytes() -> None:
     states = [
         {"w": torch.randn(16, 32, generator=gen), "b": torch.randn(16, generator=gen)} for _ in range(4)
     ]
-    plan = bp.uniform_plan(states, "mean")
+    plan = bm.uniform_plan(states, "mean")
     # Inputs: 4 × (512 + 16) floats. Stored: base 512 + superposed 512 floats, 4 × 32/8 context
     # bytes, and the bias 4 times.
     stored = (512 + 512 + 4 * 16) * 4 + 4 * 4
-    assert bp.storage(states, plan, "binary") == {"ratio": 4 * 528 * 4 / stored}
-    pruned = bp.prune_same_bytes(states, bp.centres(states, None), plan, "binary")
+    assert bm.storage(states, plan, "binary") == {"ratio": 4 * 528 * 4 / stored}
+    pruned = bm.prune_same_bytes(states, bm.centres(states, None), plan, "binary")
     keep = (512 * 4 + 16) // 4 // (4 + 2)  # superposed bytes per context over value + uint16 index
-    mean = bp.centres(states, None)["mean"]["w"]
+    mean = bm.centres(states, None)["mean"]["w"]
     for p in pruned:
         assert int((p["w"] != mean).sum()) == keep
 
@@ -135,9 +136,9 @@ def test_auto_plan_shares_equal_tensors_and_respects_the_budget() -> None:
     shared = torch.randn(8, 64, generator=gen)
     common = torch.randn(8, 64, generator=gen)
     states = [{"s": shared, "w": common + 0.01 * torch.randn(8, 64, generator=gen)} for _ in range(4)]
-    bases = bp.centres(states, None)
-    loose = bp.auto_plan(states, bases, "binary", budget=10.0)
-    assert loose == {"s": bp.Choice("shared"), "w": bp.Choice("superposed", "none")}
-    medium = bp.auto_plan(states, bases, "binary", budget=0.5)  # plain would be ~1.4, centred ~0.01
-    assert medium["w"] == bp.Choice("superposed", "mean")
-    assert bp.auto_plan(states, bases, "binary", budget=1e-4)["w"] == bp.Choice("per_context")
+    bases = bm.centres(states, None)
+    loose = bm.auto_plan(states, bases, "binary", budget=10.0)
+    assert loose == {"s": bm.Choice("shared"), "w": bm.Choice("superposed", "none")}
+    medium = bm.auto_plan(states, bases, "binary", budget=0.5)  # plain would be ~1.4, centred ~0.01
+    assert medium["w"] == bm.Choice("superposed", "mean")
+    assert bm.auto_plan(states, bases, "binary", budget=1e-4)["w"] == bm.Choice("per_context")
