@@ -86,13 +86,14 @@ class SuiteConfig:
 def config(name: str, *, small: bool = False) -> SuiteConfig:
     """The configuration of suite `name` ("finetunes" or "ensemble"), full or small."""
     if name == "finetunes":
+        common = dict(contexts=8, depth=3, lr=0.01, base_lr=1e-3, shuffled_pixels=12)
         if small:
-            return SuiteConfig(name, True, 8, 64, 3, 100, 0.01, 150, 1e-3, 12)
-        return SuiteConfig(name, False, 8, 256, 3, 200, 0.01, 400, 1e-3, 12)
+            return SuiteConfig(name, True, hidden=64, steps=100, base_steps=150, **common)
+        return SuiteConfig(name, False, hidden=256, steps=200, base_steps=400, **common)
     if name == "ensemble":
         if small:
-            return SuiteConfig(name, True, 5, 32, 6, 150, 1e-3)
-        return SuiteConfig(name, False, 5, 128, 6, 600, 1e-3)
+            return SuiteConfig(name, True, contexts=5, hidden=32, depth=6, steps=150, lr=1e-3)
+        return SuiteConfig(name, False, contexts=5, hidden=128, depth=6, steps=600, lr=1e-3)
     raise ValueError(f"unknown suite {name!r}; expected one of {', '.join(SUITES)}")
 
 
