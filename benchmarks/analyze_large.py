@@ -96,7 +96,7 @@ def main() -> None:
         model_bytes = paths[0].stat().st_size
         out = d / "w.safetensors"
         policy = Policy(superpose=("*.weight",))  # every hidden layer and the head
-        merge(paths, out, MergeOptions(kind=args.kind, policy=policy, task=str(d / "task.py")))
+        merge(paths, out, MergeOptions(kind=args.kind, policy=policy, task=str(d / "task.py"), base="none"))
         print(f"setup (write {args.contexts} models, merge): {time.perf_counter() - t0:.1f} s")
 
         child = subprocess.run(

@@ -52,7 +52,10 @@ from pspctl.merge import MergeOptions, merge  # noqa: E402
 from pspctl.onnx_export import export_contexts, export_multi  # noqa: E402
 from pspctl.onnx_export.convert import to_onnx  # noqa: E402
 from pspctl.onnx_export.modules import StackedTensors  # noqa: E402
-from pspctl.policy import Role  # noqa: E402
+from pspctl.policy import (
+    SHAPE_RULES,  # noqa: E402
+    Role,  # noqa: E402
+)
 
 K = 4
 CONTEXT = 1
@@ -155,7 +158,7 @@ def interleaved(fns: list, runs: int, warmup: int) -> list[float]:
 def bench(name: str, kind: str, folder: Path, args: argparse.Namespace) -> list[dict]:
     paths, task, width = SETUPS[name](folder)
     superposed = folder / f"{name}_{kind}.safetensors"
-    merge(paths, superposed, MergeOptions(kind=kind, force=True))
+    merge(paths, superposed, MergeOptions(kind=kind, force=True, base="none", policy=SHAPE_RULES))
     multi = export_multi(superposed, task, folder / f"{name}_{kind}_multi.onnx", force=True)
     single = export_contexts(superposed, task, CONTEXT, folder / f"{name}_{kind}_{CONTEXT}.onnx", force=True)
     file = SuperposedFile(superposed)

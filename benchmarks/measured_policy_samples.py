@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from pspctl.analysis.policy import policy_for_merge  # noqa: E402
 from pspctl.demo import evaluate_retrieved  # noqa: E402
 from pspctl.merge import MergeOptions, merge  # noqa: E402
+from pspctl.policy import SHAPE_RULES  # noqa: E402
 from pspctl.task import load_task  # noqa: E402
 
 TASK = str(ROOT / "samples" / "digits_task.py")
@@ -34,7 +35,7 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("binary", "complex", "rotation", "onepower"):
-            base = MergeOptions(kind=kind, task=TASK, force=True)
+            base = MergeOptions(kind=kind, task=TASK, force=True, base="none", policy=SHAPE_RULES)
             runs = [("default rule", base)]
             for budget in BUDGETS:
                 policy, _ = policy_for_merge(MODELS, base, max_drop=budget)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pspctl.merge import MergeOptions, merge  # noqa: E402
-from pspctl.policy import Policy  # noqa: E402
+from pspctl.policy import SHAPE_RULES, Policy  # noqa: E402
 from pspctl.task import Task, load_task  # noqa: E402
 from pspctl.training import TuneOptions, tune  # noqa: E402
 from pspctl.training.common import mean_primary  # noqa: E402
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     task_path = ROOT / "samples" / "digits_task.py"
     task = load_task(task_path)
-    policy = Policy(superpose=("*weight",)) if args.all_weights else Policy()
+    policy = Policy(superpose=("*weight",)) if args.all_weights else SHAPE_RULES
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
         if (args.hidden, args.contexts) == (256, 4):
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---:|---:|---:|")
         for kind in args.kinds:
             merged = Path(tmp) / f"{kind}.safetensors"
-            merge(inputs, merged, MergeOptions(kind=kind, policy=policy, task=str(task_path)))
+            merge(inputs, merged, MergeOptions(kind=kind, policy=policy, task=str(task_path), base="none"))
             opts = TuneOptions(steps=args.steps, eval_every=args.eval_every, lr=args.lr)
             r = tune(merged, task, Path(tmp) / f"{kind}.tuned.safetensors", opts)
             assert r.originals is not None

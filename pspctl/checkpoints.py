@@ -12,22 +12,19 @@ shard holding each tensor. A directory stands for the checkpoint inside it (see 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed
+from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed, one_line
+from pspctl.outputs import ST_CODES, atomic_path, refuse_existing, write_safetensors
 from pspctl.policy import TensorInfo
 
 __all__ = [
@@ -54,16 +51,17 @@ DIRECTORY_NAMES = (
     "pytorch_model.bin",
 )
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
-}  # fmt: skip
+RAN_PICKLED_CODE = "ran pickled code (--trust-pickle)"  # a Checkpoint's note
+# Every file whose pickled code this process ran (--trust-pickle), in order: the CLI names them.
+RAN_PICKLED: list[Path] = []
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32' for torch.float32."""
     return str(dtype).removeprefix("torch.")
+
+
+ST_DTYPES = {code: dtype_name(dtype) for dtype, code in ST_CODES.items()}  # "F32" -> "float32"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -154,6 +152,11 @@ class Checkpoint:
     def __getitem__(self, name: str) -> Tensor:
         return self._get(name)
 
+    @property
+    def pickled(self) -> bool:
+        """Whether loading it (a shard of it) ran pickled code, as trust_pickle allows."""
+        return RAN_PICKLED_CODE in self.notes
+
     def nbytes(self) -> int:
         """Bytes of all its tensors (not the file size)."""
         return sum(i.numel * _itemsize(i.dtype) for i in self.infos.values())
@@ -184,7 +187,7 @@ def _read_safetensors(path: Path) -> Raw:
             meta = handle.metadata() or {}
             slices = {n: handle.get_slice(n) for n in handle.keys()}
             raw = {
-                n: (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                n: (tuple(s.get_shape()), ST_DTYPES.get(s.get_dtype(), s.get_dtype()))
                 for n, s in slices.items()
             }
     except SafetensorError as e:
@@ -207,7 +210,11 @@ def _read_safetensors(path: Path) -> Raw:
 def _read_pickle(path: Path, trust_pickle: bool) -> Raw:
     if path.suffix not in PICKLE_SUFFIXES:
         raise InputError(f"{path}: unknown checkpoint type (expected .safetensors, .pt, .pth, .bin or .ckpt)")
-    state, notes = _unwrap(_torch_load(path, trust_pickle), path)
+    obj, pickled = _torch_load(path, trust_pickle)
+    state, notes = _unwrap(obj, path)
+    if pickled:
+        notes.append(RAN_PICKLED_CODE)
+        RAN_PICKLED.append(path)
     raw = {n: (tuple(t.shape), dtype_name(t.dtype)) for n, t in state.items()}
     return raw, state.__getitem__, notes
 
@@ -245,24 +252,38 @@ def _unwrap(obj: object, path: Path) -> tuple[Mapping[str, Tensor], list[str]]:
     return obj, notes
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> object:
+def _torch_load(path: Path, trust_pickle: bool) -> tuple[object, bool]:
+    """The object pickled in `path`, and whether loading it ran pickled code.
+
+    Always tried with weights_only=True first: a plain state_dict needs no code, so
+    `trust_pickle` lets only the files that do need it run code (and they are reported).
+    """
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":
         raise InputError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK"), False
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f" (it references {found.group(1)})" if found else ""
-        raise UnsafeCheckpointError(
-            f"{path}: loading it would execute pickled code{what}; a malicious pickle can run "
-            "anything. Re-save it as a state_dict, or pass --trust-pickle if you trust its source"
-        ) from None
+        if not trust_pickle:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = f" (it references {found.group(1)})" if found else ""
+            raise UnsafeCheckpointError(
+                f"{path}: loading it would execute pickled code{what}; a malicious pickle can run "
+                "anything. Re-save it as a state_dict, or pass --trust-pickle if you trust its source"
+            ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InputError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), True
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # the file's own code failed, e.g. a class it pickled cannot be imported
+        raise InputError(f"{path}: its pickled code failed ({one_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
@@ -284,47 +305,23 @@ def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     return Checkpoint(path, infos, lambda name: get(mapping[name]), notes + strip_notes)
 
 
-def refuse_existing(path: str | Path, *, force: bool) -> None:
-    """Raise OutputError if `path` exists and `force` is off: check before doing the work."""
-    if Path(path).exists() and not force:
-        raise OutputError(f"{path}: already exists (pass --force to overwrite)")
+def save_state_dict(
+    state: Mapping[str, Tensor], path: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()
+) -> None:
+    """Write a plain state_dict atomically: safetensors for `.safetensors`, torch.save otherwise.
+    The same state_dict gives the same bytes.
 
-
-@contextlib.contextmanager
-def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path in `path`'s directory; rename it onto `path` only on success."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    refuse_existing(path, force=force)
-    if not path.parent.is_dir():
-        raise OutputError(f"{path.parent}: no such directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user expects their umask
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_state_dict(state: Mapping[str, Tensor], path: str | Path, *, force: bool = False) -> None:
-    """Write a plain state_dict atomically: safetensors for `.safetensors`, torch.save otherwise."""
+    Raises:
+        OutputError: an unknown suffix, or `path` refused by `atomic_path`.
+    """
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
     if path.suffix not in SUFFIXES:
         raise OutputError(f"{path}: unknown output type (use .safetensors, .pt, .pth or .bin)")
-    with atomic_path(path, force=force) as tmp:
+    with atomic_path(path, force=force, inputs=inputs) as tmp:
         if path.suffix == ".safetensors":
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        else:
-            torch.save(dict(state), tmp)
+            write_safetensors(state, tmp, {"format": "pt"})
+        else:  # through a file object: torch.save would name the archive after the temp file
+            with open(tmp, "wb") as f:
+                torch.save(dict(state), f)

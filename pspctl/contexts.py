@@ -19,30 +19,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
 
+from pspctl.types import Kind
+
 __all__ = ["ContextSet", "Kind", "derive_seed", "make_contexts"]
-
-
-class Kind(str, Enum):
-    BINARY = "binary"
-    COMPLEX = "complex"
-    ROTATION = "rotation"
-    ONEPOWER = "onepower"
-
-    @property
-    def is_complex(self) -> bool:
-        """Whether the superposed tensor is complex (retrieval takes the real part)."""
-        return self in (Kind.COMPLEX, Kind.ONEPOWER)
-
-    @property
-    def variance_factor(self) -> float:
-        """E[residual²] per unit of another model's weight: 1 for ±1 and rotations,
-        1/2 for unit phases, because Re(e^{iθ}) = cos θ has E[cos² θ] = 1/2."""
-        return 0.5 if self.is_complex else 1.0
 
 
 def derive_seed(seed: int, name: str) -> int:

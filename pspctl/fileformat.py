@@ -9,19 +9,32 @@ Tensor names in the file, for an original tensor `name`:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from pspctl.checkpoints import PICKLE_SUFFIXES, atomic_path, refuse_existing
+from pspctl.checkpoints import PICKLE_SUFFIXES, ST_DTYPES, Checkpoint, open_checkpoint, sha256_checkpoint
 from pspctl.contexts import ContextSet, Kind
-from pspctl.errors import ContextError, FormatError, InputError, OutputError
+from pspctl.errors import ContextError, FormatError, InputError, MismatchError, OutputError
+from pspctl.header import (
+    BASE,
+    CONTEXTS,
+    FORMAT_VERSION,
+    SHARED,
+    STACKED,
+    SUPERPOSED,
+    Header,
+    TensorMeta,
+    check_header,
+    check_tensors,
+    parse_header,
+    stored_names,
+)
+from pspctl.outputs import atomic_path, crc32, refuse_existing, write_safetensors
 from pspctl.policy import Role
 from pspctl.superpose import unbind
 
@@ -29,6 +42,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Header",
     "SuperposedFile",
+    "SuperposedWriter",
     "TensorMeta",
     "check_output",
     "pack",
@@ -36,43 +50,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "pspctl"
-FORMAT_VERSION = 1
-SUPERPOSED, STACKED, CONTEXTS = "superposed/", "stacked/", "contexts/"
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    role: str  # Role value
-    dtype: str  # the original dtype, restored on extraction
-    shape: list[int]
-    fan_in: int = 1
-    reason: str = ""
-
-
-@dataclass
-class Header:
-    """Everything in the file besides the tensors. Serialised as JSON in the safetensors metadata."""
-
-    kind: str
-    seed: int
-    num_contexts: int
-    labels: list[str]
-    tensors: dict[str, TensorMeta]
-    inputs: list[dict[str, Any]] = field(default_factory=list)  # {"path", "sha256", "label"}
-    recipe: dict[str, Any] = field(default_factory=dict)
-    task: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)  # later steps, e.g. tune
-    format_version: int = FORMAT_VERSION
-    pspctl_version: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Header:
-        data = json.loads(text)
-        data["tensors"] = {k: TensorMeta(**v) for k, v in data["tensors"].items()}
-        return cls(**data)
+CHECKSUMS = "pspctl.checksums"  # metadata key: CRC-32 of the header text and of every tensor
+READS = {"1", "2"}  # the format versions this pspctl reads
+METADATA_KEYS = {"format", "pspctl.format_version", "pspctl.header", CHECKSUMS}
 
 
 def pack(superposed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -98,24 +78,197 @@ def _check_name(path: Path) -> None:
 
 
 def write_superposed(
-    path: Path, tensors: Mapping[str, Tensor], header: Header, *, force: bool = False
+    path: Path,
+    tensors: Mapping[str, Tensor],
+    header: Header,
+    *,
+    force: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> None:
-    """Write tensors (already named superposed/…, stacked/…, contexts/…) and header atomically."""
+    """Write tensors (already named superposed/…, stacked/…, contexts/…) and header atomically.
+
+    The same tensors and header give the same bytes. `inputs` are files the output must not be.
+    """
     from pspctl import __version__
 
     header.pspctl_version = header.pspctl_version or __version__
+    text = header.to_json()
+    checksums = {"header": _crc_text(text), "tensors": {n: crc32(t) for n, t in sorted(tensors.items())}}
     metadata = {
         "format": FORMAT_NAME,
         "pspctl.format_version": str(FORMAT_VERSION),
-        "pspctl.header": header.to_json(),
+        "pspctl.header": text,
+        CHECKSUMS: json.dumps(checksums, sort_keys=True, separators=(",", ":")),
     }
     _check_name(path)  # atomic_path refuses an existing file
-    with atomic_path(path, force=force) as tmp:
-        save_file(dict(tensors), str(tmp), metadata=metadata)
-        SuperposedFile(tmp)  # write, then verify: the header parses and every tensor is there
+    with atomic_path(path, force=force, inputs=inputs) as tmp:
+        write_safetensors(tensors, tmp, metadata)
+        written = SuperposedFile(tmp)  # write, then verify: header, tensors and checksums
+        for name in tensors:
+            written.raw(name)
 
 
-class SuperposedFile:
+def _crc_text(text: str) -> str:
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
+def _checksums(path: Path, meta: Mapping[str, str]) -> dict[str, str]:
+    """The per-tensor checksums, after checking the header's; {} for files written without them."""
+    if CHECKSUMS not in meta:
+        return {}
+    try:
+        sums = json.loads(meta[CHECKSUMS])
+        header_sum, tensor_sums = sums["header"], sums["tensors"]
+        if not isinstance(header_sum, str) or not isinstance(tensor_sums, dict):
+            raise TypeError("not a {header, tensors} object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{path}: corrupt {CHECKSUMS} entry ({e})") from None
+    if header_sum != _crc_text(meta["pspctl.header"]):
+        raise FormatError(
+            f"{path}: the pspctl header does not match its checksum: the file was corrupted or edited"
+        )
+    return {str(k): str(v) for k, v in tensor_sums.items()}
+
+
+class _Stored:
+    """Reading a superposed file's tensors back, for the file on disk and for one being written.
+
+    Subclasses give `kind`, `num_contexts`, `metas` and `raw(stored name)`; everything else,
+    model k's tensors above all, is computed here once for both.
+    """
+
+    kind: Kind
+    num_contexts: int
+    metas: dict[str, TensorMeta]
+    _last: tuple[str, Tensor, ContextSet] | None = None  # the last superposed tensor read
+
+    def raw(self, stored_name: str) -> Tensor:
+        raise NotImplementedError
+
+    def names(self, role: Role | None = None) -> list[str]:
+        """Original tensor names in their original order, optionally of one role."""
+        return [n for n, m in self.metas.items() if role is None or m.role == role]
+
+    def shapes(self) -> dict[str, list[int]]:
+        """The original shape of every tensor, by name."""
+        return {name: meta.shape for name, meta in self.metas.items()}
+
+    def contexts(self, name: str) -> ContextSet:
+        return self._superposed_and_contexts(name)[1]
+
+    def superposed(self, name: str) -> Tensor:
+        """The superposed tensor in float32 (complex64 for the complex kinds), original shape."""
+        return self._superposed_and_contexts(name)[0]
+
+    def _superposed_and_contexts(self, name: str) -> tuple[Tensor, ContextSet]:
+        # Kept for the next call: analysis and nn read one tensor's K views in a row.
+        if self._last is None or self._last[0] != name:
+            stored = self.raw(SUPERPOSED + name).float()
+            value = torch.view_as_complex(stored) if self.kind.is_complex else stored
+            ctx = ContextSet.from_stored(
+                self.kind, self.num_contexts, self.metas[name].fan_in, self.raw(CONTEXTS + name)
+            )
+            self._last = (name, value, ctx)
+        return self._last[1], self._last[2]
+
+    def stacked(self, name: str) -> Tensor:
+        """The K per-context tensors of `name`, stacked on dim 0 (a shared one K times, as a view)."""
+        if self.metas[name].role == Role.SHARED:
+            one = self.raw(SHARED + name)
+            return one.unsqueeze(0).expand(self.num_contexts, *one.shape)
+        return self.raw(STACKED + name)
+
+    def base(self, name: str) -> Tensor | None:
+        """The base a superposed tensor is centred on (original dtype), or None if it is not."""
+        return self.raw(BASE + name) if self.metas[name].centred else None
+
+    def retrieve(self, name: str, k: int, *, superposed: Tensor | None = None) -> Tensor:
+        """Model k's tensor, in its original dtype: exact for per-context and shared tensors,
+        B + Ŵ_k for centred ones (Ŵ_k retrieved from the superposed deltas), Ŵ_k otherwise.
+
+        Args:
+            superposed: use this in place of the stored superposed tensor (e.g. pruned).
+        """
+        meta = self.metas[name]
+        if meta.role == Role.SHARED:
+            return self.raw(SHARED + name).clone()
+        if meta.role != Role.SUPERPOSED:
+            return self.stacked(name)[k].clone()
+        value = self.superposed(name) if superposed is None else superposed
+        weight = unbind(value, self.contexts(name), k)
+        base = self.base(name)
+        if base is not None:
+            weight = base.to(weight.dtype) + weight
+        return weight.to(getattr(torch, meta.dtype))
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes the file spends on original tensor `name` (a linked base costs none)."""
+        return sum(self.raw(n).nbytes for n in stored_names(name, self.metas[name], linked=self.linked))
+
+    linked = False  # whether the base is linked rather than stored
+
+
+class SuperposedWriter(_Stored):
+    """A superposed file being built in memory: the only code that knows the stored names and
+    packing. `retrieve` reads back exactly what `write` will store.
+
+    Args:
+        kind, num_contexts: of the file.
+    """
+
+    def __init__(self, kind: Kind | str, num_contexts: int, *, linked: bool = False):
+        self.kind, self.num_contexts = Kind(kind), num_contexts
+        self.linked = linked
+        self.metas = {}
+        self.tensors: dict[str, Tensor] = {}
+
+    def raw(self, stored_name: str) -> Tensor:
+        return self.tensors[stored_name]
+
+    def add_superposed(
+        self,
+        name: str,
+        meta: TensorMeta,
+        superposed: Tensor,
+        ctx: ContextSet,
+        dtype: torch.dtype,
+        base: Tensor | None = None,
+    ) -> int:
+        """Store a bound tensor in `dtype` (complex: a trailing (real, imag) pair), and the base
+        it is centred on (`meta.centred`; kept in memory but not written if the base is linked).
+        Returns the bytes it takes in the file."""
+        tensors = {SUPERPOSED + name: pack(superposed, dtype), CONTEXTS + name: ctx.stored()}
+        if meta.centred:
+            if base is None:
+                raise ValueError(f"{name}: a centred tensor needs its base")
+            tensors[BASE + name] = base.to(getattr(torch, meta.dtype)).contiguous()
+        self._add(name, meta, tensors)
+        return self.stored_bytes(name)
+
+    def add_per_context(self, name: str, meta: TensorMeta, stacked: Tensor) -> int:
+        """Store the K tensors of `name`, stacked on dim 0; returns their bytes."""
+        return self._add(name, meta, {STACKED + name: stacked.contiguous()})
+
+    def add_shared(self, name: str, meta: TensorMeta, tensor: Tensor) -> int:
+        """Store a tensor equal in every input once; returns its bytes."""
+        return self._add(name, meta, {SHARED + name: tensor.contiguous()})
+
+    def _add(self, name: str, meta: TensorMeta, tensors: dict[str, Tensor]) -> int:
+        self.metas[name] = meta
+        self.tensors.update(tensors)
+        self._last = None
+        return sum(t.nbytes for t in tensors.values())
+
+    def write(
+        self, path: str | Path, header: Header, *, force: bool = False, inputs: Sequence[str | Path] = ()
+    ) -> None:
+        """Write the file: `header` as given, with this writer's tensor records."""
+        header.tensors = dict(self.metas)
+        stored = {n: t for n, t in self.tensors.items() if not (self.linked and n.startswith(BASE))}
+        write_superposed(Path(path), stored, header, force=force, inputs=inputs)
+
+
+class SuperposedFile(_Stored):
     """A pspctl file opened lazily: the header now, tensors when asked.
 
     Raises:
@@ -123,14 +276,21 @@ class SuperposedFile:
         FormatError: a plain safetensors file, or an unknown format version.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, base: str | Path | None = None):
         self.path = Path(path)
+        self._base_path = None if base is None else Path(base)
+        self._base: Checkpoint | None = None
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory, not a superposed file")
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file")
         try:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             meta = self._handle.metadata() or {}
-            names = set(self._handle.keys())
+            stored = {}
+            for n in self._handle.keys():
+                piece = self._handle.get_slice(n)
+                stored[n] = (list(piece.get_shape()), ST_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
         except SafetensorError as e:
             if self.path.suffix in PICKLE_SUFFIXES:
                 raise FormatError(
@@ -140,39 +300,69 @@ class SuperposedFile:
         if meta.get("format") != FORMAT_NAME or "pspctl.header" not in meta:
             raise FormatError(f"{self.path}: a plain safetensors file, not a pspctl superposed file")
         version = meta.get("pspctl.format_version", "?")
-        if version != str(FORMAT_VERSION):
+        if version not in READS:
             raise FormatError(
-                f"{self.path}: pspctl format version {version}, this pspctl reads version {FORMAT_VERSION}; upgrade pspctl"
+                f"{self.path}: pspctl format version {version[:20]}, this pspctl reads versions "
+                f"{' and '.join(sorted(READS))}; upgrade pspctl"
             )
+        unknown = sorted(set(meta) - METADATA_KEYS)
+        if unknown:  # also catches a corrupted key name, e.g. one that hid the checksums
+            raise FormatError(
+                f"{self.path}: unknown metadata entries {unknown[:3]}: corrupted, or written by another tool"
+            )
+        self._checksums = _checksums(self.path, meta)
+        self._verified: set[str] = set()
         try:
-            self.header = Header.from_json(meta["pspctl.header"])
-        except (ValueError, TypeError, KeyError) as e:
-            raise FormatError(f"{self.path}: corrupt pspctl header ({e})") from None
-        missing = [n for n in self._expected_names() if n not in names]
-        if missing:
-            raise FormatError(f"{self.path}: header lists tensors the file lacks: {missing[:3]}")
+            self.header = parse_header(meta["pspctl.header"])
+            check_header(self.header, version)
+            check_tensors(self.header, stored)
+        except FormatError as e:
+            raise FormatError(f"{self.path}: {e}") from None
+        if self._checksums and set(self._checksums) != set(stored):
+            raise FormatError(f"{self.path}: the checksums do not list the stored tensors")
+        self.metas = self.header.tensors
+        self.kind, self.num_contexts = Kind(self.header.kind), self.header.num_contexts
+        self.linked = bool(self.header.base and self.header.base["linked"])
+        if base is not None and not self.header.base:
+            raise MismatchError(
+                f"{self.path}: --base given, but this file's tensors are not centred on a base"
+            )
 
-    def _expected_names(self) -> list[str]:
-        out = []
-        for name, meta in self.header.tensors.items():
-            out += [SUPERPOSED + name, CONTEXTS + name] if meta.role == Role.SUPERPOSED else [STACKED + name]
-        return out
+    def raw(self, stored_name: str) -> Tensor:
+        if self.linked and stored_name.startswith(BASE):
+            return self.linked_base()[stored_name[len(BASE) :]]
+        return self._raw(stored_name)
 
-    @property
-    def kind(self) -> Kind:
-        return Kind(self.header.kind)
+    def linked_base(self) -> Checkpoint:
+        """The linked base checkpoint, found at --base or at its recorded path (as given, then
+        beside this file), checked against its recorded sha256.
 
-    @property
-    def num_contexts(self) -> int:
-        return self.header.num_contexts
+        Raises:
+            InputError: not found. MismatchError: another sha256.
+        """
+        if self._base is None:
+            record = self.header.base or {}
+            recorded = Path(record["path"])
+            candidates = (
+                [self._base_path] if self._base_path else [recorded, self.path.parent / recorded.name]
+            )
+            found = next((p for p in candidates if p.exists()), None)
+            if found is None:
+                raise InputError(
+                    f"{self.path}: its linked base {recorded} is not there; pass --base PATH to the parent checkpoint"
+                )
+            digest = sha256_checkpoint(found)
+            if digest != record["sha256"]:
+                raise MismatchError(
+                    f"{found}: sha256 {digest[:12]}…, but {self.path.name} was merged on a base with sha256 "
+                    f"{record['sha256'][:12]}…; pass the base it was merged on"
+                )
+            self._base = open_checkpoint(found)
+        return self._base
 
     @property
     def labels(self) -> list[str]:
         return self.header.labels
-
-    def names(self, role: Role | None = None) -> list[str]:
-        """Original tensor names in their original order, optionally of one role."""
-        return [n for n, m in self.header.tensors.items() if role is None or m.role == role]
 
     def resolve_context(self, spec: int | str) -> int:
         """A 0-based index from an index or a label. Labels win over digits."""
@@ -188,36 +378,23 @@ class SuperposedFile:
             )
         return k
 
-    def raw(self, stored_name: str) -> Tensor:
+    def _raw(self, stored_name: str) -> Tensor:
+        """A stored tensor as it is in the file, its checksum verified on first read.
+
+        Raises:
+            InputError: unreadable, or its bytes differ from the checksum written with it.
+        """
         try:
-            return self._handle.get_tensor(stored_name)
+            tensor = self._handle.get_tensor(stored_name)
         except SafetensorError as e:
             raise InputError(f"{self.path}: cannot read {stored_name!r} ({e})") from None
-
-    def contexts(self, name: str) -> ContextSet:
-        meta = self.header.tensors[name]
-        return ContextSet.from_stored(self.kind, self.num_contexts, meta.fan_in, self.raw(CONTEXTS + name))
-
-    def superposed(self, name: str) -> Tensor:
-        """The superposed tensor in float32 (complex64 for the complex kinds), original shape."""
-        stored = self.raw(SUPERPOSED + name).float()
-        return torch.view_as_complex(stored) if self.kind.is_complex else stored
-
-    def stacked(self, name: str) -> Tensor:
-        """The K per-context tensors of `name`, stacked on dim 0."""
-        return self.raw(STACKED + name)
-
-    def retrieve(self, name: str, k: int) -> Tensor:
-        """Model k's tensor, in its original dtype: exact for per-context tensors, Ŵ_k otherwise."""
-        meta = self.header.tensors[name]
-        if meta.role != Role.SUPERPOSED:
-            return self.stacked(name)[k].clone()
-        weight = unbind(self.superposed(name), self.contexts(name), k)
-        return weight.to(getattr(torch, meta.dtype))
-
-    def shapes(self) -> dict[str, list[int]]:
-        """The original shape of every tensor, by name."""
-        return {name: meta.shape for name, meta in self.header.tensors.items()}
+        if stored_name not in self._verified and self._checksums:
+            if crc32(tensor) != self._checksums[stored_name]:
+                raise InputError(
+                    f"{self.path}: tensor {stored_name!r} does not match its checksum: the file is corrupted"
+                )
+            self._verified.add(stored_name)
+        return tensor
 
     def state_dict(self, context: int | str) -> dict[str, Tensor]:
         """Model `context` as a plain state_dict with the inputs' keys, shapes and dtypes."""

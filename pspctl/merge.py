@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +12,26 @@ import torch
 
 from pspctl.checkpoints import INDEX_SUFFIX, Checkpoint, checkpoint_files, open_checkpoint, sha256_checkpoint
 from pspctl.contexts import Kind, make_contexts
-from pspctl.errors import MismatchError, OutputError, PolicyError, listed
-from pspctl.fileformat import (
-    CONTEXTS,
-    STACKED,
-    SUPERPOSED,
-    Header,
-    TensorMeta,
-    check_output,
-    pack,
-    write_superposed,
+from pspctl.errors import MismatchError, PolicyError, listed
+from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output
+from pspctl.header import check_labels, safe_label
+from pspctl.kinds import OPS
+from pspctl.outputs import refuse_inputs
+from pspctl.policy import (
+    Decision,
+    Option,
+    Policy,
+    Role,
+    TensorInfo,
+    choose,
+    decide,
+    is_lookup,
+    predicted_errors,
 )
-from pspctl.policy import Decision, Policy, Role, TensorInfo, decide
 from pspctl.superpose import bind
+from pspctl.types import Progress
 
-__all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan"]
+__all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan", "store_tensor"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class MergeOptions:
     force: bool = False
     task: str | None = None
     command: str | None = None  # the command line, recorded in the recipe
+    base: str = "auto"  # "auto", "mean", "none", or the path of the parent checkpoint
+    link_base: bool = False  # record the parent's path and sha256 instead of storing its tensors
 
 
 @dataclass
@@ -54,6 +62,9 @@ class MergeReport:
     input_bytes: int  # tensor bytes of the K inputs together
     output_bytes: int  # size of the output file
     notes: list[str]
+    predicted_error: list[float] = field(default_factory=list)  # per context: sqrt(Σ_t err_t,k²)
+    warnings: list[str] = field(default_factory=list)
+    base: dict[str, Any] | None = None
 
     @property
     def storage_ratio(self) -> float:
@@ -75,7 +86,10 @@ class MergeReport:
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
             "storage_ratio": self.storage_ratio,
+            "predicted_error": self.predicted_error,
+            "base": self.base,
             "notes": self.notes,
+            "warnings": self.warnings,
         }
 
 
@@ -110,23 +124,27 @@ def _default_label(path: Path) -> str:
 
 
 def _labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
-    if labels is None:
-        stems = [_default_label(p) for p in paths]
-        return stems if len(set(stems)) == len(stems) else [f"{s}-{i}" for i, s in enumerate(stems)]
-    labels = [s.strip() for s in labels]
-    if len(labels) != len(paths):
-        raise MismatchError(f"{len(labels)} labels for {len(paths)} inputs")
-    if len(set(labels)) != len(labels) or not all(labels):
-        raise MismatchError("labels must be unique and non-empty")
-    return labels
+    """The given labels, checked; or the inputs' names, made safe and unique."""
+    if labels is not None:
+        labels = [s.strip() for s in labels]
+        if len(labels) != len(paths):
+            raise MismatchError(f"{len(labels)} labels for {len(paths)} inputs")
+        return check_labels(labels)
+    stems = [safe_label(_default_label(p)) for p in paths]
+    if len({s.casefold() for s in stems}) < len(stems):
+        stems = [f"{s}-{i}" for i, s in enumerate(stems)]
+    return check_labels(stems)
 
 
 def plan(infos: Sequence[TensorInfo], num_contexts: int, options: MergeOptions) -> list[Decision]:
     """The policy's decisions, checked against the rotation fan-in limit."""
     decisions = decide(infos, num_contexts, options.policy)
     if Kind(options.kind) is Kind.ROTATION:
-        for d in decisions:
+        for i, d in enumerate(decisions):
             if d.role is Role.SUPERPOSED and d.fan_in > options.max_rotation_fan_in:
+                if not d.forced:
+                    decisions[i] = replace(d, role=Role.PER_CONTEXT, reason="rotation fan-in over the limit")
+                    continue
                 raise PolicyError(
                     f"{d.name}: rotation fan-in {d.fan_in} exceeds the limit {options.max_rotation_fan_in} "
                     f"(K×{d.fan_in}² floats of contexts); raise --max-rotation-fan-in or --keep it"
@@ -134,14 +152,14 @@ def plan(infos: Sequence[TensorInfo], num_contexts: int, options: MergeOptions) 
     return decisions
 
 
-def _resolve_inputs(inputs: Sequence[str | Path], output: Path) -> list[Path]:
+def _resolve_inputs(inputs: Sequence[str | Path], output: Path) -> tuple[list[Path], list[Path]]:
+    """The input paths, and every file they are read from (which the output must not be)."""
     paths = [Path(p) for p in inputs]
     if len(paths) < 2:
         raise MismatchError(f"merge needs at least 2 inputs, got {len(paths)}")
-    for p in paths:
-        if output.exists() and output.resolve() in {f.resolve() for f in checkpoint_files(p)}:
-            raise OutputError(f"{output}: output is one of the inputs; choose another -o")
-    return paths
+    files = [f for p in paths for f in checkpoint_files(p)]
+    refuse_inputs(output, files)
+    return paths, files
 
 
 def merge(
@@ -149,47 +167,73 @@ def merge(
     output: str | Path,
     options: MergeOptions = MergeOptions(),
     *,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> MergeReport:
     """Superpose K checkpoints into one pspctl file.
 
-    Reads one tensor name at a time across the inputs; nothing is written unless the whole
-    merge succeeds (the output appears by an atomic rename).
+    Two passes, one tensor name at a time: the first reads the K inputs to find the tensors
+    equal in all of them and to predict each storage option's error (Proposition 2 with the
+    norms of what would be superposed: the weights, or their deltas from the base); `choose`
+    then spends the error budget where it saves most bytes; the second binds. Nothing is
+    written unless the whole merge succeeds (the output appears by an atomic rename).
 
     Raises:
         PspctlError subclasses for every bad input; see pspctl.errors.
     """
     output = Path(output)
     kind = Kind(options.kind)
-    paths = _resolve_inputs(inputs, output)
+    paths, files = _resolve_inputs(inputs, output)
     check_output(output, force=options.force)
+    labels = _labels(paths, options.labels)
+    centres = _centres(options)
     checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
     check_compatible(checkpoints)
+    parent = None
+    if "base" in centres:
+        parent = open_checkpoint(options.base, trust_pickle=options.trust_pickle)
+        files += checkpoint_files(options.base)
+        refuse_inputs(output, files)
+        _check_base(parent, checkpoints[0])
     K = len(checkpoints)
-    labels = _labels(paths, options.labels)
     infos = list(checkpoints[0].infos.values())
     decisions = plan(infos, K, options)
-    out_dtype = getattr(torch, options.dtype) if options.dtype else None
+    tick = progress or (lambda done, total, item: None)
 
-    tensors: dict[str, torch.Tensor] = {}
-    metas: dict[str, TensorMeta] = {}
+    measured: dict[str, list[Option]] = {}
+    for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
+        tick(i, 2 * len(infos), info.name)
+        weights = [_finite(c, info.name, options.allow_nonfinite) for c in checkpoints]
+        if weights[0].numel() and all(torch.equal(weights[0], w) for w in weights[1:]):
+            decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
+        elif d.role is Role.SUPERPOSED:
+            base = None if parent is None else parent[info.name]
+            measured[info.name] = _options(info, d, weights, base, centres, kind, options)
+    forced = [d.name for d in decisions if d.forced]
+    chosen = choose(measured, forced, options.policy.max_error)
+
+    writer = SuperposedWriter(kind, K, linked=options.link_base)
     stored: dict[str, int] = {}
-    for info, d in zip(infos, decisions, strict=True):
-        if progress:
-            progress(len(metas), len(infos), info.name)
-        if d.role is Role.SUPERPOSED:
-            ctx = make_contexts(kind, K, d.fan_in, options.seed, info.name)
-            weights = (_finite(c, info.name, options.allow_nonfinite) for c in checkpoints)
-            new = {
-                SUPERPOSED + info.name: pack(bind(weights, ctx), out_dtype or getattr(torch, info.dtype)),
-                CONTEXTS + info.name: ctx.stored(),
-            }
-        else:
-            per = [_finite(c, info.name, options.allow_nonfinite) for c in checkpoints]
-            new = {STACKED + info.name: torch.stack(per)}
-        tensors.update(new)
-        stored[info.name] = sum(t.nbytes for t in new.values())
-        metas[info.name] = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason)
+    errors = [0.0] * K
+    warnings = []
+    for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
+        tick(len(infos) + i, 2 * len(infos), info.name)
+        if info.name in chosen:
+            o = chosen[info.name]
+            if o.centre:
+                reason = d.reason if d.forced else "within the error budget"
+                d = replace(d, centre=o.centre, error=o.error, reason=reason)
+                errors = [math.hypot(a, b) for a, b in zip(errors, o.per_context, strict=True)]
+                if d.forced and o.error > 1:
+                    warnings.append(
+                        f"{info.name}: superposed as forced, but its predicted output error is {o.error:.3g} "
+                        "(above 1: the retrieved layer is mostly noise)"
+                    )
+            else:
+                best = min(x.error for x in measured[info.name] if x.centre)
+                d = replace(d, role=Role.PER_CONTEXT, reason=f"error {best:.2g}: over the budget")
+            decisions[i] = d
+        base = None if parent is None or d.centre != "base" else parent[info.name]
+        stored[info.name] = store_tensor(writer, info, d, checkpoints, options, base=base)
 
     notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes]
     header = Header(
@@ -197,16 +241,17 @@ def merge(
         seed=options.seed,
         num_contexts=K,
         labels=labels,
-        tensors=metas,
+        tensors={},
         inputs=[
             {"path": str(p), "sha256": sha256_checkpoint(p), "label": lab}
             for p, lab in zip(paths, labels, strict=True)
         ],
         recipe=_recipe(options),
         task=options.task,
+        base=_base_record(decisions, options),
     )
-    write_superposed(output, tensors, header, force=options.force)
-    return MergeReport(
+    writer.write(output, header, force=options.force, inputs=files)
+    report = MergeReport(
         output=str(output),
         kind=kind.value,
         num_contexts=K,
@@ -216,7 +261,111 @@ def merge(
         input_bytes=sum(c.nbytes() for c in checkpoints),
         output_bytes=output.stat().st_size,
         notes=notes,
+        predicted_error=errors,
+        warnings=warnings,
+        base=header.base,
     )
+    if report.storage_ratio < 1.25 and options.base != "none":
+        report.notes.append(
+            f"storage ratio {report.storage_ratio:.2f}×: little was superposed within the error budget "
+            f"(--max-error {options.policy.max_error:g}). Fine-tunes of one parent merge far better on it: "
+            "--base PATH (or --base mean)"
+        )
+    return report
+
+
+def _centres(options: MergeOptions) -> tuple[str, ...]:
+    """The storage options `--base` allows a superposed tensor."""
+    if options.link_base and options.base in ("auto", "mean", "none"):
+        raise PolicyError(f"--link-base needs --base PATH (the parent checkpoint), not --base {options.base}")
+    return {"none": ("none",), "mean": ("mean",), "auto": ("none", "mean")}.get(options.base, ("base",))
+
+
+def _check_base(parent: Checkpoint, model: Checkpoint) -> None:
+    """The base must have the inputs' architecture: the same keys, shapes and dtypes."""
+    try:
+        check_compatible([model, parent])
+    except MismatchError as e:
+        raise MismatchError(
+            f"--base {parent.path} is another architecture: {str(e).removeprefix('inputs do not match: ')}"
+        ) from None
+
+
+def _options(
+    info: TensorInfo,
+    d: Decision,
+    weights: list[torch.Tensor],
+    parent: torch.Tensor | None,
+    centres: Sequence[str],
+    kind: Kind,
+    options: MergeOptions,
+) -> list[Option]:
+    """Each way to store one tensor, with its predicted error per context and its bytes."""
+    K, n = len(weights), info.numel
+    itemsize = getattr(torch, info.dtype).itemsize
+    stored = getattr(torch, options.dtype or info.dtype).itemsize
+    values = n * stored * (2 if kind.is_complex else 1) + OPS[kind].context_bytes(K, d.fan_in)
+    flat = [w.double() for w in weights]
+    w_sq = [float(w.square().sum()) for w in flat]
+    out = [Option("", 0.0, K * n * itemsize, (0.0,) * K)]
+    for centre in centres:
+        base = {"none": None, "mean": sum(flat) / K, "base": None if parent is None else parent.double()}[
+            centre
+        ]
+        d_sq = w_sq if base is None else [float((w - base).square().sum()) for w in flat]
+        errs = predicted_errors(kind, d.fan_in, options.policy.eta, w_sq, d_sq, lookup=is_lookup(info.name))
+        extra = n * itemsize if centre != "none" and not (centre == "base" and options.link_base) else 0
+        out.append(Option(centre, max(errs), values + extra, tuple(errs)))
+    return out
+
+
+def _base_record(decisions: Sequence[Decision], options: MergeOptions) -> dict[str, Any] | None:
+    centres = {d.centre for d in decisions if d.role is Role.SUPERPOSED} - {"none"}
+    if not centres:
+        return None
+    if centres == {"mean"}:
+        return {"source": "mean", "path": None, "sha256": None, "linked": False}
+    path = str(options.base)
+    return {
+        "source": "checkpoint",
+        "path": path,
+        "sha256": sha256_checkpoint(path),
+        "linked": options.link_base,
+    }
+
+
+def store_tensor(
+    writer: SuperposedWriter,
+    info: TensorInfo,
+    d: Decision,
+    checkpoints: Sequence[Checkpoint],
+    options: MergeOptions,
+    *,
+    base: torch.Tensor | None = None,
+) -> int:
+    """Store one tensor of the K checkpoints into `writer` as `d` says: stacked, once (shared),
+    or bound (centred on the inputs' mean, or on `base`, as `d.centre` says). Returns its bytes."""
+    centred = d.role is Role.SUPERPOSED and d.centre != "none"
+    meta = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason, centred, d.error)
+    if d.role is Role.SHARED:
+        return writer.add_shared(info.name, meta, checkpoints[0][info.name])
+    if d.role is not Role.SUPERPOSED:
+        return writer.add_per_context(info.name, meta, torch.stack([c[info.name] for c in checkpoints]))
+    ctx = make_contexts(writer.kind, writer.num_contexts, d.fan_in, options.seed, info.name)
+    dtype = getattr(torch, options.dtype or info.dtype)
+    # Generators: bind reads one input at a time, so a K-way bind holds one input's tensor.
+    weights = (c[info.name] for c in checkpoints)
+    if not centred:
+        return writer.add_superposed(info.name, meta, bind(weights, ctx), ctx, dtype)
+    if d.centre == "mean":
+        base = torch.stack([c[info.name].double() for c in checkpoints]).mean(0)
+    if base is None:
+        raise ValueError(f"{info.name}: centred on a base that was not given")
+    # Round the base to the stored dtype first: the deltas then carry what rounding lost.
+    base = base.to(getattr(torch, info.dtype))
+    wide = torch.promote_types(base.dtype, torch.float32)
+    deltas = (w.to(wide) - base.to(wide) for w in weights)
+    return writer.add_superposed(info.name, meta, bind(deltas, ctx), ctx, dtype, base=base)
 
 
 def _finite(ckpt: Checkpoint, name: str, allow: bool) -> torch.Tensor:

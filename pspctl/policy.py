@@ -10,33 +10,40 @@ for the measurements behind the defaults.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from fnmatch import fnmatchcase
 
 from pspctl.superpose import fan_in
+from pspctl.types import ETA_PRIOR, MAX_ERROR, TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE, Kind, Role
 
-__all__ = ["Decision", "Policy", "Role", "TensorInfo", "decide"]
+__all__ = ["Decision", "Option", "Policy", "Role", "TensorInfo", "choose", "decide", "predicted_errors"]
 
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 EMBEDDING_PATTERNS = ("*embed*", "*wte.*", "*wpe.*", "*tok_embeddings*")
 
 
-class Role(str, Enum):
-    SUPERPOSED = "superposed"
-    PER_CONTEXT = "per_context"
-
-
 @dataclass(frozen=True)
 class Policy:
-    """Thresholds and overrides for `decide`. `superpose` globs win over everything."""
+    """Thresholds and overrides for `decide` and `choose`. `superpose` globs win over everything.
 
-    max_interference: float = 0.02
-    min_share: float = 0.05
+    `max_interference` and `min_share` are the shape rules of earlier versions, off unless set
+    (training in superposition, which has no weights to measure yet, still uses them).
+    """
+
+    max_interference: float | None = None
+    min_share: float = 0.0
     keep: tuple[str, ...] = ()
     superpose: tuple[str, ...] = ()
     origin: str = ""  # who chose keep/superpose, e.g. "measured"; replaces the "--keep"/"--superpose" reason
+    max_error: float = MAX_ERROR
+    eta: float = ETA_PRIOR
+
+
+# The shape rules of earlier versions alone, no error budget: what training uses (it has no
+# weights yet to predict errors from), and the plain-superposition setting benchmarks compare.
+SHAPE_RULES = Policy(max_interference=TRAIN_MAX_INTERFERENCE, min_share=TRAIN_MIN_SHARE, max_error=math.inf)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,9 @@ class Decision:
     fan_in: int
     share: float  # of the model's parameters
     interference: float | None = None  # (K-1)/fan_in for tensors with ≥2 dims: residual variance ratio
+    centre: str = "none"  # superposed: what the sum is centred on, "none", "mean" or "base"
+    error: float | None = None  # superposed: predicted relative output error, worst context
+    forced: bool = False  # --superpose: superposed whatever its error
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
@@ -68,6 +78,8 @@ def _matches(name: str, globs: Sequence[str]) -> bool:
 
 
 def _rule(info: TensorInfo, interference: float | None, share: float, policy: Policy) -> tuple[Role, str]:
+    if info.numel == 0:  # nothing to superpose, and a zero fan-in has no interference ratio
+        return Role.PER_CONTEXT, "empty"
     if _matches(info.name, policy.superpose):
         if info.dtype not in FLOAT_DTYPES or len(info.shape) < 2:
             return Role.PER_CONTEXT, "cannot superpose: not a floating tensor with ≥2 dims"
@@ -80,17 +92,21 @@ def _rule(info: TensorInfo, interference: float | None, share: float, policy: Po
         return Role.PER_CONTEXT, "fewer than 2 dims"
     if _matches(info.name.lower(), EMBEDDING_PATTERNS):
         return Role.PER_CONTEXT, "embedding lookup: no attenuation"
-    if interference is not None and interference > policy.max_interference:
+    if (
+        policy.max_interference is not None
+        and interference is not None
+        and interference > policy.max_interference
+    ):
         return Role.PER_CONTEXT, f"interference > {policy.max_interference:g}"
     if share < policy.min_share:
         return Role.PER_CONTEXT, f"share < {policy.min_share:.0%}"
-    return Role.SUPERPOSED, "default"
+    return Role.SUPERPOSED, "candidate"
 
 
 def decide(tensors: Sequence[TensorInfo], num_contexts: int, policy: Policy) -> list[Decision]:
     """Decide each tensor's role for a merge of `num_contexts` models.
 
-    Per context: non-floating tensors, tensors with <2 dims, embeddings, tensors whose
+    Per context: empty tensors, non-floating tensors, tensors with <2 dims, embeddings, tensors whose
     predicted interference (K−1)/fan_in exceeds `policy.max_interference`, tensors under
     `policy.min_share` of the parameters, and `policy.keep` matches. Superposed: the rest,
     plus any `policy.superpose` match.
@@ -99,8 +115,87 @@ def decide(tensors: Sequence[TensorInfo], num_contexts: int, policy: Policy) -> 
     decisions = []
     for info in tensors:
         m = fan_in(info.shape)
-        interference = (num_contexts - 1) / m if len(info.shape) >= 2 else None
+        interference = (num_contexts - 1) / m if len(info.shape) >= 2 and info.numel else None
         share = info.numel / total
         role, reason = _rule(info, interference, share, policy)
-        decisions.append(Decision(info.name, role, reason, m, share, interference))
+        forced = role is Role.SUPERPOSED and reason != "candidate"
+        decisions.append(Decision(info.name, role, reason, m, share, interference, forced=forced))
     return decisions
+
+
+def is_lookup(name: str) -> bool:
+    """An embedding table: read a row at a time, so nothing sums over its fan-in."""
+    return _matches(name.lower(), EMBEDDING_PATTERNS)
+
+
+def predicted_errors(
+    kind: Kind | str,
+    fan_in: int,
+    eta: float,
+    w_sq: Sequence[float],
+    d_sq: Sequence[float],
+    *,
+    lookup: bool = False,
+) -> list[float]:
+    """Proposition 2 with the norms of what is actually superposed, per context k:
+
+        err_k = sqrt(v · Σ_{s≠k} ‖D_s‖² / M) / (η ‖W_k‖)
+
+    where D_s is model s's superposed term (W_s, or W_s − B with a base B), W_k model k's
+    weight, v the kind's variance factor, M the fan-in and η the alignment of inputs with the
+    weights. A lookup table (`lookup`) reads rows: no 1/M attenuation and no η.
+    """
+    v = Kind(kind).variance_factor
+    total = sum(d_sq)
+    scale = 1.0 if lookup else 1.0 / (fan_in * eta * eta)
+    out = []
+    for w, d in zip(w_sq, d_sq, strict=True):
+        rest = max(total - d, 0.0)
+        out.append(math.sqrt(v * rest * scale / w) if w > 0 else (0.0 if rest == 0 else math.inf))
+    return out
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to store a tensor: `centre` "none"/"mean"/"base", or "" for per context."""
+
+    centre: str
+    error: float  # worst context's predicted error; 0 per context
+    nbytes: int
+    per_context: tuple[float, ...] = ()  # the predicted error of each context
+
+
+def choose(
+    options: Mapping[str, Sequence[Option]], forced: Sequence[str], budget: float
+) -> dict[str, Option]:
+    """Per tensor, the option that spends fewest bytes while the combined predicted error
+    sqrt(Σ_t err_t²) stays within `budget`.
+
+    A Lagrangian relaxation: each tensor takes argmin bytes + λ·err², with the smallest λ (by
+    bisection) that meets the budget. Per-context options (error 0) always meet it; tensors in
+    `forced` have no per-context option and count towards the budget all the same.
+    """
+
+    def pick(lam: float) -> dict[str, Option]:
+        out = {}
+        for name, opts in options.items():
+            allowed = [o for o in opts if o.centre or name not in forced] or list(opts)
+            out[name] = min(allowed, key=lambda o: (o.nbytes + lam * o.error**2, o.error))
+        return out
+
+    def total(chosen: Mapping[str, Option]) -> float:
+        return math.sqrt(sum(o.error**2 for o in chosen.values() if math.isfinite(o.error)))
+
+    best = pick(0.0)
+    if total(best) <= budget:
+        return best
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > budget and hi < 1e30:
+        lo, hi = hi, hi * 16
+    for _ in range(60):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
+        if total(pick(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return pick(hi)

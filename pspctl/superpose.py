@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pspctl.contexts import ContextSet, Kind
+from pspctl.kinds import OPS
 
 __all__ = ["bind", "fan_in", "predicted_output_error", "unbind"]
 
@@ -43,6 +44,8 @@ def bind(weights: Iterable[Tensor], ctx: ContextSet) -> Tensor:
     holds K copies of a tensor. Returns a float32 (float64 for float64 inputs) tensor of
     the weights' shape, complex64/complex128 for the complex kinds.
     """
+    ops = OPS[ctx.kind]
+    buffers = ops.buffers(ctx, torch.float32)
     acc: Tensor | None = None
     count = 0
     for k, w in enumerate(weights):
@@ -51,12 +54,7 @@ def bind(weights: Iterable[Tensor], ctx: ContextSet) -> Tensor:
         flat = w.reshape(w.shape[0], -1).to(_accumulator_dtype(w.dtype))
         if flat.shape[1] != ctx.fan_in:
             raise ValueError(f"weight fan-in {flat.shape[1]} != context fan-in {ctx.fan_in}")
-        if ctx.kind is Kind.BINARY:
-            term = flat * ctx.vector(k).to(flat.dtype)
-        elif ctx.kind is Kind.ROTATION:
-            term = flat @ ctx.matrix(k).to(flat.dtype).T
-        else:
-            term = flat * ctx.vector(k).conj().to(flat.dtype.to_complex())
+        term = ops.bind(flat, ops.pick(buffers, k))
         acc = term if acc is None else acc + term
         count += 1
         shape = w.shape
@@ -67,17 +65,15 @@ def bind(weights: Iterable[Tensor], ctx: ContextSet) -> Tensor:
 
 def unbind(superposed: Tensor, ctx: ContextSet, k: int) -> Tensor:
     """Ŵ_k: retrieve model k's weight (real, float32/float64) from a superposed tensor."""
+    ctx._check(k)
+    ops = OPS[ctx.kind]
     flat = superposed.reshape(superposed.shape[0], -1)
-    if ctx.kind is Kind.BINARY:
-        out = flat * ctx.vector(k).to(flat.dtype)
-    elif ctx.kind is Kind.ROTATION:
-        out = flat @ ctx.matrix(k).to(flat.dtype)
-    else:
-        if not flat.is_complex():
-            raise TypeError(f"{ctx.kind.value} superposition needs a complex tensor")
-        # Re(W ⊙ c) = Re(W)·cos φ − Im(W)·sin φ: no complex product needed.
-        phi = ctx.phases(k).to(flat.real.dtype)
-        out = flat.real * torch.cos(phi) - flat.imag * torch.sin(phi)
+    if flat.is_complex() != ops.is_complex:
+        raise TypeError(
+            f"{ctx.kind.value} superposition needs a {'complex' if ops.is_complex else 'real'} tensor"
+        )
+    real, imag = (flat.real, flat.imag) if flat.is_complex() else (flat, None)
+    out = ops.retrieve(real, imag, ops.pick(ops.buffers(ctx, real.dtype), k))
     return out.reshape(superposed.shape)
 
 

@@ -14,7 +14,8 @@ import importlib
 import importlib.util
 import itertools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.errors import InputError, MismatchError, TaskError, listed
+from pspctl.errors import InputError, MismatchError, PspctlError, TaskError, listed, one_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OPTIONAL = ("example_inputs", "load_data", "evaluate")
@@ -33,13 +34,66 @@ _counter = itertools.count()
 
 @dataclass(frozen=True)
 class Task:
-    """The functions of one loaded task file; ``source`` names it in error messages."""
+    """The functions of one loaded task file; ``source`` names it in error messages.
+
+    pspctl calls them through these fields from many places, so each field holds the
+    function wrapped in `_call`: whatever it raises (or its generator raises while iterated)
+    becomes a TaskError naming the file, the call and the cause, e.g. ``task file t.py:
+    load_data(0, 'train') failed: KeyError: 'x'``; the original is the wrapper's ``__wrapped__``.
+    """
 
     source: str
     build_model: Callable[[], nn.Module]
     example_inputs: Callable[[], tuple[torch.Tensor, ...]] | None = None
     load_data: Callable[[int, str], Any] | None = None
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("build_model", *OPTIONAL):
+            fn = getattr(self, name)
+            if isinstance(fn, _TaskFunction):  # dataclasses.replace: wrap the original for this Task
+                fn = fn.__wrapped__
+            if fn is not None:
+                object.__setattr__(self, name, _TaskFunction(self, name, fn))
+
+    def _call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, the task file's function ``name``; see the class docstring."""
+        call = f"{name}({', '.join('model' if isinstance(a, nn.Module) else repr(a) for a in args)})"
+        try:
+            result = fn(*args)
+        except PspctlError:
+            raise
+        except Exception as exc:
+            raise self._failed(call, exc) from exc
+        if name == "build_model" and not isinstance(result, nn.Module):
+            raise TaskError(
+                f"task file {self.source}: build_model() returned {type(result).__name__}, not a torch.nn.Module"
+            )
+        if name == "load_data":
+            return self._iterate(call, result)
+        return result
+
+    def _iterate(self, call: str, batches: Any) -> Iterator[Any]:
+        """The batches of ``load_data``, lazily (it may be a generator: it fails when iterated)."""
+        try:
+            iterator = iter(batches)
+        except TypeError:
+            raise TaskError(
+                f"task file {self.source}: {call} returned {type(batches).__name__}, not an iterable of batches"
+            ) from None
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except PspctlError:
+                raise
+            except Exception as exc:
+                raise self._failed(call, exc) from exc
+            yield batch
+
+    def _failed(self, call: str, exc: Exception) -> TaskError:
+        return TaskError(f"task file {self.source}: {call} failed: {one_line(exc)}")
 
     def require(self, *names: str) -> None:
         """Raise TaskError for the first of the optional functions ``names`` that is missing.
@@ -89,7 +143,8 @@ class Task:
         try:
             with torch.no_grad():
                 for inputs, targets in batches:
-                    correct += int((model(inputs).argmax(dim=-1) == targets).sum())
+                    with on_task_data(self.source, f"load_data({context}, 'test')"):
+                        correct += int((model(inputs).argmax(dim=-1) == targets).sum())
                     total += targets.numel()
         finally:
             model.train(was_training)
@@ -101,6 +156,35 @@ class Task:
         return TaskError(
             f"task file {self.source} has no {name}() function; add one (see samples/digits_task.py)"
         )
+
+
+class _TaskFunction:
+    """A task file's function as a Task field: calling it goes through ``Task._call``."""
+
+    def __init__(self, task: Task, name: str, fn: Callable[..., Any]):
+        self._task, self._name = task, name
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self._task._call(self._name, self.__wrapped__, *args)
+
+    def __repr__(self) -> str:
+        return f"<{self._name} of task file {self._task.source}>"
+
+
+@contextmanager
+def on_task_data(source: str, what: str) -> Iterator[None]:
+    """Run a task's model on its data: whatever fails inside means they do not fit.
+
+    Raises:
+        TaskError: ``task file SOURCE: its model does not fit WHAT: <the cause>``.
+    """
+    try:
+        yield
+    except PspctlError:
+        raise
+    except Exception as exc:
+        raise TaskError(f"task file {source}: its model does not fit {what}: {one_line(exc)}") from exc
 
 
 def load_task(spec: str | Path) -> Task:
@@ -150,7 +234,7 @@ def _import(spec: str | Path) -> ModuleType:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[name]
-            raise TaskError(f"task file {path} failed to import: {_one_line(exc)}") from exc
+            raise TaskError(f"task file {path} failed to import: {one_line(exc)}") from exc
         return module
     try:
         return importlib.import_module(str(spec))
@@ -160,14 +244,9 @@ def _import(spec: str | Path) -> ModuleType:
             raise InputError(
                 f"task module {spec} not found; pass a path to a .py file or an importable module name"
             ) from exc
-        raise TaskError(f"task module {spec} failed to import: {_one_line(exc)}") from exc
+        raise TaskError(f"task module {spec} failed to import: {one_line(exc)}") from exc
     except Exception as exc:
-        raise TaskError(f"task module {spec} failed to import: {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    message = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        raise TaskError(f"task module {spec} failed to import: {one_line(exc)}") from exc
 
 
 def check_fits(

@@ -44,7 +44,7 @@ def merged(tmp_path: Path) -> tuple[Path, list[Path], Path]:
     paths = save_models([mlp(i) for i in range(3)], tmp_path)
     out = tmp_path / "w.safetensors"
     policy = Policy(superpose=("0.weight", "2.weight"))
-    merge(paths, out, MergeOptions(kind="binary", seed=1, policy=policy, task=str(task)))
+    merge(paths, out, MergeOptions(base="none", kind="binary", seed=1, policy=policy, task=str(task)))
     return out, paths, task
 
 
@@ -126,7 +126,11 @@ def test_same_budget_density_is_per_context(tmp_path):
         models[1][2].weight.zero_()
     paths = save_models(models, tmp_path)
     out = tmp_path / "w.safetensors"
-    merge(paths, out, MergeOptions(kind="binary", seed=1, policy=Policy(superpose=("0.weight", "2.weight"))))
+    merge(
+        paths,
+        out,
+        MergeOptions(base="none", kind="binary", seed=1, policy=Policy(superpose=("0.weight", "2.weight"))),
+    )
     report = analyze(out, task=tmp_path / "task.py")
     state = models[1].state_dict()
     # Every nonzero value fits in the budget, so the baseline keeps exactly those (and the 1-d tensors).

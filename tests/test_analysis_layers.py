@@ -82,7 +82,11 @@ def _setup(tmp_path: Path, text: str, kind: str) -> tuple[Path, list[Path], obje
         paths.append(tmp_path / f"model{k}.pt")
         torch.save(model.state_dict(), paths[-1])
     out = tmp_path / "w.safetensors"
-    merge(paths, out, MergeOptions(kind=kind, seed=3, policy=Policy(superpose=("*",)), task=str(task.source)))
+    merge(
+        paths,
+        out,
+        MergeOptions(base="none", kind=kind, seed=3, policy=Policy(superpose=("*",)), task=str(task.source)),
+    )
     return out, paths, task
 
 
@@ -142,9 +146,10 @@ def test_cnn_end_to_end(tmp_path, kind):
     out, paths, task = _setup(tmp_path, CNN_TASK, kind)
     sf = SuperposedFile(out)
     assert sf.names(Role.SUPERPOSED) == ["0.weight", "4.weight"]
-    # The BatchNorm statistics and biases stay per context; the int counter too.
+    # The BatchNorm statistics and biases stay per context; the int counter too (stored once
+    # when equal in every model, as BatchNorm's untrained scale and the counter are here).
     assert {"1.running_mean", "1.weight", "0.bias", "1.num_batches_tracked"} <= set(
-        sf.names(Role.PER_CONTEXT)
+        sf.names(Role.PER_CONTEXT) + sf.names(Role.SHARED)
     )
     report = analyze(out, max_samples=64)
     assert report.inputs == "calib"

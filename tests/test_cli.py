@@ -38,11 +38,21 @@ def test_version_is_the_installed_one():
 
 
 def test_policy_flags_default_to_policy_defaults():
-    from pspctl.cli.core import MAX_INTERFERENCE, MIN_SHARE, policy_from_flags
-    from pspctl.policy import Policy
+    import inspect
 
-    assert (Policy().max_interference, Policy().min_share) == (MAX_INTERFERENCE, MIN_SHARE)
-    assert policy_from_flags(MAX_INTERFERENCE, MIN_SHARE, None, None) == Policy()
+    from pspctl.cli import core, train
+    from pspctl.cli.core import policy_from_flags
+    from pspctl.policy import SHAPE_RULES, Policy
+
+    def defaults(command):
+        params = inspect.signature(command).parameters
+        return tuple(
+            params[n].default for n in ("max_interference", "min_share", "max_error", "eta") if n in params
+        )
+
+    # merge's flags default to Policy()'s, train's shape rules to SHAPE_RULES' (no error budget)
+    assert policy_from_flags(*defaults(core.merge)[:2], None, None, max_error=defaults(core.merge)[2], eta=defaults(core.merge)[3]) == Policy()  # fmt: skip
+    assert defaults(train.train_command)[:2] == (SHAPE_RULES.max_interference, SHAPE_RULES.min_share)
     assert policy_from_flags(0.1, 0.2, ["a*"], ["b*"]) == Policy(0.1, 0.2, ("a*",), ("b*",))
 
 
@@ -70,14 +80,14 @@ def test_merge_info_extract_happy_path(workdir):
 
 
 def test_json_outputs(workdir):
-    result = run("merge", "model0.pt", "model1.pt", "--json")
+    result = run("merge", "model0.pt", "model1.pt", "--base", "none", "--max-error", "1", "--json")
     data = json.loads(result.output)
     assert data["num_contexts"] == 2 and data["output_bytes"] == (workdir / "w.safetensors").stat().st_size
     roles = {t["name"]: t["role"] for t in data["tensors"]}
     assert roles["2.weight"] == "superposed" and roles["0.weight"] == "per_context"
     assert data["storage_ratio"] == pytest.approx(data["input_bytes"] / data["output_bytes"])
     info = json.loads(run("info", "--json").output)
-    assert info["format_version"] == 1 and info["tensors"]["2.weight"]["role"] == "superposed"
+    assert info["format_version"] == 2 and info["tensors"]["2.weight"]["role"] == "superposed"
     assert info["inputs"][1]["path"] == "model1.pt" and len(info["inputs"][1]["sha256"]) == 64
 
 
@@ -164,3 +174,113 @@ def test_python_dash_m_and_help_are_fast_to_import():
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     )
+
+
+TASK = """
+import torch
+from tests.conftest import mlp
+
+def build_model():
+    return mlp(0, width=8)
+
+def load_data(context, split):
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(context))
+    yield x, (x[:, context] > 0).long()
+"""
+
+
+def test_tune_trust_pickle_loads_pickled_originals(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "task.py").write_text(TASK)
+    for k in range(2):
+        torch.save(mlp(k, width=8), f"whole{k}.pt")  # whole modules: pickled code
+    result = run("merge", "whole0.pt", "whole1.pt", "--trust-pickle", "--task", "task.py", "-q")
+    assert result.exit_code == 0, result.output
+    result = run("tune", "--steps", "2", "-q")  # distills from the originals: refused
+    assert result.exit_code == 4 and "whole0.pt: loading it would execute pickled code" in result.stderr
+    assert "pass --trust-pickle" in result.stderr and not (tmp_path / "w.tuned.safetensors").exists()
+    result = run("tune", "--steps", "2", "-q", "--trust-pickle", "--json")
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads(result.stdout)["objective"] == "distill" and (tmp_path / "w.tuned.safetensors").is_file()
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["info", "emptydir"],
+        ["extract", "emptydir", "--context", "0"],
+        ["export", "emptydir", "--multi", "-o", "m.onnx"],
+        ["analyze", "emptydir"],
+        ["tune", "emptydir", "--task", "task.py"],
+    ],
+)
+def test_a_directory_is_not_a_superposed_file(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emptydir").mkdir()
+    result = run(*args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == "error: emptydir: is a directory, not a superposed file\n"
+
+
+def test_train_labels_must_match_contexts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "task.py").write_text(TASK)
+    result = run("train", "--task", "task.py", "--contexts", "5", "--labels", "a,b", "-q")
+    assert result.exit_code == 3 and result.stdout == ""
+    assert result.stderr == "error: --labels gives 2 labels for --contexts 5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.py"]
+
+
+def test_superpose_labels_must_match_contexts():
+    from pspctl.errors import MismatchError
+    from pspctl.nn import superpose
+
+    with pytest.raises(MismatchError, match=r"^2 labels for 5 contexts$"):
+        superpose(mlp(0, width=8), 5, labels=["a", "b"])
+
+
+@pytest.mark.parametrize("flags", [[], ["--superpose", "*"], ["--kind", "rotation", "--superpose", "*"]])
+def test_zero_size_tensors_are_kept_per_context(tmp_path, monkeypatch, flags):
+    monkeypatch.chdir(tmp_path)
+    for k in range(2):
+        state = mlp(k, width=8).state_dict()
+        state["empty"], state["empty_rows"] = torch.zeros(4, 0), torch.zeros(0, 4)
+        torch.save(state, f"m{k}.pt")
+    result = run("merge", "m0.pt", "m1.pt", *flags, "--json")
+    assert result.exit_code == 0, result.output
+    rows = {t["name"]: t for t in json.loads(result.stdout)["tensors"]}
+    for name in ("empty", "empty_rows"):
+        assert (rows[name]["role"], rows[name]["reason"], rows[name]["interference"]) == (
+            "per_context",
+            "empty",
+            None,
+        )
+    assert run("extract", "--context", "1", "-o", "m1-back.pt").exit_code == 0
+    back = torch.load("m1-back.pt", weights_only=True)
+    assert back["empty"].shape == (4, 0) and back["empty_rows"].shape == (0, 4)
+    assert run("analyze", "-q").exit_code == 0  # its weight statistics handle them too
+
+
+def test_measured_policy_leaves_zero_size_tensors_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    task = TASK.replace(
+        "def build_model():\n    return mlp(0, width=8)",
+        "class Empty(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.w = torch.nn.Parameter(torch.zeros(4, 0))\n"
+        "    def forward(self, x):\n"
+        "        return x\n\n"
+        "def build_model():\n    return torch.nn.Sequential(*mlp(0, width=8), Empty())",
+    )
+    (tmp_path / "task.py").write_text(task)
+    for k in range(2):
+        torch.save({**mlp(k, width=8).state_dict(), "5.w": torch.zeros(4, 0)}, f"m{k}.pt")
+    args = ["merge", "m0.pt", "m1.pt", "--task", "task.py", "--policy", "measured", "--max-drop", "100"]
+    for extra in ([], ["--superpose", "*"]):
+        result = run(*args, *extra, "--json", "--force")
+        assert result.exit_code == 0, result.output
+        rows = {t["name"]: t for t in json.loads(result.stdout)["tensors"]}
+        assert (rows["5.w"]["role"], rows["5.w"]["reason"]) == ("per_context", "empty")

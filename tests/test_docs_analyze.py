@@ -31,7 +31,10 @@ def merged_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         str(p.relative_to(tmp_path)) for p in (tmp_path / "samples" / "models").glob("digits_*.pt")
     )
     assert len(models) == 4
-    result = CliRunner().invoke(app, ["merge", *models, "--task", "samples/digits_task.py", "-q"])
+    result = CliRunner().invoke(
+        app,
+        ["merge", *models, "--task", "samples/digits_task.py", "--base", "none", "--max-error", "0.8", "-q"],
+    )
     assert result.exit_code == 0, result.output
     return tmp_path
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from pspctl.errors import ContextError, FormatError, InputError
 from pspctl.fileformat import SuperposedFile
-from tests.data.make_golden import HERE, inputs
+from tests.data.make_golden import GOLDEN_V2, HERE, inputs
 
 
 @pytest.mark.parametrize("kind", ["binary", "complex"])
@@ -36,18 +36,16 @@ def test_golden_v1_file_still_reads(kind):
         assert torch.allclose(sd["lin.weight"], expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["binary", "complex"])
-def test_writer_reproduces_the_golden_tensors(tmp_path, kind, monkeypatch):
+@pytest.mark.parametrize("name", list(GOLDEN_V2))
+def test_writer_reproduces_the_golden_tensors(tmp_path, name, monkeypatch):
     """Same inputs and seed give the same tensors and header: contexts and layout are pinned."""
-    from pspctl.merge import MergeOptions, merge
-    from pspctl.policy import Policy
+    from pspctl.merge import merge
 
-    for name in ("golden-a.safetensors", "golden-b.safetensors"):
-        shutil.copy(HERE / name, tmp_path / name)
+    for source in ("golden-a.safetensors", "golden-b.safetensors"):
+        shutil.copy(HERE / source, tmp_path / source)
     monkeypatch.chdir(tmp_path)
-    merge(["golden-a.safetensors", "golden-b.safetensors"], "new.safetensors",
-          MergeOptions(kind=kind, seed=0, policy=Policy(superpose=("lin.weight",))))  # fmt: skip
-    golden, new = load_file(HERE / f"golden-v1-{kind}.safetensors"), load_file(tmp_path / "new.safetensors")
+    merge(["golden-a.safetensors", "golden-b.safetensors"], "new.safetensors", GOLDEN_V2[name])
+    golden, new = load_file(HERE / f"golden-v2-{name}.safetensors"), load_file(tmp_path / "new.safetensors")
     assert golden.keys() == new.keys()
     for k in golden:
         if k.startswith("superposed/"):
@@ -56,12 +54,43 @@ def test_writer_reproduces_the_golden_tensors(tmp_path, kind, monkeypatch):
         else:  # contexts come from the seeded RNG, per-context tensors are copies: bit-exact
             assert torch.equal(golden[k], new[k]), k
     headers = []
-    for path in (HERE / f"golden-v1-{kind}.safetensors", tmp_path / "new.safetensors"):
+    for path in (HERE / f"golden-v2-{name}.safetensors", tmp_path / "new.safetensors"):
         with safe_open(str(path), "pt") as f:
             header = json.loads(f.metadata()["pspctl.header"])
         header.pop("pspctl_version")
         headers.append(header)
     assert headers[0] == headers[1]
+
+
+def test_golden_v2_centred_file_retrieves_base_plus_unbound_deltas():
+    """v2, centred: Ŵ_k = B + unbind(Σ_s (W_s − B) ⊙ c_s, c_k), B the inputs' mean, exactly as
+    the spec computes it; per-context tensors exact."""
+    sf = SuperposedFile(HERE / "golden-v2-mean.safetensors")
+    originals = inputs()
+    assert sf.header.format_version == 2 and sf.header.base == {
+        "source": "mean",
+        "path": None,
+        "sha256": None,
+        "linked": False,
+    }
+    assert sf.metas["lin.weight"].centred and not sf.metas["head.weight"].centred
+    a, b = originals["a"]["lin.weight"], originals["b"]["lin.weight"]
+    base = (a.double() + b.double()) / 2
+    assert torch.equal(sf.raw("base/lin.weight"), base.float())
+    bits = sf.raw("contexts/lin.weight")
+    signs = ((bits.unsqueeze(-1) >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1).reshape(2, -1)[
+        :, :10
+    ] * 2.0 - 1
+    deltas = [a - base.float(), b - base.float()]
+    S = deltas[0] * signs[0] + deltas[1] * signs[1]
+    for k, name in enumerate("ab"):
+        expected = base.float() + S * signs[k]
+        assert torch.equal(sf.state_dict(k)["lin.weight"], expected)
+        # the other model's delta is the residual: W_k + Δ_other ⊙ c_other ⊙ c_k
+        assert torch.allclose(
+            expected, originals[name]["lin.weight"] + deltas[1 - k] * signs[0] * signs[1], atol=1e-6
+        )
+        assert torch.equal(sf.state_dict(k)["head.weight"], originals[name]["head.weight"])
 
 
 def _rewrite_metadata(src, dst, **changes):
@@ -75,7 +104,7 @@ def _rewrite_metadata(src, dst, **changes):
 def test_unknown_version_and_plain_files_are_refused(tmp_path):
     src = HERE / "golden-v1-binary.safetensors"
     _rewrite_metadata(src, tmp_path / "v9.safetensors", **{"pspctl.format_version": "9"})
-    with pytest.raises(FormatError, match="format version 9, this pspctl reads version 1"):
+    with pytest.raises(FormatError, match="format version 9, this pspctl reads versions 1 and 2"):
         SuperposedFile(tmp_path / "v9.safetensors")
     with pytest.raises(FormatError, match="plain safetensors file, not a pspctl"):
         SuperposedFile(HERE / "golden-a.safetensors")

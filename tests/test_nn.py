@@ -13,7 +13,7 @@ from pspctl.errors import ContextError, MismatchError, OutputError, PolicyError,
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge
 from pspctl.nn import Stacked, Superposed, load, mix_contexts, save, superpose
-from pspctl.policy import Policy
+from pspctl.policy import SHAPE_RULES, Policy
 from pspctl.superpose import bind, unbind
 
 K = 3
@@ -91,14 +91,16 @@ def test_same_policy_and_contexts_as_merge(tmp_path):
     for k in range(2):
         save_state_dict(psp.state_dict_for(k), tmp_path / f"m{k}.safetensors")
     merge([tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], tmp_path / "merged.safetensors",
-          MergeOptions(kind="binary", seed=5))  # fmt: skip
+          MergeOptions(base="none", kind="binary", seed=5, policy=SHAPE_RULES))  # fmt: skip
     ours, theirs = (
         SuperposedFile(tmp_path / "nn.safetensors"),
         SuperposedFile(tmp_path / "merged.safetensors"),
     )
-    assert {n: m.role for n, m in ours.header.tensors.items()} == {
-        n: m.role for n, m in theirs.header.tensors.items()
+    # Merge also stores once what is equal in every input (nn has no inputs to compare).
+    merged_roles = {
+        n: "per_context" if m.role == "shared" else m.role for n, m in theirs.header.tensors.items()
     }
+    assert {n: m.role for n, m in ours.header.tensors.items()} == merged_roles
     assert ours.names(role="superposed") == ["0.weight", "2.weight"]  # the head is under min_share
     for name in ours.names(role="superposed"):
         assert torch.equal(ours.contexts(name).data, theirs.contexts(name).data)

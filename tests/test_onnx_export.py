@@ -27,6 +27,8 @@ from samples import digits_task
 from samples.train import checkpoint_path
 from tests.conftest import cnn, mlp, save_models
 
+HIDDEN = Policy(superpose=("2.weight",))  # the samples' 256x256 hidden layer, whatever it saves
+
 KINDS = [k.value for k in Kind]
 MLP_IN, CNN_IN = (16,), (3, 4, 4)
 
@@ -43,7 +45,7 @@ def task_of(build, shape, load_data=None) -> SimpleNamespace:
 def merged(tmp_path: Path, models: list[nn.Module], kind: str, name: str = "w") -> Path:
     paths = save_models(models, tmp_path)
     out = tmp_path / f"{name}.safetensors"
-    merge(paths, out, MergeOptions(kind=kind, seed=1, policy=Policy(superpose=("*",))))
+    merge(paths, out, MergeOptions(base="none", kind=kind, seed=1, policy=Policy(superpose=("*",))))
     return out
 
 
@@ -145,7 +147,7 @@ def test_per_context_graph_of_cnn_matches_torch(tmp_path, kind):
 def test_bundled_samples_export_both_ways(tmp_path, kind):
     paths = [checkpoint_path(k) for k in range(4)]
     file = tmp_path / "w.safetensors"
-    merge(paths, file, MergeOptions(kind=kind, labels=["a", "b", "c", "d"]))
+    merge(paths, file, MergeOptions(base="none", kind=kind, labels=["a", "b", "c", "d"], policy=HIDDEN))
     task = SimpleNamespace(
         source="samples/digits_task.py", build_model=digits_task.build_model,
         example_inputs=digits_task.example_inputs, load_data=digits_task.load_data,
@@ -292,7 +294,9 @@ def test_weights_read_counts_both_parts_of_complex_weights(tmp_path):
 
     for kind, extra in [("complex", 65536 + 256), ("rotation", 256 * 256), ("binary", 256)]:
         merge(
-            [checkpoint_path(k) for k in range(4)], tmp_path / f"{kind}.safetensors", MergeOptions(kind=kind)
+            [checkpoint_path(k) for k in range(4)],
+            tmp_path / f"{kind}.safetensors",
+            MergeOptions(base="none", kind=kind, policy=HIDDEN),
         )
         # only the 256x256 hidden layer is superposed; 85002 weights in all
         assert weights_read(SuperposedFile(tmp_path / f"{kind}.safetensors")) == pytest.approx(

@@ -36,8 +36,8 @@ def test_load_sample_by_path() -> None:
 
 def test_load_sample_by_module_name() -> None:
     task = load_task("samples.digits_task")
-    assert task.build_model is samples.digits_task.build_model
-    assert task.evaluate is samples.digits_task.evaluate
+    assert task.build_model.__wrapped__ is samples.digits_task.build_model
+    assert task.evaluate.__wrapped__ is samples.digits_task.evaluate
 
 
 def test_missing_file_is_input_error(tmp_path: Path) -> None:
@@ -159,3 +159,67 @@ def test_docs_examples_run() -> None:
     assert runnable
     for block in runnable:
         exec(compile(block, "docs/task-file.md", "exec"), {})
+
+
+def test_a_failing_function_is_a_task_error_naming_the_call() -> None:
+    def load_data(context: int, split: str):
+        yield torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)
+        raise OSError("disk went away")  # a generator fails while iterated, not when called
+
+    task = Task(source="t.py", build_model=lambda: nn.Linear(2, 2), load_data=load_data)
+    with pytest.raises(TaskError) as info:
+        task.batches(1, "train")
+    assert str(info.value) == "task file t.py: load_data(1, 'train') failed: OSError: disk went away"
+    assert isinstance(info.value.__cause__, OSError)  # --debug shows its traceback
+
+
+def test_task_functions_must_return_what_the_contract_says() -> None:
+    task = Task(source="t.py", build_model=lambda: "a model", load_data=lambda c, s: 3)
+    with pytest.raises(
+        TaskError, match=r"^task file t.py: build_model\(\) returned str, not a torch.nn.Module$"
+    ):
+        task.build_model()
+    with pytest.raises(TaskError, match=r"load_data\(0, 'test'\) returned int, not an iterable of batches$"):
+        task.batches(0, "test")
+
+
+def test_a_model_that_does_not_fit_its_data() -> None:
+    task = Task(
+        source="t.py",
+        build_model=lambda: nn.Linear(3, 2),
+        load_data=lambda c, s: [(torch.ones(4, 5), torch.zeros(4))],
+    )
+    with pytest.raises(TaskError) as info:
+        task.metric(task.build_model(), 0)
+    assert str(info.value) == (
+        "task file t.py: its model does not fit load_data(0, 'test'): "
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x5 and 3x2)"
+    )
+
+
+def test_export_still_reads_valueerror_as_no_such_split(tmp_path: Path) -> None:
+    from pspctl.merge import MergeOptions, merge
+    from pspctl.onnx_export import export_contexts
+    from pspctl.policy import Policy
+    from tests.conftest import mlp, save_models
+
+    def load_data(context: int, split: str):
+        if split == "test":
+            raise ValueError(f"unknown split {split!r}")  # docs/task-file.md's convention
+        yield torch.zeros(2, 16), torch.zeros(2, dtype=torch.long)
+
+    out = tmp_path / "w.safetensors"
+    merge(save_models([mlp(0), mlp(1)], tmp_path), out, MergeOptions(policy=Policy(superpose=("*",))))
+    task = Task("t.py", lambda: mlp(0), lambda: (torch.randn(3, 16),), load_data)
+    report = export_contexts(out, task, 0, tmp_path / "m.onnx")
+    assert report.passed and report.inputs_from == "example_inputs()"
+
+
+def test_replace_names_the_new_source() -> None:
+    import dataclasses
+
+    task = Task(source="a.py", build_model=lambda: 3)
+    other = dataclasses.replace(task, source="b.py")
+    with pytest.raises(TaskError, match=r"^task file b.py: build_model\(\) returned int"):
+        other.build_model()
+    assert other.build_model.__wrapped__ is task.build_model.__wrapped__

@@ -127,7 +127,7 @@ def test_train_baseline_writes_a_plain_model(workdir):
 def test_tune_end_to_end(workdir):
     task = write_task(workdir)
     paths = make_originals(workdir, task)
-    merge(paths, "w.safetensors", MergeOptions(kind="complex", task=str(task), policy=_all()))
+    merge(paths, "w.safetensors", MergeOptions(base="none", kind="complex", task=str(task), policy=_all()))
     before_hash = sha256_file(Path("w.safetensors"))
     result = run("tune", "--steps", 6, "--eval-every", 3, "--metrics", "tune.json", "-q")
     assert result.exit_code == 0, result.output
@@ -175,7 +175,11 @@ def test_bad_input(workdir):
     )
     assert sorted(workdir.iterdir()) == sorted([no_data, task])  # nothing written
 
-    merge(make_originals(workdir, task), "w.safetensors", MergeOptions(task=str(task), policy=_all()))
+    merge(
+        make_originals(workdir, task),
+        "w.safetensors",
+        MergeOptions(base="none", task=str(task), policy=_all()),
+    )
     result = run("tune", "--steps", 0)
     assert result.exit_code == 2 and "--steps must be at least 1, got 0" in result.output
     result = run("tune", "--task", no_data, "--steps", 2, "-q")
@@ -217,7 +221,7 @@ def test_nan_stops_and_keeps_the_last_good_file(workdir):
     assert not Path("p0.safetensors").exists()
 
     good = write_task(workdir, name="good.py")
-    merge(make_originals(workdir, good), "m.safetensors", MergeOptions(policy=_all()))
+    merge(make_originals(workdir, good), "m.safetensors", MergeOptions(base="none", policy=_all()))
     before = sha256_file(Path("m.safetensors"))
     result = run("tune", "m.safetensors", "--task", task, "--objective", "task", "--steps", 4)
     assert result.exit_code == 10

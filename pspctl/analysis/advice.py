@@ -11,36 +11,29 @@ import torch
 from pspctl.analysis.report import Report, TensorAdvice
 from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
+from pspctl.kinds import OPS
 from pspctl.policy import Role
 
 __all__ = ["advice", "recommend"]
 
 
-def _context_bytes(kind: Any, K: int, M: int) -> int:
-    return {
-        "binary": K * math.ceil(M / 8),
-        "complex": 4 * K * M,
-        "onepower": 4 * M,
-        "rotation": 4 * K * M * M,
-    }[kind.value]
-
-
 def advice(sf: SuperposedFile, report: Report, stored_bytes: dict[str, int]) -> list[TensorAdvice]:
-    """Per ≥2-d floating tensor: bytes saved by superposing it, and its measured layer error."""
+    """Per non-empty ≥2-d floating tensor: bytes saved by superposing it, and its measured layer error."""
     K = sf.num_contexts
     out = []
     for name, meta in sf.header.tensors.items():
         dtype = getattr(torch, meta.dtype)
-        if not dtype.is_floating_point or len(meta.shape) < 2:
-            continue
         n = math.prod(meta.shape)
+        if not dtype.is_floating_point or len(meta.shape) < 2 or n == 0:
+            continue
         separate = K * n * dtype.itemsize
         if meta.role == Role.SUPERPOSED:
             cost = stored_bytes[name]
         else:
-            cost = n * dtype.itemsize * (2 if sf.kind.is_complex else 1) + _context_bytes(
-                sf.kind, K, meta.fan_in
-            )
+            # What merge would store: the superposed values in the recorded --dtype, and the contexts.
+            stored = getattr(torch, sf.header.recipe.get("dtype") or meta.dtype)
+            ops = OPS[sf.kind]
+            cost = n * stored.itemsize * (2 if ops.is_complex else 1) + ops.context_bytes(K, meta.fan_in)
         errs = [r.measured for r in report.layers if r.name == name and not math.isnan(r.measured)]
         out.append(TensorAdvice(name, meta.role, separate - cost, sum(errs) / len(errs) if errs else None,
                                 max(errs) if errs else None))  # fmt: skip

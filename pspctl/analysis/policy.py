@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import glob
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,14 @@ from torch import Tensor
 
 from pspctl.analysis import sources
 from pspctl.checkpoints import Checkpoint
-from pspctl.contexts import Kind, make_contexts
+from pspctl.contexts import Kind
 from pspctl.errors import PolicyError, TaskError
-from pspctl.fileformat import pack
-from pspctl.policy import FLOAT_DTYPES, Policy, _matches
-from pspctl.superpose import bind, fan_in, unbind
+from pspctl.fileformat import SuperposedWriter
+from pspctl.merge import MergeOptions, store_tensor
+from pspctl.policy import FLOAT_DTYPES, Decision, Policy, Role, _matches
+from pspctl.superpose import fan_in
+from pspctl.task import on_task_data
+from pspctl.types import Progress
 
 __all__ = ["CandidateResult", "MeasuredPolicy", "measured_policy", "policy_for_merge"]
 
@@ -119,7 +122,7 @@ def measured_policy(
     base: Policy = Policy(),
     dtype: str | None = None,
     max_samples: int = 256,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> MeasuredPolicy:
     """Choose the tensors to superpose by measuring their effect on calibration data.
 
@@ -139,17 +142,19 @@ def measured_policy(
         raise TaskError(f"{getattr(task, 'source', 'the task')}: --policy measured needs load_data")
     kind, K = Kind(kind), len(checkpoints)
     infos = list(checkpoints[0].infos.values())
-    forced = [i.name for i in infos if _matches(i.name, base.superpose)]
+    forced = [i.name for i in infos if i.numel and _matches(i.name, base.superpose)]  # empty: kept anyway
     eligible = [
         i for i in infos
-        if i.dtype in FLOAT_DTYPES and len(i.shape) >= 2 and not _matches(i.name, base.keep) and i.name not in forced
+        if i.dtype in FLOAT_DTYPES and len(i.shape) >= 2 and i.numel and not _matches(i.name, base.keep)
+        and i.name not in forced
     ]  # fmt: skip
     tick = progress or (lambda done, total, item: None)
     contexts: list[_Context] = []
     for k, ckpt in enumerate(checkpoints):
         inputs, targets = _calib(task, k, max_samples)
         model = sources.load_model(task, {n: ckpt[n] for n in ckpt.names}, str(ckpt.path))
-        out = sources.run_model(model, inputs)
+        with on_task_data(getattr(task, "source", "?"), f"load_data({k}, 'calib')"):
+            out = sources.run_model(model, inputs)
         contexts.append(_Context(inputs, targets, out, _accuracy(out, targets)))
     metric = "calib_accuracy" if all(c.accuracy is not None for c in contexts) else None
     if metric is None and max_output_error is None:
@@ -158,15 +163,13 @@ def measured_policy(
         )
 
     # What merge would store, one superposed tensor per name (one model's worth in memory).
-    stored: dict[str, tuple[Tensor, Any, torch.dtype]] = {}
+    stored = SuperposedWriter(kind, K)
+    options = MergeOptions(kind=kind, seed=seed, dtype=dtype, allow_nonfinite=True)
     saved: dict[str, int] = {}
     for info in eligible + [i for i in infos if i.name in forced]:
-        ctx = make_contexts(kind, K, fan_in(info.shape), seed, info.name)
-        packed = pack(bind((c[info.name] for c in checkpoints), ctx), getattr(torch, dtype or info.dtype))
-        W = torch.view_as_complex(packed.float()) if kind.is_complex else packed.float()
-        stored[info.name] = (W, ctx, getattr(torch, info.dtype))
+        decision = Decision(info.name, Role.SUPERPOSED, "measured", fan_in(info.shape), 0.0)
         own = math.prod(info.shape) * getattr(torch, info.dtype).itemsize
-        saved[info.name] = K * own - packed.nbytes - ctx.stored().nbytes
+        saved[info.name] = K * own - store_tensor(stored, info, decision, checkpoints, options)
     # Superposing saves nothing where the contexts outweigh the copies (rotation, small N).
     candidates = eligible
     eligible = [i for i in candidates if saved[i.name] > 0]
@@ -176,8 +179,7 @@ def measured_policy(
         for k, (ckpt, c) in enumerate(zip(checkpoints, contexts, strict=True)):
             state = {n: ckpt[n] for n in ckpt.names}
             for n in names:
-                W, ctx, dt = stored[n]
-                state[n] = unbind(W, ctx, k).to(dt)
+                state[n] = stored.retrieve(n, k)
             out = sources.run_model(sources.load_model(task, state, f"context {k}"), c.inputs)
             acc = _accuracy(out, c.targets)
             drops.append(None if acc is None or c.accuracy is None else c.accuracy - acc)
@@ -225,7 +227,7 @@ def policy_for_merge(
     *,
     max_drop: float,
     max_output_error: float | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Policy, MeasuredPolicy]:
     """`merge --policy measured`: measure on the task's calib data, return the Policy to merge with.
 

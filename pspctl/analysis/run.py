@@ -8,7 +8,7 @@ the captured inputs of its layers. K full models are never held together.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,12 @@ from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
-from pspctl.superpose import unbind
-from pspctl.task import check_fits
+from pspctl.task import check_fits, on_task_data
+from pspctl.types import Progress
 
 __all__ = ["DEFAULT_SPARSITIES", "analyze", "lower_is_better"]
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.9)
-Progress = Callable[[int, int, str], None]
 
 
 def lower_is_better(metric: str) -> bool:
@@ -153,13 +152,10 @@ def retrieved_state(sf: SuperposedFile, k: int, tau: float | None = None) -> dic
     """Model k as retrieved from the file, with the superposed values pruned at τ if given."""
     out = {}
     for name, meta in sf.header.tensors.items():
-        if meta.role == Role.SUPERPOSED:
-            W = sf.superposed(name)
-            if tau is not None:
-                W = prune_superposed(W, tau)
-            out[name] = unbind(W, sf.contexts(name), k).to(getattr(torch, meta.dtype))
-        else:
-            out[name] = sf.stacked(name)[k].clone()
+        pruned = None
+        if tau is not None and meta.role == Role.SUPERPOSED:
+            pruned = prune_superposed(sf.superposed(name), tau)
+        out[name] = sf.retrieve(name, k, superposed=pruned)
     return out
 
 
@@ -233,9 +229,15 @@ def _context_pass(
 
     caps = {}
     y_orig = None
+    what = (
+        f"load_data({k}, 'calib')"
+        if got and got[1] == "calib"
+        else "random inputs shaped like example_inputs()"
+    )
     if orig_model is not None and got is not None:
         out: list[Tensor] = []
-        caps = capture(orig_model, sup, lambda: out.append(sources.run_model(orig_model, got[0])))
+        with on_task_data(getattr(task, "source", "?"), what):
+            caps = capture(orig_model, sup, lambda: out.append(sources.run_model(orig_model, got[0])))
         y_orig = out[0]
     if orig_state is not None:
         for name in sup:
@@ -255,7 +257,8 @@ def _context_pass(
     summary.original_metric = m_orig[1] if m_orig else None
     summary.retrieved_metric = m_ret[1] if m_ret else None
     if y_orig is not None and ret_model is not None and got is not None:
-        summary.output_error = _rel(sources.run_model(ret_model, got[0]), y_orig)
+        with on_task_data(getattr(task, "source", "?"), what):
+            summary.output_error = _rel(sources.run_model(ret_model, got[0]), y_orig)
     del ret_model, ret_state, caps  # hold at most ~3 models at once: original, pruned, a fresh init
 
     for tau, row in zip(taus, report.pruning, strict=True):

@@ -23,7 +23,6 @@ from pspctl.analysis.report import MagnitudeStats, TensorWeightError
 from pspctl.checkpoints import Checkpoint
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
-from pspctl.superpose import unbind
 
 __all__ = ["NBINS", "THRESHOLDS", "TensorPass", "stored_values", "tensor_pass"]
 
@@ -79,21 +78,15 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
     superposed = meta.role == Role.SUPERPOSED
     floating = dtype.is_floating_point
     if superposed:
-        W = sf.superposed(name)
-        ctx = sf.contexts(name)
-        values = stored_values(W)
-        stored_bytes = sf.raw("superposed/" + name).nbytes + sf.raw("contexts/" + name).nbytes
-
-        def retrieved(k: int) -> Tensor:
-            # What users get: Ŵ_k rounded to the original dtype.
-            return unbind(W, ctx, k).to(dtype).float()
+        values = stored_values(sf.superposed(name))
     else:
         stacked = sf.stacked(name)
         values = stacked
-        stored_bytes = stacked.nbytes
+    stored_bytes = sf.stored_bytes(name)
 
-        def retrieved(k: int) -> Tensor:
-            return stacked[k].float()
+    def retrieved(k: int) -> Tensor:
+        # What users get: Ŵ_k rounded to the original dtype (per-context tensors: exact).
+        return sf.retrieve(name, k).float() if superposed else stacked[k].float()
 
     def original(k: int) -> Tensor:
         return originals[k][name].float() if originals is not None else stacked[k].float()
@@ -115,7 +108,7 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
                 norms_sq.append(float(torch.linalg.vector_norm(Wk)) ** 2)
                 errs.append(float(torch.linalg.vector_norm(retrieved(k) - Wk)) ** 2)
                 if Wk.dim() >= 2:
-                    rows.append(torch.linalg.vector_norm(Wk.reshape(Wk.shape[0], -1), dim=1).double() ** 2)
+                    rows.append(torch.linalg.vector_norm(Wk.flatten(1), dim=1).double() ** 2)
         if originals is not None and floating:
             total = sum(norms_sq)
             v = kind.variance_factor if superposed else 0.0

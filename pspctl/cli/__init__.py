@@ -1,8 +1,8 @@
 """The `pspctl` command line: parse, call one library function, render with rich.
 
 Heavy modules (torch, onnx) are imported inside the commands so that `pspctl --help` is fast.
-Only `PspctlError` is caught: it becomes one line on stderr and its exit code. Anything
-else is a bug and keeps its traceback.
+Every error is one line on stderr: a `PspctlError` with its exit code; anything else is a bug,
+shown as one line (exit 1) that says which command failed, or with `--debug` as its traceback.
 """
 
 from __future__ import annotations
@@ -11,21 +11,72 @@ import functools
 import json
 import shlex
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer vendors click since 0.2x; before, it used click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException  # type: ignore[no-redef]
+
+
+class _RootGroup(TyperGroup):
+    """The root command. It runs click in non-standalone mode so that click's own errors (an
+    unknown option, a bad value, a missing argument) come back here and are printed as one
+    line like every other error, instead of click's usage box. Exit codes stay click's."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone = kwargs.get("standalone_mode", True)
+        kwargs["standalone_mode"] = False
+        if not standalone:
+            return super().main(*args, **kwargs)
+        try:
+            # Non-standalone, click returns a command's result, or the code of a typer.Exit.
+            result = super().main(*args, **kwargs)
+        except ClickException as e:
+            # NoArgsIsHelpError: bare `pspctl`; its message is the help, which typer has printed.
+            if type(e).__name__ != "NoArgsIsHelpError":
+                error_line(e.format_message() + _help_hint(e))
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            error_line("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _help_hint(e: ClickException) -> str:
+    ctx = getattr(e, "ctx", None)  # set on usage errors
+    if ctx is None or ctx.command.get_help_option(ctx) is None:
+        return ""
+    return f" (see {ctx.command_path} {ctx.help_option_names[0]})"
+
 
 app = typer.Typer(
     name="pspctl",
+    cls=_RootGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class State:
+    """Options of the root command, set before a command runs."""
+
+    debug: bool = False  # show an unexpected error's traceback instead of one line
+
+
+state = State()
 
 
 def _print_version(value: bool) -> None:
@@ -41,27 +92,85 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the traceback of an unexpected error, or of what caused an error."
+    ),
 ) -> None:
     """Parameter superposition for PyTorch checkpoints: merge K models into one file and get each back."""
+    state.debug = debug
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def error_line(message: str) -> None:
+    """`error: <message>` on stderr, on one line whatever the message holds."""
+    from rich.markup import escape
+
+    err_console.print(
+        f"[bold red]error:[/] {escape(' '.join(message.split()))}", markup=True, highlight=False
+    )
+
+
 def handle_errors(fn: F) -> F:
-    """Turn a PspctlError into one stderr line and its exit code."""
+    """Turn any exception a command raises into one stderr line and an exit code.
+
+    A PspctlError gets its own exit code (with --debug, after the traceback of the exception
+    it wraps, if any), Ctrl-C 130, a full disk or a denied permission 8 when
+    writing (2 when reading). Anything else is a bug: one line naming the command and the
+    exception, exit 1; with --debug it is raised, traceback and all.
+    """
+    command = fn.__name__.removesuffix("_command")
+    inner = _one_line_errors(fn, command)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rich.markup import escape
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _name_pickled_code()
 
-        from pspctl.errors import PspctlError
+    return wrapper  # type: ignore[return-value]
+
+
+def _name_pickled_code() -> None:
+    """With --trust-pickle, say which files' pickled code ran (merge, analyze, tune alike)."""
+    from pspctl.checkpoints import RAN_PICKLED
+
+    if RAN_PICKLED:
+        ran = ", ".join(dict.fromkeys(str(p) for p in RAN_PICKLED))
+        err_console.print(f"warning: executed pickled code from {ran}", markup=False)
+        RAN_PICKLED.clear()
+
+
+def _one_line_errors(fn: F, command: str) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pspctl.errors import PspctlError, one_line, os_error
 
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, ClickException):  # typer's own; _RootGroup renders them
+            raise
         except PspctlError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
+            if state.debug and e.__cause__ is not None:  # e.g. where a task file's function failed
+                traceback.print_exception(e, file=sys.stderr)
+            error_line(str(e))
             raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            error_line("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            known = os_error(e) if isinstance(e, OSError) else None  # a full disk, a read-only dir
+            if known is not None:
+                if state.debug:
+                    traceback.print_exception(e, file=sys.stderr)
+                error_line(str(known))
+                raise typer.Exit(known.exit_code) from None
+            if state.debug:
+                raise
+            error_line(f"pspctl {command} failed: {one_line(e)} (run with --debug for the traceback)")
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

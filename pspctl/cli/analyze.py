@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pspctl.cli import app, console, handle_errors, human_bytes, progress_bar
-from pspctl.cli.core import DEFAULT_FILE
+from pspctl.cli.core import DEFAULT_FILE, superposed_path
 
 if TYPE_CHECKING:
     from pspctl.analysis.report import Report
@@ -78,14 +78,19 @@ def analyze(
     from pspctl.analysis import analyze as run_analyze
     from pspctl.errors import OutputError
 
+    superposed_path(file)
     if plot is not None:
         from pspctl.analysis.plot import require_matplotlib
 
         require_matplotlib()
+    from pspctl.outputs import refuse_inputs
+
+    origs = [p for v in originals for p in v.split(",") if p] if originals else None
     for out in (json_file, plot):
         if out is not None and (out.is_dir() or not out.parent.is_dir()):
             raise OutputError(f"{out}: not a writable file path")
-    origs = [p for v in originals for p in v.split(",") if p] if originals else None
+        if out is not None:  # these overwrite by design, but never an input
+            refuse_inputs(out, [file, *(origs or [])])
     with progress_bar("analyzing", quiet=quiet) as update:
         report = run_analyze(
             file, originals=origs, task=task, sparsities=_floats(sparsity, DEFAULT_SPARSITIES),

@@ -8,17 +8,27 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pspctl.cli import app, command_line, console, handle_errors, human_bytes, print_json, progress_bar
+from pspctl.cli import (
+    app,
+    command_line,
+    console,
+    err_console,
+    handle_errors,
+    human_bytes,
+    print_json,
+    progress_bar,
+)
+from pspctl.types import ETA_PRIOR, MAX_ERROR
 
 if TYPE_CHECKING:
+    from pspctl.merge import MergeReport
     from pspctl.policy import Policy
 
 DEFAULT_FILE = Path("w.safetensors")
 FileArg = Annotated[Path, typer.Argument(help="The superposed file.", show_default=True)]
 
-# The merge policy's flags, shared by merge and train. The defaults are Policy's (a test checks
-# they agree); they are literals here so that `--help` need not import torch.
-MAX_INTERFERENCE, MIN_SHARE = 0.02, 0.05
+# The merge policy's flags, shared by merge and train (whose shape-rule defaults differ:
+# training has no weights yet to predict errors from).
 KeepOpt = Annotated[
     list[str] | None, typer.Option(help="Glob of tensor names to store per context. Repeatable.")
 ]
@@ -27,11 +37,18 @@ SuperposeOpt = Annotated[
     typer.Option(help="Glob of tensor names to superpose regardless of the rules ('*' = all). Repeatable."),
 ]
 MaxInterferenceOpt = Annotated[
-    float, typer.Option(help="Keep per context tensors whose (K-1)/fan_in exceeds this.")
+    float | None, typer.Option(help="Keep per context tensors whose (K-1)/fan_in exceeds this.")
 ]
 MinShareOpt = Annotated[
     float, typer.Option(help="Keep per context tensors holding less than this share of the parameters.")
 ]
+MaxErrorOpt = Annotated[
+    float,
+    typer.Option(
+        help="Budget: predicted relative output error of all superposed tensors together (docs/policy.md)."
+    ),
+]
+EtaOpt = Annotated[float, typer.Option(help="Prior alignment η of layer inputs with the weights.")]
 
 
 @app.command()
@@ -54,10 +71,25 @@ def merge(
         str | None,
         typer.Option(help="Comma-separated context labels (default: the input file stems)."),
     ] = None,
+    base: Annotated[
+        str,
+        typer.Option(
+            help="What superposed tensors are centred on: auto (per tensor: none or mean, by predicted error), "
+            "mean (the inputs' mean), none (plain superposition), or PATH (the parent checkpoint)."
+        ),
+    ] = "auto",
+    link_base: Annotated[
+        bool,
+        typer.Option(
+            "--link-base", help="With --base PATH: record the parent's path and sha256, not its tensors."
+        ),
+    ] = False,
     keep: KeepOpt = None,
     superpose: SuperposeOpt = None,
-    max_interference: MaxInterferenceOpt = MAX_INTERFERENCE,
-    min_share: MinShareOpt = MIN_SHARE,
+    max_error: MaxErrorOpt = MAX_ERROR,
+    eta: EtaOpt = ETA_PRIOR,
+    max_interference: MaxInterferenceOpt = None,
+    min_share: MinShareOpt = 0.0,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -110,8 +142,10 @@ def merge(
         kind=_kind(kind),
         seed=seed,
         labels=labels.split(",") if labels else None,
-        policy=policy_from_flags(max_interference, min_share, keep, superpose),
+        policy=policy_from_flags(max_interference, min_share, keep, superpose, max_error=max_error, eta=eta),
         dtype=dtype,
+        base=base,
+        link_base=link_base,
         max_rotation_fan_in=max_rotation_fan_in,
         allow_nonfinite=allow_nonfinite,
         trust_pickle=trust_pickle,
@@ -128,7 +162,7 @@ def merge(
             chosen, _ = policy_for_merge(
                 inputs, options, max_drop=max_drop, max_output_error=max_output_error, progress=update
             )
-        options = replace(options, policy=chosen)
+        options = replace(options, policy=chosen, base="none")  # what it measured: plain superposition
     elif policy != "rules":
         raise PolicyError(f"--policy {policy}: expected rules or measured")
     with progress_bar("merging", quiet=quiet or json_out) as update:
@@ -136,30 +170,60 @@ def merge(
     if json_out:
         print_json(report.to_dict())
         return
-    table = Table(title=f"{report.output}: {report.num_contexts} models, {report.kind} contexts")
-    for col in ("tensor", "role", "why", "fan-in", "share", "(K-1)/M", "bytes"):
-        table.add_column(col, justify="left" if col in ("tensor", "role", "why") else "right")
-    for d in report.decisions:
-        table.add_row(
-            d.name, d.role.value, d.reason, str(d.fan_in), f"{d.share:.1%}", "–" if d.interference is None else f"{d.interference:.4f}",
-            human_bytes(report.stored_bytes[d.name]),
-        )  # fmt: skip
-    console.print(table)
+    for warning in report.warnings:
+        err_console.print(f"warning: {warning}", markup=False)
+    console.print(merge_table(report))
     for note in report.notes:
         console.print(f"note: {note}")
+    errors = ", ".join(f"{lab} {e:.3f}" for lab, e in zip(report.labels, report.predicted_error, strict=True))
     console.print(
         f"inputs {human_bytes(report.input_bytes)} → output {human_bytes(report.output_bytes)}: "
-        f"storage ratio [bold]{report.storage_ratio:.2f}×[/]"
+        f"storage ratio [bold]{report.storage_ratio:.2f}×[/]; predicted output error per context: {errors}"
     )
 
 
+def merge_table(report: MergeReport) -> Table:
+    """One row per tensor, fit for 80 columns: long names fold, never cut."""
+    table = Table(title=f"{report.output}: {report.num_contexts} models, {report.kind} contexts")
+    table.add_column("tensor", overflow="fold", ratio=3)
+    table.add_column("role")
+    table.add_column("base")
+    table.add_column("error", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("why", overflow="fold", ratio=2)
+    for d in report.decisions:
+        superposed = d.role.value == "superposed"
+        table.add_row(
+            d.name, d.role.value.replace("_", " "), d.centre if superposed else "",
+            "" if d.error is None else f"{d.error:.3f}", human_bytes(report.stored_bytes[d.name]), d.reason,
+        )  # fmt: skip
+    return table
+
+
+def superposed_path(path: Path) -> Path:
+    """`path`, refused if it is a directory (SuperposedFile would say "no such file")."""
+    from pspctl.errors import InputError
+
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a superposed file")
+    return path
+
+
 def policy_from_flags(
-    max_interference: float, min_share: float, keep: list[str] | None, superpose: list[str] | None
+    max_interference: float | None,
+    min_share: float,
+    keep: list[str] | None,
+    superpose: list[str] | None,
+    *,
+    max_error: float = MAX_ERROR,
+    eta: float = ETA_PRIOR,
 ) -> Policy:
     """The Policy that the shared policy flags describe."""
     from pspctl.policy import Policy
 
-    return Policy(max_interference, min_share, tuple(keep or ()), tuple(superpose or ()))
+    return Policy(
+        max_interference, min_share, tuple(keep or ()), tuple(superpose or ()), max_error=max_error, eta=eta
+    )
 
 
 def _kind(kind: str) -> str:
@@ -195,7 +259,7 @@ def extract(
         raise OutputError(f"--format {fmt}: expected safetensors or pt")
     if output is None:
         output = Path("extracted") if context == "all" else Path(f"context-{context}.safetensors")
-    for path in run_extract(file, context, output, fmt=fmt, force=force):
+    for path in run_extract(superposed_path(file), context, output, fmt=fmt, force=force):
         console.print(f"wrote {path}")
 
 
@@ -210,7 +274,7 @@ def info(
 
     from pspctl.fileformat import SuperposedFile
 
-    sf = SuperposedFile(file)
+    sf = SuperposedFile(superposed_path(file))
     h = sf.header
     if json_out:
         print_json({"path": str(file), "bytes": sf.nbytes(), **asdict(h)})

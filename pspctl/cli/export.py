@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from pspctl.cli import app, console, handle_errors, human_bytes, print_json
-from pspctl.cli.core import DEFAULT_FILE, FileArg
+from pspctl.cli.core import DEFAULT_FILE, FileArg, superposed_path
 
 if TYPE_CHECKING:
     from pspctl.onnx_export import ExportReport
@@ -53,6 +53,7 @@ def export(
     from pspctl.onnx_export import AtolError, export_contexts, export_multi
     from pspctl.task import load_task
 
+    superposed_path(file)
     if multi == (context is not None):
         raise InputError("pass exactly one of --context K|LABEL|all and --multi")
     if atol < 0 or rtol < 0:

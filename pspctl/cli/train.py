@@ -11,15 +11,15 @@ from rich.table import Table
 from pspctl.cli import app, command_line, console, handle_errors, print_json, progress_bar
 from pspctl.cli.core import (
     DEFAULT_FILE,
-    MAX_INTERFERENCE,
-    MIN_SHARE,
     KeepOpt,
     MaxInterferenceOpt,
     MinShareOpt,
     SuperposeOpt,
     _kind,
     policy_from_flags,
+    superposed_path,
 )
+from pspctl.types import TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE
 
 TaskOpt = Annotated[
     str, typer.Option("--task", help="Task file (path or module) with build_model and load_data.")
@@ -61,8 +61,8 @@ def train_command(
     labels: Annotated[str | None, typer.Option(help="Comma-separated context labels.")] = None,
     keep: KeepOpt = None,
     superpose: SuperposeOpt = None,
-    max_interference: MaxInterferenceOpt = MAX_INTERFERENCE,
-    min_share: MinShareOpt = MIN_SHARE,
+    max_interference: MaxInterferenceOpt = TRAIN_MAX_INTERFERENCE,
+    min_share: MinShareOpt = TRAIN_MIN_SHARE,
     output: Annotated[
         Path | None,
         typer.Option("-o", "--output", help="Superposed file (with --baseline: a plain state_dict)."),
@@ -79,13 +79,16 @@ def train_command(
 ) -> None:
     """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
     from pspctl.checkpoints import refuse_existing
-    from pspctl.errors import InputError
+    from pspctl.errors import InputError, MismatchError
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
     from pspctl.training.plot import plot_first_task
 
     if optimizer not in ("adam", "sgd"):
         raise InputError(f"--optimizer {optimizer}: expected adam or sgd")
+    label_list = tuple(labels.split(",")) if labels else None
+    if label_list is not None and len(label_list) != contexts:
+        raise MismatchError(f"--labels gives {len(label_list)} labels for --contexts {contexts}")
     output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
     metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
     if plot is not None:
@@ -102,7 +105,7 @@ def train_command(
         baseline=baseline,
         mixture=mixture,
         policy=policy_from_flags(max_interference, min_share, keep, superpose),
-        labels=tuple(labels.split(",")) if labels else None,
+        labels=label_list,
         task_spec=task,
         command=command_line(),
     )
@@ -160,6 +163,13 @@ def tune_command(
         typer.Option("-o", "--output", help="The tuned file (default: <file stem>.tuned.safetensors)."),
     ] = None,
     metrics: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow pickled modules among the originals: runs code from them. Only for files you trust.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -172,6 +182,7 @@ def tune_command(
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
 
+    superposed_path(file)
     spec = task or SuperposedFile(file).header.task
     if spec is None:
         raise TaskError(f"{file} records no task; pass --task")
@@ -189,7 +200,7 @@ def tune_command(
     )
     loaded = load_task(spec)
     with progress_bar("tuning", quiet=quiet or json_out) as update:
-        report = tune(file, loaded, output, options, force=force, progress=update)
+        report = tune(file, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
     data = {"command": "tune", **report.to_dict()}
     if metrics is not None:
         write_json(data, metrics)

@@ -12,11 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pspctl.nn.tensors import Stacked, Superposed
+from pspctl.nn.tensors import Binding, Stacked, Superposed
 
 __all__ = ["PSPConv", "PSPLayer", "PSPLinear", "PerContext"]
-
-Binding = Superposed | Stacked
 
 
 def _current(binding: Binding, k: int) -> Tensor:
@@ -49,8 +47,6 @@ class PSPLinear(PSPLayer):
 
 
 class PSPConv(PSPLayer):
-    _conv: nn.Conv1d | nn.Conv2d | nn.Conv3d
-
     """A Conv1d/2d/3d whose kernel is bound to the context (the paper's eq. 8/10).
 
     For convolutions the kernel is far smaller than the input, so the context multiplies the
@@ -60,6 +56,8 @@ class PSPConv(PSPLayer):
         conv: the original layer; its geometry (stride, padding, groups…) is reused, its
             tensors are dropped.
     """
+
+    _conv: nn.Conv1d | nn.Conv2d | nn.Conv3d
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, weight: Binding, bias: Stacked | None):
         super().__init__()
@@ -80,13 +78,13 @@ class PSPConv(PSPLayer):
 
 
 class PerContext(PSPLayer):
-    _module: nn.Module
-
     """Any other module with tensors (norms, embeddings, …), run with context k's tensors.
 
     The module's own forward runs through `torch.func.functional_call` with each tensor
     replaced by context k's: copy k of a per-context tensor, Ŵ_k of a superposed one.
     """
+
+    _module: nn.Module
 
     def __init__(self, module: nn.Module, bindings: dict[str, Binding]):
         super().__init__()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +14,17 @@ from torch import Tensor, nn
 
 from pspctl.checkpoints import dtype_name
 from pspctl.contexts import Kind, make_contexts
-from pspctl.errors import ContextError, PolicyError, TaskError, ValidationError
-from pspctl.fileformat import CONTEXTS, STACKED, SUPERPOSED, Header, SuperposedFile, TensorMeta, pack
-from pspctl.fileformat import write_superposed as _write
+from pspctl.errors import ContextError, MismatchError, PolicyError, TaskError, ValidationError
+from pspctl.fileformat import Header, SuperposedFile, SuperposedWriter, TensorMeta
+from pspctl.header import check_labels
 from pspctl.merge import MergeOptions, plan
 from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
-from pspctl.nn.tensors import Stacked, Superposed, initial_superposed, mix_contexts
-from pspctl.policy import Policy, Role, TensorInfo
+from pspctl.nn.tensors import Binding, Stacked, Superposed, initial_superposed, mix_contexts
+from pspctl.policy import SHAPE_RULES, Policy, Role, TensorInfo
 from pspctl.task import check_fits
 
 __all__ = ["PSPModel", "load", "save", "superpose"]
 
-Binding = Superposed | Stacked
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -46,6 +46,7 @@ class PSPModel(nn.Module):
         seed: int,
         labels: Sequence[str],
         mixture: bool = False,
+        base: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.module = module
@@ -55,6 +56,7 @@ class PSPModel(nn.Module):
         self.seed = seed
         self.labels = list(labels)
         self.mixture = mixture
+        self.base = base  # the file's base record (format v2), kept when saved again
         self.set_context(0)
 
     @property
@@ -166,6 +168,7 @@ def superpose(
 
     Raises:
         PolicyError: bad kind, mixture without complex contexts, rotation fan-in over the limit.
+        MismatchError: `labels` is not one label per context.
         TaskError: a module owns tensors and has submodules.
     """
     try:
@@ -176,12 +179,14 @@ def superpose(
         raise PolicyError(f"a mixture of contexts needs --kind complex, not {kind.value}")
     if num_contexts < 1:
         raise PolicyError(f"need at least 1 context, got {num_contexts}")
+    if labels is not None and len(labels) != num_contexts:
+        raise MismatchError(f"{len(labels)} labels for {num_contexts} contexts")
     model = copy.deepcopy(model)
     state = model.state_dict(keep_vars=True)
     trainable = _trainable(model)
     infos = [TensorInfo(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in state.items()]
     options = MergeOptions(
-        kind=kind, seed=seed, policy=policy or Policy(), max_rotation_fan_in=max_rotation_fan_in
+        kind=kind, seed=seed, policy=policy or SHAPE_RULES, max_rotation_fan_in=max_rotation_fan_in
     )
     tensors: dict[str, Binding] = {}
     metas: dict[str, TensorMeta] = {}
@@ -195,7 +200,7 @@ def superpose(
         else:
             tensors[info.name] = Stacked([_working(t)] * num_contexts, trainable=info.name in trainable)
         metas[info.name] = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason)
-    labels = list(labels) if labels else [str(k) for k in range(num_contexts)]
+    labels = check_labels(labels if labels else [str(k) for k in range(num_contexts)], num_contexts)
     stored_kind = Kind.COMPLEX if mixture else kind
     return PSPModel(
         _convert(model, tensors), tensors, metas, kind=stored_kind, seed=seed, labels=labels, mixture=mixture
@@ -223,30 +228,35 @@ def save(
         ValidationError: a tensor holds NaN/Inf (a broken file is never written).
         OutputError: `path` exists without `force`, or its directory does not exist.
     """
-    out: dict[str, Tensor] = {}
+    writer = SuperposedWriter(
+        model.kind, model.num_contexts, linked=bool(model.base and model.base["linked"])
+    )
     for name, b in model.tensors.items():
-        dtype = getattr(torch, model.metas[name].dtype)
-        if isinstance(b, Superposed):
-            value = b.value()
-            out[SUPERPOSED + name] = pack(value, dtype)
-            out[CONTEXTS + name] = b.ctx.stored()
-        else:
-            value = b.stacked()
-            out[STACKED + name] = value.to(dtype).contiguous()
+        meta = model.metas[name]
+        value = b.value() if isinstance(b, Superposed) else b.stacked()
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             raise ValidationError(f"{name} has NaN/Inf values; refusing to write {path}")
+        if isinstance(b, Superposed):
+            writer.add_superposed(name, meta, value, b.ctx, getattr(torch, meta.dtype), base=b.base)
+            continue
+        value = value.to(getattr(torch, meta.dtype))
+        if meta.role == Role.SHARED and all(torch.equal(value[0], v) for v in value[1:]):
+            writer.add_shared(name, meta, value[0])
+        else:  # training may have made a shared tensor differ between contexts
+            writer.add_per_context(name, replace(meta, role=Role.PER_CONTEXT.value), value)
     header = Header(
         kind=model.kind.value,
         seed=model.seed,
         num_contexts=model.num_contexts,
         labels=model.labels,
-        tensors=dict(model.metas),
+        tensors={},
         inputs=[dict(i) for i in inputs],
         recipe={"mixture": model.mixture, **(recipe or {})},
         task=task,
         history=[dict(h) for h in history],
+        base=model.base,
     )
-    _write(Path(path), out, header, force=force)
+    writer.write(path, header, force=force)
 
 
 def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
@@ -265,7 +275,7 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
     tensors: dict[str, Binding] = {}
     for name in file.names():
         if file.header.tensors[name].role == Role.SUPERPOSED:
-            tensors[name] = Superposed(file.contexts(name), file.superposed(name))
+            tensors[name] = Superposed(file.contexts(name), file.superposed(name), base=file.base(name))
             tensors[name].requires_grad_(name in trainable)
         else:
             stack = _working(file.stacked(name))
@@ -278,4 +288,5 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
         seed=file.header.seed,
         labels=file.labels,
         mixture=bool(file.header.recipe.get("mixture", False)),
+        base=file.header.base,
     )

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pspctl.contexts import ContextSet, Kind
+from pspctl.kinds import OPS, parts
 
-__all__ = ["Stacked", "Superposed", "initial_superposed", "mix_contexts"]
+__all__ = ["Binding", "Stacked", "Superposed", "initial_superposed", "mix_contexts"]
 
 
 def mix_contexts(ctx: ContextSet) -> ContextSet:
@@ -46,13 +47,8 @@ def initial_superposed(weight: Tensor, ctx: ContextSet) -> Tensor:
     phase shifts or a rotation of each row): an initialisation of the same scale.
     """
     flat = weight.detach().reshape(weight.shape[0], -1).float()
-    if ctx.kind is Kind.BINARY:
-        out = flat * ctx.vector(0)
-    elif ctx.kind is Kind.ROTATION:
-        out = flat @ ctx.matrix(0).T
-    else:
-        out = flat * ctx.vector(0).conj()
-    return out.reshape(weight.shape)
+    ops = OPS[ctx.kind]
+    return ops.bind(flat, ops.pick(ops.buffers(ctx, torch.float32), 0)).reshape(weight.shape)
 
 
 class Superposed(nn.Module):
@@ -66,42 +62,39 @@ class Superposed(nn.Module):
     weight: nn.Parameter
     real: nn.Parameter
     imag: nn.Parameter
-    cos: Tensor
-    sin: Tensor
-    signs: Tensor
-    rotations: Tensor
 
-    def __init__(self, ctx: ContextSet, value: Tensor):
+    base: Tensor | None
+
+    def __init__(self, ctx: ContextSet, value: Tensor, base: Tensor | None = None):
         super().__init__()
         self.ctx = ctx
+        self.ops = OPS[ctx.kind]
         self.shape = tuple(value.shape)
-        if ctx.kind.is_complex:
+        # A centred tensor (format v2): W_k = B + Ŵ_k, where W holds the superposed deltas. The
+        # base stays fixed; training moves the deltas.
+        self.register_buffer("base", None if base is None else base.detach().float().clone())
+        if self.ops.is_complex:
             value = value.detach().to(torch.complex64)
             self.real = nn.Parameter(value.real.clone().contiguous())
             self.imag = nn.Parameter(value.imag.clone().contiguous())
-            phases = torch.stack([ctx.phases(k) for k in range(ctx.num_contexts)])
-            self.register_buffer("cos", torch.cos(phases))
-            self.register_buffer("sin", torch.sin(phases))
         else:
             if value.is_complex():
                 raise TypeError(f"{ctx.kind.value} superposition needs a real tensor")
             self.weight = nn.Parameter(value.detach().float().clone().contiguous())
-            data = ctx.data.float()
-            self.register_buffer("signs" if ctx.kind is Kind.BINARY else "rotations", data)
+        for name, buffer in self.ops.buffers(ctx, torch.float32).items():
+            self.register_buffer(name, buffer)
 
-    def _flat(self, t: Tensor) -> Tensor:
-        return t.reshape(self.shape[0], -1)
+    def _parts(self) -> tuple[Tensor, Tensor | None]:
+        """The superposed matrix [N, M]: (Re W, Im W) for complex kinds, (W, None) otherwise."""
+        if self.ops.is_complex:
+            return self.real.reshape(self.shape[0], -1), self.imag.reshape(self.shape[0], -1)
+        return self.weight.reshape(self.shape[0], -1), None
 
     def retrieve(self, k: int) -> Tensor:
         """Ŵ_k in the weight's shape: differentiable, float32."""
-        kind = self.ctx.kind
-        if kind is Kind.BINARY:
-            out = self._flat(self.weight) * self.signs[k]
-        elif kind is Kind.ROTATION:
-            out = self._flat(self.weight) @ self.rotations[k]
-        else:  # Re(W ⊙ c_k), as in unbind
-            out = self._flat(self.real) * self.cos[k] - self._flat(self.imag) * self.sin[k]
-        return out.reshape(self.shape)
+        real, imag = self._parts()
+        out = self.ops.retrieve(real, imag, self.ops.pick(self, k)).reshape(self.shape)
+        return out if self.base is None else self.base + out
 
     def linear(self, x: Tensor, k: int) -> Tensor:
         """y = W (c_k ⊙ x) (the paper's eq. 1/7): the context binds the input, not the weight.
@@ -109,16 +102,16 @@ class Superposed(nn.Module):
         Costs O(B·M) per call for the diagonal kinds and O(B·M²) for rotation, rather than
         O(N·M) / O(N·M²) for building Ŵ_k: cheaper whenever the batch is smaller than N.
         """
-        kind = self.ctx.kind
-        if kind is Kind.BINARY:
-            return F.linear(x * self.signs[k], self.weight)
-        if kind is Kind.ROTATION:
-            return F.linear(x @ self.rotations[k].T, self.weight)
-        return F.linear(x * self.cos[k], self.real) - F.linear(x * self.sin[k], self.imag)
+        bound = self.ops.bind_input(x, self.ops.flip(self.ops.pick(self, k)))
+        weights = parts(*self._parts())
+        y = F.linear(bound[0], weights[0])
+        for xj, wj in zip(bound[1:], weights[1:], strict=True):
+            y = y + F.linear(xj, wj)
+        return y if self.base is None else y + F.linear(x, self.base)
 
     def value(self) -> Tensor:
         """The superposed weight to store: complex64 for complex kinds, else float32."""
-        if self.ctx.kind.is_complex:
+        if self.ops.is_complex:
             return torch.complex(self.real.detach(), self.imag.detach())
         return self.weight.detach().clone()
 
@@ -151,3 +144,6 @@ class Stacked(nn.Module):
         if self.trainable:
             return torch.stack([p.detach() for p in self.items])
         return self.stack.detach().clone()
+
+
+Binding = Superposed | Stacked  # how a PSP model holds one tensor

@@ -7,11 +7,8 @@ left behind.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,15 +17,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pspctl.checkpoints import refuse_existing
-from pspctl.errors import OutputError, TaskError, ValidationError
+from pspctl.errors import TaskError, ValidationError
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile
 from pspctl.onnx_export.convert import DEFAULT_OPSET, io_names, to_onnx
 from pspctl.onnx_export.errors import AtolError
 from pspctl.onnx_export.modules import MultiContextModel
 from pspctl.onnx_export.validate import Check, compare, session, torch_outputs
-from pspctl.task import check_fits
+from pspctl.outputs import staged_folder
+from pspctl.task import check_fits, on_task_data
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "ExportReport", "TaskLike", "export_contexts", "export_multi"]
 
@@ -107,17 +104,23 @@ def _as_inputs(obj: Any, what: str) -> tuple[Tensor, ...]:
     return inputs
 
 
-def _validation_inputs(task: TaskLike, k: int) -> tuple[tuple[Tensor, ...], str]:
-    """The first test batch of task k if the task has data, else example_inputs()."""
+def _validation_inputs(task: TaskLike, k: int) -> tuple[tuple[Tensor, ...], str, str]:
+    """The first test batch of task k if the task has data, else example_inputs(); and where
+    they came from, for the report and for error messages."""
     if task.load_data is not None:
         try:
             batch = next(iter(task.load_data(k, "test")), None)
-        except ValueError:  # the task has no "test" split
+        except (ValueError, TaskError) as e:
+            # ValueError is load_data's "no such split" (docs/task-file.md); a Task passes it
+            # on as a TaskError's cause. Any other failure is the task file's to fix.
+            if not isinstance(e, ValueError) and not isinstance(e.__cause__, ValueError):
+                raise
             batch = None
         if batch is not None:
-            return _as_inputs(batch[0], "load_data()'s inputs"), "load_data(k, 'test')"
+            inputs = _as_inputs(batch[0], "load_data()'s inputs")
+            return inputs, "load_data(k, 'test')", f"load_data({k}, 'test')"
     assert task.example_inputs is not None  # checked by _fresh_model
-    return _as_inputs(task.example_inputs(), "example_inputs()"), "example_inputs()"
+    return _as_inputs(task.example_inputs(), "example_inputs()"), "example_inputs()", "example_inputs()"
 
 
 def _tracing_inputs(task: TaskLike) -> tuple[Tensor, ...]:
@@ -127,25 +130,10 @@ def _tracing_inputs(task: TaskLike) -> tuple[Tensor, ...]:
     return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
 
 
-@contextlib.contextmanager
-def _staging(targets: list[Path], *, force: bool, directory: Path | None) -> Iterator[Path]:
-    """A temp dir beside the outputs; its files move to `targets`' folder only if the body succeeds."""
-    for target in targets:
-        if target.is_dir():
-            raise OutputError(f"{target}: is a directory")
-        refuse_existing(target, force=force)
-    final_dir = directory if directory is not None else targets[0].parent
-    parent = final_dir.parent if directory is not None else final_dir
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: no such directory")
-    staging = Path(tempfile.mkdtemp(prefix=".pspctl-export.", dir=parent))
-    try:
-        yield staging
-        final_dir.mkdir(exist_ok=True)
-        for item in sorted(staging.iterdir()):
-            os.replace(item, final_dir / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _staging(targets: list[Path], *, force: bool, directory: Path | None, source: Path):
+    """A staging folder whose files move beside `targets` (into `directory` if given) on success."""
+    folder = directory if directory is not None else targets[0].parent
+    return staged_folder(folder, [t.name for t in targets], force=force, inputs=[source])
 
 
 def _graph_bytes(path: Path) -> int:
@@ -165,10 +153,16 @@ def _fail_if_needed(report: ExportReport) -> ExportReport:
     return report
 
 
+def _outputs(task: TaskLike, model: nn.Module, inputs: tuple[Tensor, ...], what: str) -> list[np.ndarray]:
+    """The PyTorch reference's outputs; a failure means the task's model does not fit `what`."""
+    with on_task_data(task.source, what):
+        return torch_outputs(model, inputs)
+
+
 def _export_one(task: TaskLike, file: SuperposedFile, k: int, path: Path, opset: int) -> nn.Module:
     model = _retrieved(task, file, k)
     example = _tracing_inputs(task)
-    n_out = len(torch_outputs(model, example))
+    n_out = len(_outputs(task, model, example, "example_inputs()"))
     to_onnx(
         model, example, path,
         input_names=io_names("input", len(example)), output_names=io_names("output", n_out), opset=opset,
@@ -200,16 +194,17 @@ def export_contexts(
     todo = plan_outputs(file, context, output, ".onnx")
     directory = output if str(context) == "all" else None
     report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
-    with _staging([t for _, t in todo], force=force, directory=directory) as staging:
+    with _staging([t for _, t in todo], force=force, directory=directory, source=file.path) as staging:
         for k, target in todo:
             graph = staging / target.name
             model = _export_one(task, file, k, graph, opset)
-            inputs, report.inputs_from = _validation_inputs(task, k)
+            inputs, report.inputs_from, what = _validation_inputs(task, k)
+            want = _outputs(task, model, inputs, what)  # first: PyTorch says best why inputs do not fit
             sess = session(graph)
             got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)})
             names = [o.name for o in sess.get_outputs()]
             report.checks += compare(
-                got, torch_outputs(model, inputs), names,
+                got, want, names,
                 context=k, label=file.labels[k], atol=atol, rtol=rtol,
             )  # fmt: skip
             report.files[str(target)] = _graph_bytes(graph)
@@ -242,11 +237,11 @@ def export_multi(
     output = Path(output)
     K = file.num_contexts
     report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")
-    with _staging([output], force=force, directory=None) as staging:
+    with _staging([output], force=force, directory=None, source=file.path) as staging:
         graph = staging / output.name
         wrapper = MultiContextModel(_fresh_model(task, file), file)
         example = _tracing_inputs(task)
-        n_out = len(torch_outputs(_retrieved(task, file, 0), example))
+        n_out = len(_outputs(task, _retrieved(task, file, 0), example, "example_inputs()"))
         names = io_names("output", n_out)
         to_onnx(
             wrapper, (torch.tensor(0), *example), graph,
@@ -256,12 +251,13 @@ def export_multi(
         sess = session(graph)
         feeds = [i.name for i in sess.get_inputs()]
         for k in range(K):
-            inputs, report.inputs_from = _validation_inputs(task, k)
+            inputs, report.inputs_from, what = _validation_inputs(task, k)
+            want = _outputs(task, _retrieved(task, file, k), inputs, what)
             got = sess.run(None, _feed(feeds, k, inputs))
             if not bool(got[-1]):
                 raise ValidationError(f"context {k} is in range but the graph flags it invalid")
             report.checks += compare(
-                got[:-1], torch_outputs(_retrieved(task, file, k), inputs), names,
+                got[:-1], want, names,
                 context=k, label=file.labels[k], atol=atol, rtol=rtol,
             )  # fmt: skip
         for bad in (-1, K):

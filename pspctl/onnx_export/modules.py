@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from pspctl.contexts import ContextSet, Kind
+from pspctl.contexts import ContextSet
 from pspctl.fileformat import SuperposedFile
+from pspctl.kinds import OPS, parts
 from pspctl.policy import Role
 
 __all__ = ["BoundLinear", "ContextSlot", "MultiContextModel", "Retriever", "StackedTensors"]
@@ -49,39 +50,24 @@ class ContextSlot:
 
 
 class _Contexts(nn.Module):
-    """The contexts of one superposed tensor as buffers, in the form the graph uses."""
+    """The contexts of one superposed tensor as buffers, in the form the graph uses.
 
-    signs: Tensor
-    rotations: Tensor
-    phases: Tensor
+    Binary signs are float ±1 rather than packed bits: one Gather and one Mul at run time, K·M
+    floats stored. With `input_side`, rotations are stored as C_kᵀ: no Transpose of an M×M
+    matrix per call. Complex and onepower keep float32 phases: trig is cheap at O(M), and
+    onepower computes kφ from the context input, so each model is literally one number.
+    """
 
-    def __init__(self, ctx: ContextSet, dtype: torch.dtype, *, transposed: bool = False):
+    def __init__(self, ctx: ContextSet, dtype: torch.dtype, *, input_side: bool = False):
         super().__init__()
-        self.kind = ctx.kind
-        if ctx.kind is Kind.BINARY:
-            # float ±1 rather than packed bits: one Gather and one Mul at run time, K·M floats stored.
-            self.register_buffer("signs", ctx.data.to(dtype))
-        elif ctx.kind is Kind.ROTATION:
-            self.register_buffer("rotations", ctx.data.to(dtype))
-            if transposed:  # C_kᵀ stored as such: no Transpose of an M×M matrix per call
-                self.rotations = self.rotations.transpose(1, 2).contiguous()
-        else:  # complex [K, M] or onepower [M]: phases in float32, trig is cheap at O(M)
-            self.register_buffer("phases", ctx.data.float())
+        self.ops = OPS[ctx.kind]
+        buffers = (self.ops.input_buffers if input_side else self.ops.buffers)(ctx, dtype)
+        for name, buffer in buffers.items():
+            self.register_buffer(name, buffer)
 
-    def phase(self, k: Tensor) -> Tensor:
-        """φ_k, [M]. Indexing with a scalar tensor exports as one Gather, with no Squeeze."""
-        if self.kind is Kind.ONEPOWER:
-            # k·φ in float32 equals ContextSet.phases' float64 product rounded once, for k < 2**24.
-            return k.to(torch.float32) * self.phases
-        return self.phases[k]
-
-    def sign(self, k: Tensor) -> Tensor:
-        """c_k, [M] (binary)."""
-        return self.signs[k]
-
-    def rotation(self, k: Tensor) -> Tensor:
-        """C_k, [M, M] (rotation); C_kᵀ if built with `transposed`."""
-        return self.rotations[k]
+    def pick(self, k: Tensor):
+        """Context k's form; indexing with a scalar tensor exports as one Gather, with no Squeeze."""
+        return self.ops.pick(self, k)
 
 
 def _as_matrix(superposed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -97,28 +83,31 @@ class Retriever(nn.Module):
 
     real: Tensor
     imag: Tensor  # None for the real kinds
+    base: Tensor | None  # a centred weight's base (format v2)
 
-    def __init__(self, superposed: Tensor, ctx: ContextSet, dtype: torch.dtype, slot: ContextSlot):
+    def __init__(
+        self,
+        superposed: Tensor,
+        ctx: ContextSet,
+        dtype: torch.dtype,
+        slot: ContextSlot,
+        base: Tensor | None = None,
+    ):
         super().__init__()
         self.shape = tuple(superposed.shape)
-        self.dtype = dtype
         self.slot = slot
         self.contexts = _Contexts(ctx, dtype)
         real, imag = _as_matrix(superposed, dtype)
         self.register_buffer("real", real)
         self.register_buffer("imag", imag)
+        self.register_buffer(
+            "base", None if base is None else base.to(dtype).reshape(real.shape).contiguous()
+        )
 
     def forward(self) -> Tensor:
-        k = self.slot.get()
-        kind = self.contexts.kind
-        if kind is Kind.BINARY:
-            flat = self.real * self.contexts.sign(k)
-        elif kind is Kind.ROTATION:
-            flat = self.real @ self.contexts.rotation(k)
-        else:
-            phi = self.contexts.phase(k)
-            flat = self.real * torch.cos(phi).to(self.dtype) - self.imag * torch.sin(phi).to(self.dtype)
-        return flat.reshape(self.shape)
+        c = self.contexts.pick(self.slot.get())
+        out = self.contexts.ops.retrieve(self.real, self.imag, c)
+        return (out if self.base is None else self.base + out).reshape(self.shape)
 
 
 class BoundLinear(nn.Module):
@@ -126,7 +115,7 @@ class BoundLinear(nn.Module):
 
     binary   x' = c_k ⊙ x                        y = W x'
     rotation x' = C_k x (x @ C_kᵀ for rows)       y = W x'
-    complex  x' = [cos φ_k ⊙ x, sin φ_k ⊙ x]      y = [Re W, −Im W] x'  (one GEMM, 2M wide)
+    complex  x' = [cos φ_k ⊙ x, −sin φ_k ⊙ x]     y = [Re W, Im W] x'  (one GEMM, 2M wide)
 
     `bias` keeps the Linear's parameter name so the wrapper can substitute b_k for it.
     `weight` is Ŵ_k, for code that reads `linear.weight` directly (nn.MultiheadAttention).
@@ -134,41 +123,39 @@ class BoundLinear(nn.Module):
 
     bound_weight: Tensor
 
-    def __init__(self, linear: nn.Linear, superposed: Tensor, ctx: ContextSet, slot: ContextSlot):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        superposed: Tensor,
+        ctx: ContextSet,
+        slot: ContextSlot,
+        base: Tensor | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        dtype = linear.weight.dtype
-        self.dtype = dtype
         self.slot = slot
-        self.contexts = _Contexts(ctx, dtype, transposed=True)
-        real, imag = _as_matrix(superposed, dtype)
-        self.register_buffer("bound_weight", real if imag is None else torch.cat([real, -imag], dim=1))
+        self.centred = base is not None
+        dtype = linear.weight.dtype
+        self.contexts = _Contexts(ctx, dtype, input_side=True)
+        # A centred weight (format v2) is B + Ŵ_k: y = [B | S] [x ; c_k ⊙ x], still one GEMM.
+        weights = ([base.to(dtype)] if base is not None else []) + parts(*_as_matrix(superposed, dtype))
+        self.register_buffer("bound_weight", torch.cat(weights, dim=1).contiguous())
         self.bias = linear.bias  # replaced by b_k at run time; dropped from the graph as unused
 
     def forward(self, x: Tensor) -> Tensor:
-        k = self.slot.get()
-        kind = self.contexts.kind
-        if kind is Kind.BINARY:
-            x = x * self.contexts.sign(k)
-        elif kind is Kind.ROTATION:
-            x = x @ self.contexts.rotation(k)  # x C_kᵀ: (C_k x) for row vectors
-        else:
-            phi = self.contexts.phase(k)
-            x = torch.cat([x * torch.cos(phi).to(self.dtype), x * torch.sin(phi).to(self.dtype)], dim=-1)
-        return F.linear(x, self.bound_weight, self.bias)
+        bound = self.contexts.ops.bind_input(x, self.contexts.pick(self.slot.get()))
+        bound = [x, *bound] if self.centred else bound
+        return F.linear(
+            bound[0] if len(bound) == 1 else torch.cat(bound, dim=-1), self.bound_weight, self.bias
+        )
 
     @property
     def weight(self) -> Tensor:  # type: ignore[override]
-        k = self.slot.get()
-        kind = self.contexts.kind
-        w = self.bound_weight
-        if kind is Kind.BINARY:
-            return w * self.contexts.sign(k)
-        if kind is Kind.ROTATION:
-            return w @ self.contexts.rotation(k).T
-        phi = self.contexts.phase(k)
-        m = self.in_features
-        return w[:, :m] * torch.cos(phi).to(self.dtype) + w[:, m:] * torch.sin(phi).to(self.dtype)
+        ops, m = self.contexts.ops, self.in_features
+        w = self.bound_weight[:, m:] if self.centred else self.bound_weight
+        real, imag = (w[:, :m], w[:, m:]) if ops.is_complex else (w, None)
+        out = ops.retrieve(real, imag, ops.flip(self.contexts.pick(self.slot.get())))
+        return self.bound_weight[:, :m] + out if self.centred else out
 
 
 def _sanitize(name: str) -> str:
@@ -181,14 +168,18 @@ class StackedTensors(nn.Module):
     def __init__(self, file: SuperposedFile, dtypes: dict[str, torch.dtype]):
         super().__init__()
         self.keys: dict[str, str] = {}  # tensor name -> buffer name
-        for name in file.names():
-            if file.header.tensors[name].role != Role.SUPERPOSED:
-                self.keys[name] = _sanitize(name)
-                self.register_buffer(self.keys[name], file.stacked(name).to(dtypes[name]))
+        self.shared: dict[str, str] = {}  # the same for tensors equal in every context: no Gather
+        for name in file.names(Role.PER_CONTEXT):
+            self.keys[name] = _sanitize(name)
+            self.register_buffer(self.keys[name], file.stacked(name).to(dtypes[name]))
+        for name in file.names(Role.SHARED):
+            self.shared[name] = _sanitize(name)
+            self.register_buffer(self.shared[name], file.retrieve(name, 0).to(dtypes[name]))
 
     def select(self, k: Tensor) -> dict[str, Tensor]:
-        """Context k's tensors by name: one Gather each."""
-        return {name: getattr(self, key)[k] for name, key in self.keys.items()}
+        """Context k's tensors by name: one Gather each (none for shared ones)."""
+        out = {name: getattr(self, key)[k] for name, key in self.keys.items()}
+        return out | {name: getattr(self, key) for name, key in self.shared.items()}
 
 
 class MultiContextModel(nn.Module):
@@ -210,13 +201,16 @@ class MultiContextModel(nn.Module):
             key = _sanitize(name)
             prefix, _, attr = name.rpartition(".")
             owner = model.get_submodule(prefix)
+            base = file.base(name)
             if prefix and type(owner) is nn.Linear and attr == "weight":
                 # Exact type only: a subclass may use its weight in ways BoundLinear cannot see.
                 model.set_submodule(
-                    prefix, BoundLinear(owner, file.superposed(name), file.contexts(name), self.slot)
+                    prefix, BoundLinear(owner, file.superposed(name), file.contexts(name), self.slot, base)
                 )
             else:
-                retriever = Retriever(file.superposed(name), file.contexts(name), dtypes[name], self.slot)
+                retriever = Retriever(
+                    file.superposed(name), file.contexts(name), dtypes[name], self.slot, base
+                )
                 self.retrievers.add_module(key, retriever)
                 self._retrieved_names[name] = key
         self.model = model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from pspctl.checkpoints import atomic_path
 from pspctl.errors import InputError, ValidationError
 from pspctl.nn import PSPModel
 from pspctl.task import Task
+from pspctl.types import Progress
 
 __all__ = [
     "Diverged",
@@ -29,8 +30,6 @@ __all__ = [
     "task_loss",
     "write_json",
 ]
-
-Progress = Callable[[int, int, str], None]
 
 
 class Diverged(ValidationError):

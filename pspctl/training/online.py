@@ -22,7 +22,7 @@ from pspctl.errors import InputError
 from pspctl.fileformat import check_output
 from pspctl.nn import PSPModel, save, superpose
 from pspctl.policy import Policy
-from pspctl.task import Task
+from pspctl.task import Task, on_task_data
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -158,7 +158,8 @@ def train(
                 model.set_context(k)
             for _ in range(options.steps):
                 inputs, targets = next(streams[k])
-                loss = task_loss(model(inputs), targets)
+                with on_task_data(task.source, f"load_data({k}, 'train')"):
+                    loss = task_loss(model(inputs), targets)
                 step += 1
                 guard(loss, step, k, kept)
                 optimizer.zero_grad(set_to_none=True)

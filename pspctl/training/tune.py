@@ -7,6 +7,7 @@ the contexts. `distill` matches each original model's outputs on its own context
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pspctl.checkpoints import open_checkpoint, sha256_checkpoint, sha256_file
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output
 from pspctl.nn import load, save
-from pspctl.task import Task, check_fits, load_model
+from pspctl.task import Task, check_fits, load_model, on_task_data
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -74,7 +75,7 @@ def default_output(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.tuned{path.suffix}")
 
 
-def _teachers(file: SuperposedFile, task: Task, objective: str) -> list[nn.Module] | None:
+def _teachers(file: SuperposedFile, task: Task, objective: str, trust_pickle: bool) -> list[nn.Module] | None:
     """The original models for distillation, or None when `objective` is task / they are gone."""
     if objective == "task":
         return None
@@ -98,7 +99,7 @@ def _teachers(file: SuperposedFile, task: Task, objective: str) -> list[nn.Modul
         return None
     teachers = []
     for i in inputs:
-        ckpt = open_checkpoint(i["path"])
+        ckpt = open_checkpoint(i["path"], trust_pickle=trust_pickle)
         teachers.append(load_model(task, {n: ckpt[n] for n in ckpt.names}, i["path"]))
     return teachers
 
@@ -110,12 +111,17 @@ def tune(
     options: TuneOptions = TuneOptions(),
     *,
     force: bool = False,
+    trust_pickle: bool = False,
     progress: Progress | None = None,
 ) -> TuneReport:
     """Fine-tune a superposed file and write the result to `output` (never to `path`).
 
+    `trust_pickle` lets the original checkpoints (the distillation teachers) be pickled
+    modules, as merge's option of that name: loading them runs code from the files.
+
     Raises:
         InputError: steps < 1, unknown objective, distill without the originals.
+        UnsafeCheckpointError: an original is a pickled module, without `trust_pickle`.
         TaskError: no load_data.
         MismatchError: the task's model does not fit the file.
         OutputError: output is the input, or exists without `force`.
@@ -126,7 +132,7 @@ def tune(
         raise InputError(f"--objective {options.objective}: expected {', '.join(OBJECTIVES)}")
     file = SuperposedFile(path)
     output = Path(output)
-    if output.exists() and output.resolve() == file.path.resolve():
+    if output.exists() and os.path.samefile(output, file.path):  # also through a link
         raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
     check_output(output, force=force)
     task.require("load_data")
@@ -135,7 +141,7 @@ def tune(
         model = task.build_model()
         check_fits(model, file.shapes(), str(file.path))  # so the error names the task's model
         psp = load(file, model)  # (which checks again, for library callers: a state_dict walk)
-    teachers = _teachers(file, task, options.objective)
+    teachers = _teachers(file, task, options.objective, trust_pickle)
     objective = "distill" if teachers else "task"
     K = file.num_contexts
     before = evaluate_all(task, psp, K)
@@ -150,13 +156,14 @@ def tune(
         k = (step - 1) % K
         psp.set_context(k)
         inputs, targets = next(streams[k])
-        outputs = psp(inputs)
-        if teachers:
-            with torch.no_grad():
-                reference = teachers[k](inputs)
-            loss = F.mse_loss(outputs, reference)
-        else:
-            loss = task_loss(outputs, targets)
+        with on_task_data(task.source, f"load_data({k}, 'train')"):
+            outputs = psp(inputs)
+            if teachers:
+                with torch.no_grad():
+                    reference = teachers[k](inputs)
+                loss = F.mse_loss(outputs, reference)
+            else:
+                loss = task_loss(outputs, targets)
         guard(loss, step, k, f"nothing written; {file.path} is unchanged")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

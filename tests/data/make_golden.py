@@ -1,6 +1,8 @@
-"""Regenerate the golden files: `python tests/data/make_golden.py` (from the repo root).
+"""Regenerate the golden files of the current format: `python tests/data/make_golden.py`.
 
-Only do this for a deliberate format change, together with a FORMAT_VERSION bump.
+Only do this for a deliberate format change, together with a FORMAT_VERSION bump. The
+`golden-v1-*` files were written by format version 1 and are never rewritten: they pin what
+every later pspctl must still read.
 """
 
 import os
@@ -28,15 +30,22 @@ def inputs() -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+# Format v2: plain superposition, and one centred on the inputs' mean (a base, per tensor).
+GOLDEN_V2 = {
+    "binary": MergeOptions(base="none", kind="binary", seed=0, policy=Policy(superpose=("lin.weight",))),
+    "complex": MergeOptions(base="none", kind="complex", seed=0, policy=Policy(superpose=("lin.weight",))),
+    "mean": MergeOptions(base="mean", kind="binary", seed=0, policy=Policy(superpose=("lin.weight",))),
+}
+
+
 def main() -> None:
     os.chdir(HERE)
     for name, sd in inputs().items():
         save_file(sd, f"golden-{name}.safetensors")
-    for kind in ("binary", "complex"):
-        out = Path(f"golden-v1-{kind}.safetensors")
+    for name, options in GOLDEN_V2.items():
+        out = Path(f"golden-v2-{name}.safetensors")
         out.unlink(missing_ok=True)
-        merge(["golden-a.safetensors", "golden-b.safetensors"], out,
-              MergeOptions(kind=kind, seed=0, policy=Policy(superpose=("lin.weight",))))  # fmt: skip
+        merge(["golden-a.safetensors", "golden-b.safetensors"], out, options)
 
 
 if __name__ == "__main__":

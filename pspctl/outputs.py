@@ -1,0 +1,269 @@
+"""Writing outputs so that nothing is lost: every file pspctl writes goes through here.
+
+- An output never replaces one of the command's inputs, whatever path names it (a symlink,
+  a hard link, `./x` for `x`), even with --force.
+- It is written under a temporary name beside the target, `.<name>.<pid>.<random>.pspctl-tmp`,
+  and appears by a rename only when complete. Without --force the rename never replaces a file
+  that appeared meanwhile (another run): `link` then `unlink`, which fails on an existing name.
+- A folder of outputs (`--context all`) is staged whole and moved into place on success, so a
+  failure leaves nothing, not even an empty folder.
+- Leftovers of killed runs carry the output's name and the dead run's pid; the next write of
+  the same output removes them.
+- Files follow the umask, like any file the user creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pspctl.errors import WRITE_ERRNOS, OutputError, cannot_write
+
+__all__ = [
+    "atomic_path",
+    "crc32",
+    "refuse_existing",
+    "refuse_inputs",
+    "staged_folder",
+    "write_safetensors",
+]
+
+TMP_SUFFIX = ".pspctl-tmp"
+
+
+def refuse_existing(path: str | Path, *, force: bool) -> None:
+    """Raise OutputError if `path` exists and `force` is off: check before doing the work."""
+    if Path(path).exists() and not force:
+        raise OutputError(f"{path}: already exists (pass --force to overwrite)")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False
+
+
+def refuse_inputs(output: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Raise OutputError if `output` is (by any path) one of `inputs`; --force does not change this."""
+    output = Path(output)
+    for source in inputs:
+        if _same(output, Path(source)):
+            raise OutputError(f"{output}: output is one of the inputs ({source}); choose another -o")
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove leftovers of killed pspctl runs writing `path`; returns what was removed."""
+    removed = []
+    prefix = f".{path.name}."
+    with contextlib.suppress(OSError):
+        for item in path.parent.iterdir():
+            name = item.name
+            if not (name.startswith(prefix) and name.endswith(TMP_SUFFIX)):
+                continue
+            pid = name[len(prefix) :].split(".")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+                removed.append(item)
+    return removed
+
+
+def _publish(tmp: Path, path: Path, *, force: bool) -> None:
+    """Give `tmp` the name `path`; without `force`, never replace a file that exists by now."""
+    if force:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(
+            f"{path}: appeared while pspctl was writing it (another run?); nothing replaced"
+        ) from None
+    except OSError as e:
+        if e.errno not in (
+            errno.EPERM,
+            errno.ENOTSUP,
+            errno.EOPNOTSUPP,
+            errno.EXDEV,
+            errno.EMLINK,
+            errno.ENOSYS,
+        ):
+            raise
+        # No hard links here (some network and FAT file systems): claim the name exclusively, then
+        # rename over our own empty claim.
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise OutputError(
+                f"{path}: appeared while pspctl was writing it (another run?); nothing replaced"
+            ) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def _check_target(path: Path, *, force: bool, inputs: Sequence[str | Path]) -> None:
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    refuse_inputs(path, inputs)
+    refuse_existing(path, force=force)
+
+
+@contextlib.contextmanager
+def atomic_path(
+    path: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()
+) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it becomes `path` only if the body succeeds.
+
+    Raises:
+        OutputError: `path` is a directory, one of `inputs`, exists without `force` (now or
+            when the body is done), or its folder does not exist.
+    """
+    path = Path(path)
+    _check_target(path, force=force, inputs=inputs)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: no such directory")
+    clean_stale(path)
+    tmp = _tmp_name(path)
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
+        yield tmp
+        _publish(tmp, path, force=force)
+    except OSError as e:  # a full disk, a read-only folder: name the output, not our temp file
+        raise _write_error(path, e) from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def staged_folder(
+    folder: str | Path, names: Sequence[str], *, force: bool = False, inputs: Sequence[str | Path] = ()
+) -> Iterator[Path]:
+    """Yield an empty staging folder beside `folder`; on success its files move into `folder`
+    (made if missing). On failure nothing appears, not even `folder`.
+
+    Args:
+        names: the files the body will write, checked before any work is done.
+
+    Raises:
+        OutputError: `folder` is a file, its parent is missing, or a target is refused as in
+            `atomic_path`.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: is a file; --context all needs a directory")
+    for name in names:
+        _check_target(folder / name, force=force, inputs=inputs)
+    absolute = folder.resolve()
+    if not absolute.parent.is_dir():
+        raise OutputError(f"{folder.parent}: no such directory")
+    clean_stale(absolute)
+    staging = _tmp_name(absolute)
+    try:
+        staging.mkdir(mode=0o777)
+        yield staging
+        if not folder.exists():
+            with contextlib.suppress(OSError):  # it appeared meanwhile: move file by file below
+                os.rename(staging, folder)
+                return
+        for item in sorted(staging.iterdir()):  # check all before moving any
+            _check_target(folder / item.name, force=force, inputs=inputs)
+        for item in sorted(staging.iterdir()):
+            _publish(item, folder / item.name, force=force)
+    except OSError as e:  # name the one output, or the folder of several
+        raise _write_error(folder / names[0] if len(names) == 1 else folder, e) from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_error(path: Path, exc: OSError) -> Exception:
+    """OutputError naming `path` for a full disk, a read-only folder or a denied write; else `exc`."""
+    return cannot_write(path, exc) if exc.errno in WRITE_ERRNOS else exc
+
+
+# --- safetensors, written by hand -------------------------------------------------------------
+# safetensors' own writer keeps the metadata in a Rust HashMap, so the same inputs give
+# different bytes each run, and it writes through a temporary file of its own (a nameless
+# `.tmpXXXXXX` left by a killed run, mode 0600). The format is small (docs/format.md links its
+# spec): an 8-byte little-endian header length, the JSON header, then the raw tensors. We write
+# it with sorted keys into our own temporary file, and every file is read back with
+# `safetensors.safe_open` (the library remains the only parser).
+
+ST_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
+def _raw(tensor: Tensor) -> memoryview:
+    """The tensor's bytes in storage order (little-endian on every platform torch runs on)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
+
+
+def crc32(tensor: Tensor) -> str:
+    """CRC-32 of a tensor's bytes, as 8 hex digits: detects corruption, not tampering."""
+    return f"{zlib.crc32(_raw(tensor)):08x}"
+
+
+def write_safetensors(
+    tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write `tensors` to `path` as a safetensors file, byte for byte reproducible.
+
+    Tensors are laid out by decreasing item size then name, so each starts aligned to its
+    item size; the JSON header has sorted keys and is padded with spaces to 8 bytes.
+    """
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    entries: dict[str, Any] = {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in ST_CODES:
+            raise OutputError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+        size = t.numel() * t.element_size()
+        entries[name] = {
+            "dtype": ST_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    if metadata:
+        entries["__metadata__"] = dict(metadata)
+    header = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for name in order:
+            f.write(_raw(tensors[name]))
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,55 @@
+"""The vocabulary every layer shares, torch-free so that the CLI can declare its options
+(typer reads these enums for choices and `--help`) without importing torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+__all__ = ["ETA_PRIOR", "MAX_ERROR", "DType", "Kind", "Progress", "Role"]
+
+# Policy defaults, here so that `--help` need not import torch (docs/policy.md measures them).
+MAX_ERROR = 0.2  # merge: predicted relative output error, all superposed tensors together
+ETA_PRIOR = 0.15  # merge: alignment η of layer inputs with the weights, where nothing measured it
+TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE = 0.02, 0.05  # train: the shape rules (no weights to measure)
+
+Progress = Callable[[int, int, str], None]
+"""A progress callback: (done, total, current item)."""
+
+
+class Kind(str, Enum):
+    """The paper's context kinds (Sections 4.2, 5.2)."""
+
+    BINARY = "binary"
+    COMPLEX = "complex"
+    ROTATION = "rotation"
+    ONEPOWER = "onepower"
+
+    @property
+    def is_complex(self) -> bool:
+        """Whether the superposed tensor is complex (retrieval takes the real part)."""
+        return self in (Kind.COMPLEX, Kind.ONEPOWER)
+
+    @property
+    def variance_factor(self) -> float:
+        """E[residual²] per unit of another model's weight: 1 for ±1 and rotations,
+        1/2 for unit phases, because Re(e^{iθ}) = cos θ has E[cos² θ] = 1/2."""
+        return 0.5 if self.is_complex else 1.0
+
+
+class Role(str, Enum):
+    """How a tensor is stored: bound into the superposed sum, once per context, or once for all
+    contexts (equal in every input)."""
+
+    SUPERPOSED = "superposed"
+    PER_CONTEXT = "per_context"
+    SHARED = "shared"
+
+
+class DType(str, Enum):
+    """The dtypes a superposed tensor may be stored in (`merge --dtype`)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"

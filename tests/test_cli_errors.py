@@ -1,0 +1,218 @@
+"""No tracebacks, ever: every failure is one line on stderr and a documented exit code."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from pspctl.cli import app, state
+from tests.conftest import mlp, save_models
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(result, code: int) -> str:
+    """The single stderr line of a failed command, after checking its exit code and stdout."""
+    assert result.exit_code == code, result.output
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("error: ")
+    return result.stderr.rstrip("\n")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    save_models([mlp(i, width=8) for i in range(2)], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def merge_raises(monkeypatch):
+    """Make the library's merge raise `exc`: a stand-in for a bug."""
+
+    def install(exc: BaseException) -> None:
+        def boom(*args, **kwargs):
+            raise exc
+
+        # By module object: `pspctl.merge` is also the lazily exported function.
+        monkeypatch.setattr(importlib.import_module("pspctl.merge"), "merge", boom)
+
+    return install
+
+
+# --- unexpected exceptions ------------------------------------------------------------------
+
+
+def test_a_bug_is_one_line_naming_the_command_and_the_exception(workdir, merge_raises):
+    merge_raises(RuntimeError("boom\n  on two lines"))
+    line = one_line(run("merge", "model0.pt", "model1.pt", "-q"), 1)
+    assert line == (
+        "error: pspctl merge failed: RuntimeError: boom on two lines (run with --debug for the traceback)"
+    )
+
+
+def test_debug_raises_the_exception_itself(workdir, merge_raises):
+    merge_raises(RuntimeError("boom"))
+    result = run("--debug", "merge", "model0.pt", "model1.pt", "-q")
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+    assert str(result.exception) == "boom" and result.stderr == ""
+    # --debug lasts for one invocation: the next one without it is one line again.
+    assert run("merge", "model0.pt", "model1.pt", "-q").exit_code == 1 and not state.debug
+
+
+def test_ctrl_c_is_one_line_and_exit_130(workdir, merge_raises):
+    merge_raises(KeyboardInterrupt())
+    assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+
+
+def test_pspctl_errors_keep_their_exit_code(workdir):
+    line = one_line(run("merge", "model0.pt", "missing.pt", "-q"), 2)
+    assert line == "error: missing.pt: no such file"
+
+
+SCRIPT = """
+import sys
+import pspctl.merge
+
+def boom(*args, **kwargs):
+    raise ZeroDivisionError("division by zero")
+
+pspctl.merge.merge = boom
+sys.argv = ["pspctl", *sys.argv[1:]]
+from pspctl.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_the_installed_entry_point(workdir, debug):
+    """main() as the `pspctl` script runs it: one line, or with --debug Python's traceback."""
+    args = ["--debug"] * debug + ["merge", "model0.pt", "model1.pt", "-q"]
+    out = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    if debug:
+        assert out.stderr.startswith("Traceback (most recent call last):")
+        assert out.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
+    else:
+        assert out.stderr == (
+            "error: pspctl merge failed: ZeroDivisionError: division by zero "
+            "(run with --debug for the traceback)\n"
+        )
+
+
+# --- click's own errors: options that do not parse ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "start", "hint"),
+    [
+        (["merge", "a.pt", "b.pt", "--seed", "abc"], "Invalid value for '--seed': ", "pspctl merge --help"),
+        (["merge", "a.pt", "b.pt", "--frob"], "No such option: --frob", "pspctl merge --help"),
+        (["merge"], "Missing argument 'inputs'.", "pspctl merge --help"),
+        (["extract"], "Missing option '--context' / '-c'.", "pspctl extract --help"),
+        (["mrege"], "No such command 'mrege'. Did you mean 'merge'?", "pspctl --help"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_with_a_help_hint(workdir, args, start, hint):
+    line = one_line(run(*args), 2)
+    assert line.startswith(f"error: {start}") and line.endswith(f" (see {hint})")
+
+
+def test_help_version_and_bare_pspctl_still_work():
+    for args in (["--help"], ["merge", "--help"]):
+        result = run(*args)
+        assert result.exit_code == 0 and "Usage: pspctl" in result.stdout and result.stderr == ""
+    assert run("--version").exit_code == 0
+    bare = run()  # click's no_args_is_help: the help, exit 2
+    assert bare.exit_code == 2 and "Usage: pspctl" in bare.stdout and bare.stderr == ""
+
+
+def test_usage_error_from_the_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "pspctl", "merge", "a.pt", "b.pt", "--seed", "abc"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("error: Invalid value for '--seed': ")
+    assert out.stderr.endswith(" (see python -m pspctl merge --help)\n")
+
+
+# --- a task file's functions fail -----------------------------------------------------------
+
+TASK = """
+import torch
+from tests.conftest import mlp
+
+def build_model():
+    return mlp(0, width=8)
+
+def example_inputs():
+    return (torch.randn(3, 16),)
+
+def load_data(context, split):
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(context))
+    yield x, (x[:, context] > 0).long()
+"""
+BROKEN = {
+    "build_raises": TASK.replace("return mlp(0, width=8)", "raise ValueError('width must be positive')"),
+    "build_none": TASK.replace("return mlp(0, width=8)", "return None"),
+    "data_raises": TASK.replace(
+        "    x = torch.randn", "    raise KeyError('DATA_ROOT')\n    x = torch.randn"
+    ),
+    "inputs_raise": TASK.replace("return (torch.randn(3, 16),)", "raise FileNotFoundError('examples.npy')"),
+    "evaluate_raises": TASK + "\ndef evaluate(model, context):\n    raise RuntimeError('no GPU')\n",
+    "misfit": TASK.replace("randn(32, 16", "randn(32, 20").replace("randn(3, 16)", "randn(3, 20)"),
+    "misfit_train": TASK.replace("randn(32, 16", "randn(32, 16 if split == 'test' else 20"),
+}
+TRAIN = ["train", "--contexts", "2", "--steps", "2", "-q", "-o", "t.safetensors", "--task"]
+EXPORT = ["export", "--multi", "-o", "m.onnx", "--task"]
+
+
+@pytest.fixture
+def taskdir(workdir):
+    (workdir / "task.py").write_text(TASK)
+    for name, text in BROKEN.items():
+        (workdir / f"{name}.py").write_text(text)
+    result = run("merge", "model0.pt", "model1.pt", "--task", "task.py", "--superpose", "*", "-q")
+    assert result.exit_code == 0, result.output
+    return workdir
+
+
+@pytest.mark.parametrize(
+    ("command", "task", "message"),
+    [
+        (TRAIN, "build_raises", "build_model() failed: ValueError: width must be positive"),
+        (EXPORT, "build_none", "build_model() returned NoneType, not a torch.nn.Module"),
+        (TRAIN, "data_raises", "load_data(0, 'test') failed: KeyError: 'DATA_ROOT'"),
+        (["analyze", "-q", "--task"], "data_raises", "load_data(0, 'calib') failed: KeyError: 'DATA_ROOT'"),
+        (["export", "-c", "0", "-o", "m.onnx", "--task"], "inputs_raise", "example_inputs() failed: FileNotFoundError: examples.npy"),
+        (["tune", "--steps", "2", "-q", "--task"], "evaluate_raises", "evaluate(model, 0) failed: RuntimeError: no GPU"),
+        (TRAIN, "misfit", "its model does not fit load_data(0, 'test'): RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x20 and 16x8)"),
+        (TRAIN, "misfit_train", "its model does not fit load_data(0, 'train'): RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x20 and 16x8)"),
+        (EXPORT, "misfit", "its model does not fit example_inputs(): RuntimeError: mat1 and mat2 shapes cannot be multiplied (3x20 and 16x8)"),
+        (["analyze", "-q", "--task"], "misfit", "its model does not fit load_data(0, 'calib'): RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x20 and 16x8)"),
+    ],
+)  # fmt: skip
+def test_a_failing_task_function_is_one_line_naming_it(taskdir, command, task, message):
+    before = sorted(p.name for p in taskdir.iterdir())
+    line = one_line(run(*command, f"{task}.py"), 9)
+    assert line == f"error: task file {task}.py: {message}"
+    assert sorted(p.name for p in taskdir.iterdir()) == before
+
+
+def test_debug_shows_where_the_task_file_failed(taskdir):
+    result = run("--debug", *TRAIN, "build_raises.py")
+    assert result.exit_code == 9
+    assert 'build_raises.py", line 6, in build_model' in result.stderr
+    assert result.stderr.endswith(
+        "error: task file build_raises.py: build_model() failed: ValueError: width must be positive\n"
+    )

@@ -1,0 +1,117 @@
+"""pspctl.outputs: nothing lost, nothing half-written, nothing replaced that was not asked for."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load, load_file, save
+
+from pspctl.errors import OutputError
+from pspctl.outputs import TMP_SUFFIX, atomic_path, clean_stale, staged_folder, write_safetensors
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path):
+    target = tmp_path / "w.safetensors"
+    with pytest.raises(OutputError, match="appeared while pspctl was writing it"), atomic_path(target) as tmp:
+        tmp.write_text("ours")
+        target.write_text("theirs")  # another run finished first
+    assert target.read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # our temp file is gone
+
+
+def test_without_hard_links_the_name_is_claimed_exclusively(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "out.bin"
+    with atomic_path(target) as tmp:
+        tmp.write_text("ours")
+    assert target.read_text() == "ours"
+    with pytest.raises(OutputError, match="appeared while"), atomic_path(tmp_path / "b.bin") as tmp:
+        (tmp_path / "b.bin").write_text("theirs")
+    assert (tmp_path / "b.bin").read_text() == "theirs"
+
+
+def test_force_replaces_but_never_an_input(tmp_path):
+    src = tmp_path / "in.bin"
+    src.write_text("precious")
+    link = tmp_path / "link.bin"
+    link.symlink_to(src)
+    hard = tmp_path / "hard.bin"
+    os.link(src, hard)
+    for target in (src, link, hard, tmp_path / "." / "in.bin"):
+        with pytest.raises(OutputError, match="output is one of the inputs"):
+            atomic_path(target, force=True, inputs=[src]).__enter__()
+    assert src.read_text() == "precious"
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.bin") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
+
+
+def test_stale_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    target = tmp_path / "w.safetensors"
+    dead = tmp_path / f".w.safetensors.999999999.abcd{TMP_SUFFIX}"  # no such pid
+    live = tmp_path / f".w.safetensors.{os.getppid()}.abcd{TMP_SUFFIX}"
+    other = tmp_path / f".x.safetensors.999999999.abcd{TMP_SUFFIX}"
+    for p in (dead, live, other):
+        p.write_text("partial")
+    assert clean_stale(target) == [dead]
+    assert live.exists() and other.exists()
+
+
+def test_staged_folder_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "models"
+    with pytest.raises(RuntimeError), staged_folder(out, ["a.bin", "b.bin"]) as staging:
+        (staging / "a.bin").write_text("a")
+        raise RuntimeError("context 1 failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_folder_into_an_existing_folder_checks_every_name_first(tmp_path):
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "b.bin").write_text("old b")
+    with pytest.raises(OutputError, match="b.bin: already exists"):
+        staged_folder(out, ["a.bin", "b.bin"]).__enter__()
+    with staged_folder(out, ["a.bin", "b.bin"], force=True) as staging:
+        (staging / "a.bin").write_text("a")
+        (staging / "b.bin").write_text("b")
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
+    assert (out / "b.bin").read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_written_safetensors_match_the_library_and_are_reproducible(tmp_path):
+    tensors = {
+        "b": torch.randn(3, 5, dtype=torch.float64),
+        "a": torch.arange(7, dtype=torch.int8),
+        "h": torch.randn(2, 3).to(torch.bfloat16),
+        "z": torch.zeros(4, 0),
+        "s": torch.tensor(3.5),
+        "t": torch.randn(6, 4).t(),  # not contiguous
+    }
+    meta = {"format": "pt", "k2": "2", "k1": "1"}
+    write_safetensors(tensors, tmp_path / "x.safetensors", meta)
+    write_safetensors(
+        dict(reversed(tensors.items())), tmp_path / "y.safetensors", dict(reversed(meta.items()))
+    )
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    # The library's own serialisation of the same dict decodes to the same tensors.
+    theirs = load(save({k: v.contiguous() for k, v in tensors.items()}, meta))
+    assert all(torch.equal(theirs[k], back[k]) and theirs[k].dtype == back[k].dtype for k in tensors)
