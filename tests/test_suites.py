@@ -38,17 +38,21 @@ def test_finetunes_are_a_few_percent_from_their_parent(finetunes: suites.Suite) 
     for s in states:
         pooled = math.sqrt(sum(float((s[n] - parent[n]).pow(2).sum()) for n in s))
         relative = pooled / math.sqrt(sum(float(s[n].pow(2).sum()) for n in s))
-        assert 0.01 < relative < 0.2
-    assert finetunes.report["relative_delta"]["2.weight"]["to_base"] < 0.1
+        assert 0.003 < relative < 0.05
+    for name, row in finetunes.report["relative_delta"].items():
+        assert row["to_base"] < 0.06, name  # every tensor within a few percent of the parent
 
 
 def test_each_finetune_needs_its_own_weights(finetunes: suites.Suite) -> None:
     states, parent = finetunes.states(), finetunes.base_state()
     assert parent is not None
+    gains_parent, gains_other = [], []
     for k, state in enumerate(states):
         own = suites.evaluate(finetunes, state, k)
-        assert own > suites.evaluate(finetunes, parent, k) + 1
-        assert own > suites.evaluate(finetunes, states[(k + 1) % 8], k) + 1
+        gains_parent.append(own - suites.evaluate(finetunes, parent, k))
+        gains_other.append(own - suites.evaluate(finetunes, states[(k + 1) % 8], k))
+    assert min(gains_parent) > 0 and sum(gains_parent) / 8 >= 2
+    assert sum(gains_other) / 8 >= 2
 
 
 def test_folds_share_one_initialisation(ensemble: suites.Suite) -> None:
