@@ -146,3 +146,30 @@ def test_auto_plan_shares_equal_tensors_and_respects_the_budget() -> None:
     medium = bm.auto_plan(states, bases, "binary", budget=0.5)  # plain would be ~1.4, centred ~0.01
     assert medium["w"] == bm.Choice("superposed", "mean")
     assert bm.auto_plan(states, bases, "binary", budget=1e-4)["w"] == bm.Choice("per_context")
+
+
+def test_base_superposition_small_uses_the_real_merge(
+    finetunes: suites.Suite, tmp_path: pytest.TempPathFactory
+) -> None:
+    from benchmarks import base_superposition as bs
+
+    result = bs.run_suite(finetunes, tmp_path, sweep=False, tune_steps=0)
+    rows = {r["method"]: r for r in result["rows"]}
+    default = rows["--base auto (binary)"]
+    assert default["mean_drop"] <= 2 and default["worst_drop"] <= 4
+    assert default["ratio"] > 2.5  # something is superposed
+    assert rows["--base PATH --link-base (binary)"]["ratio"] > rows["--base PATH (binary)"]["ratio"]
+    # Centred beats plain: the same tensors superposed without a base lose far more.
+    plain = bs.run_merge(
+        finetunes, bs.Method("plain", "binary", base="none", max_error=100.0), tmp_path / "p.safetensors"
+    )
+    states = finetunes.states()
+    got = bs.summarise(
+        finetunes, bm.Evaluation.of(finetunes, states)(bs.retrieved(tmp_path / "p.safetensors", 8))
+    )
+    assert plain.storage_ratio > 2.5 and got["mean_drop"] > 10 * max(default["mean_drop"], 0.5)
+    assert [name for name, _, _ in bs.targets(result)][:3] == [
+        "mean drop ≤ 1 pt",
+        "worst drop ≤ 2 pt",
+        "storage ≥ 3.5× (base stored)",
+    ]
