@@ -181,7 +181,12 @@ def run_suite(suite: Suite, tmp: Path, *, sweep: bool = True, tune_steps: int = 
             out = tmp / f"{suite.name}-sweep.safetensors"
             rep = run_merge(suite, Method("sweep", "binary", max_error=e, eta=h), out)
             row = {"max_error": e, "eta": h, "ratio": rep.storage_ratio, "tensors": choices(rep)}
-            result["sweep"].append(row | summarise(suite, evaluation(retrieved(out, K))))
+            row |= summarise(suite, evaluation(retrieved(out, K)))
+            base_bytes = sum(t.numel() * bm.VALUE_BYTES for t in mean.values())
+            row["pruned"] = summarise(
+                suite, evaluation(pruned_same_bytes(states, mean, rep.output_bytes - base_bytes))
+            )
+            result["sweep"].append(row)
     return result
 
 
@@ -241,9 +246,9 @@ def render(result: dict) -> str:
     text += [f"- {name}: {'PASS' if ok else 'FAIL'} ({got})" for name, ok, got in targets(result)]
     if "sweep" in result:
         text += ["", "Sweep of the default binary merge (--max-error, --eta):", ""]
-        text.append(_table(["max_error", "eta", "tensors", "storage", q],
-                           [[r["max_error"], r["eta"], r["tensors"], f"{r['ratio']:.2f}×", _quality(s, r)]
-                            for r in result["sweep"]]))  # fmt: skip
+        text.append(_table(["max_error", "eta", "tensors", "storage", q, "pruned Δ, same bytes"],
+                           [[r["max_error"], r["eta"], r["tensors"], f"{r['ratio']:.2f}×", _quality(s, r),
+                             _quality(s, r["pruned"])] for r in result["sweep"]]))  # fmt: skip
     return "\n".join(text) + "\n"
 
 
