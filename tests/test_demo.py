@@ -22,7 +22,10 @@ def test_every_kind_retrieves_every_sample_model_within_two_points(tmp_path):
         assert r.retrieved > r.original - 2, r
     ratios = {r.kind: r.storage_ratio for r in rows}
     # Binary stores one superposed copy + bits; complex doubles it; rotation pays K·M² for contexts.
-    assert ratios["binary"] > 2 > ratios["complex"] > 1.5 > 1 > ratios["rotation"]
+    assert ratios["binary"] > 2 > ratios["complex"] > 1.5
+    assert ratios["rotation"] == pytest.approx(
+        1.0, abs=0.02
+    )  # its contexts outweigh the saving: kept per context
 
 
 def test_demo_command(tmp_path):
