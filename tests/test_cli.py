@@ -107,7 +107,7 @@ def test_keep_and_superpose_globs(workdir):
     [
         (["merge", "model0.pt"], 3, "merge needs at least 2 inputs, got 1"),
         (["merge", "model0.pt", "missing.pt"], 2, "missing.pt: no such file"),
-        (["merge", "model0.pt", "model1.pt", "--kind", "quantum"], 7, "unknown kind 'quantum'"),
+        (["merge", "model0.pt", "model1.pt", "--kind", "quantum"], 2, "Invalid value for '--kind': Value error, 'quantum' is not one of"),
         (["merge", "model0.pt", "model1.pt", "-o", "model0.pt", "--force"], 8, "output is one of the inputs"),
         (["merge", "model0.pt", "model1.pt", "--kind", "rotation", "--superpose", "*", "--max-rotation-fan-in", "100"],
          7, "rotation fan-in 256 exceeds the limit 100"),

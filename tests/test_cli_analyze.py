@@ -158,7 +158,7 @@ def test_merge_policy_measured_records_measured_reasons(workdir):
     result = run("merge", "model0.pt", "model1.pt", "--policy", "measured", "-o", "n.safetensors")
     assert result.exit_code == 7 and "--policy measured needs --task" in result.output
     result = run("merge", "model0.pt", "model1.pt", "--policy", "magic", "--task", "task.py")
-    assert result.exit_code == 7 and "--policy magic: expected rules or measured" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--policy'" in result.output
 
 
 def test_analyze_max_drop_recommends(workdir):

@@ -18,7 +18,7 @@ from pspctl.cli.common import (
     print_json,
     progress_bar,
 )
-from pspctl.types import ETA_PRIOR, MAX_ERROR
+from pspctl.types import ETA_PRIOR, MAX_ERROR, DType, Kind, PolicySource, StateDictFormat
 
 if TYPE_CHECKING:
     from pspctl.merge import MergeReport
@@ -63,9 +63,7 @@ def merge(
     output: Annotated[
         Path, typer.Option("-o", "--output", help="The superposed .safetensors file to write.")
     ] = DEFAULT_FILE,
-    kind: Annotated[
-        str, typer.Option(help="Context kind: binary, complex, rotation or onepower.")
-    ] = "binary",
+    kind: Annotated[Kind, typer.Option(help="Context kind.")] = Kind.BINARY,
     seed: Annotated[int, typer.Option(help="Seed of the contexts; they are also stored in the file.")] = 0,
     labels: Annotated[
         str | None,
@@ -91,10 +89,7 @@ def merge(
     max_interference: MaxInterferenceOpt = None,
     min_share: MinShareOpt = 0.0,
     dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Stored dtype of superposed tensors: float32, float16 or bfloat16 (default: as input)."
-        ),
+        DType | None, typer.Option(help="Stored dtype of superposed tensors (default: as input).")
     ] = None,
     max_rotation_fan_in: Annotated[
         int,
@@ -104,11 +99,11 @@ def merge(
         str | None, typer.Option(help="Task file to record for analyze/export (path or module).")
     ] = None,
     policy: Annotated[
-        str,
+        PolicySource,
         typer.Option(
-            help="rules (decide from shapes) or measured (run --task's calib data; see docs/analyze.md)."
+            help="rules (predicted errors, docs/policy.md) or measured (run --task's calib data; docs/analyze.md)."
         ),
-    ] = "rules",
+    ] = PolicySource.RULES,
     max_drop: Annotated[
         float, typer.Option(help="With --policy measured: allowed calib accuracy drop per context (points).")
     ] = 0.5,
@@ -132,18 +127,15 @@ def merge(
     ] = False,
 ) -> None:
     """Superpose several checkpoints into one .safetensors file."""
-    from pspctl.errors import PolicyError
     from pspctl.merge import MergeOptions
     from pspctl.merge import merge as run_merge
 
-    if dtype not in (None, "float32", "float16", "bfloat16"):
-        raise PolicyError(f"--dtype {dtype}: expected float32, float16 or bfloat16")
     options = MergeOptions(
-        kind=_kind(kind),
+        kind=kind.value,
         seed=seed,
         labels=labels.split(",") if labels else None,
         policy=policy_from_flags(max_interference, min_share, keep, superpose, max_error=max_error, eta=eta),
-        dtype=dtype,
+        dtype=None if dtype is None else dtype.value,
         base=base,
         link_base=link_base,
         max_rotation_fan_in=max_rotation_fan_in,
@@ -153,18 +145,16 @@ def merge(
         task=task,
         command=command_line(),
     )
-    if policy == "measured":
+    if policy is PolicySource.MEASURED:
         from dataclasses import replace
 
-        from pspctl.analysis.policy import policy_for_merge
+        from pspctl.planning import policy_for_merge
 
         with progress_bar("measuring", quiet=quiet or json_out) as update:
             chosen, _ = policy_for_merge(
                 inputs, options, max_drop=max_drop, max_output_error=max_output_error, progress=update
             )
         options = replace(options, policy=chosen, base="none")  # what it measured: plain superposition
-    elif policy != "rules":
-        raise PolicyError(f"--policy {policy}: expected rules or measured")
     with progress_bar("merging", quiet=quiet or json_out) as update:
         report = run_merge(inputs, output, options, progress=update)
     if json_out:
@@ -232,16 +222,6 @@ def policy_from_flags(
     )
 
 
-def _kind(kind: str) -> str:
-    from pspctl.contexts import Kind
-    from pspctl.errors import PolicyError
-
-    try:
-        return Kind(kind).value
-    except ValueError:
-        raise PolicyError(f"unknown kind {kind!r}: expected binary, complex, rotation or onepower") from None
-
-
 @app.command()
 @handle_errors
 def extract(
@@ -252,9 +232,8 @@ def extract(
         typer.Option("-o", "--output", help="out.safetensors or out.pt; a directory with --context all."),
     ] = None,
     fmt: Annotated[
-        str,
-        typer.Option("--format", help="File type per context with --context all: safetensors or pt."),
-    ] = "safetensors",
+        StateDictFormat, typer.Option("--format", help="File type per context with --context all.")
+    ] = StateDictFormat.SAFETENSORS,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     base: Annotated[
         Path | None,
@@ -264,14 +243,11 @@ def extract(
     ] = None,
 ) -> None:
     """Write one model (or all) back out as a plain state_dict."""
-    from pspctl.errors import OutputError
     from pspctl.extract import extract as run_extract
 
-    if fmt not in ("safetensors", "pt"):
-        raise OutputError(f"--format {fmt}: expected safetensors or pt")
     if output is None:
         output = Path("extracted") if context == "all" else Path(f"context-{context}.safetensors")
-    for path in run_extract(superposed_path(file), context, output, fmt=fmt, force=force, base=base):
+    for path in run_extract(superposed_path(file), context, output, fmt=fmt.value, force=force, base=base):
         console.print(f"wrote {path}")
 
 
@@ -334,14 +310,14 @@ def demo(
         "demo-out"
     ),
     kind: Annotated[
-        list[str] | None, typer.Option(help="Kinds to try (default: all four). Repeatable.")
+        list[Kind] | None, typer.Option(help="Kinds to try (default: all four). Repeatable.")
     ] = None,
 ) -> None:
     """Merge the bundled digit models with each kind; show per-context accuracy, original vs retrieved."""
     from pspctl.demo import run_demo
 
     outdir.mkdir(parents=True, exist_ok=True)
-    kinds = [_kind(k) for k in kind] if kind else ["binary", "complex", "rotation", "onepower"]
+    kinds = [k.value for k in (kind or list(Kind))]
     rows = run_demo(samples, outdir, kinds=kinds)
     table = Table(title="bundled permuted-digits models: test accuracy (%)")
     for col in ("kind", "context", "original", "retrieved", "Δ", "storage ratio"):
