@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pspctl.checkpoints import PICKLE_SUFFIXES, ST_DTYPES, Checkpoint, open_checkpoint, sha256_checkpoint
 from pspctl.contexts import ContextSet, Kind
+from pspctl.dtypes import torch_dtype
 from pspctl.errors import ContextError, FormatError, InputError, MismatchError, OutputError
 from pspctl.header import (
     BASE,
@@ -199,7 +200,7 @@ class _Stored:
         base = self.base(name)
         if base is not None:
             weight = base.to(weight.dtype) + weight
-        return weight.to(getattr(torch, meta.dtype))
+        return weight.to(torch_dtype(meta.dtype))
 
     def stored_bytes(self, name: str) -> int:
         """Bytes the file spends on original tensor `name` (a linked base costs none)."""
@@ -241,7 +242,7 @@ class SuperposedWriter(_Stored):
         if meta.centred:
             if base is None:
                 raise ValueError(f"{name}: a centred tensor needs its base")
-            tensors[BASE + name] = base.to(getattr(torch, meta.dtype)).contiguous()
+            tensors[BASE + name] = base.to(torch_dtype(meta.dtype)).contiguous()
         self._add(name, meta, tensors)
         return self.stored_bytes(name)
 

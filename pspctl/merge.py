@@ -12,6 +12,7 @@ import torch
 
 from pspctl.checkpoints import INDEX_SUFFIX, Checkpoint, checkpoint_files, open_checkpoint, sha256_checkpoint
 from pspctl.contexts import Kind, make_contexts
+from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output
 from pspctl.header import check_labels, safe_label
@@ -302,19 +303,19 @@ def _options(
 ) -> list[Option]:
     """Each way to store one tensor, with its predicted error per context and its bytes."""
     K, n = len(weights), info.numel
-    itemsize = getattr(torch, info.dtype).itemsize
-    stored = getattr(torch, options.dtype or info.dtype).itemsize
+    size = itemsize(info.dtype)
+    stored = itemsize(options.dtype or info.dtype)
     values = n * stored * (2 if kind.is_complex else 1) + OPS[kind].context_bytes(K, d.fan_in)
     flat = [w.double() for w in weights]
     w_sq = [float(w.square().sum()) for w in flat]
-    out = [Option("", 0.0, K * n * itemsize, (0.0,) * K)]
+    out = [Option("", 0.0, K * n * size, (0.0,) * K)]
     for centre in centres:
         base = {"none": None, "mean": sum(flat) / K, "base": None if parent is None else parent.double()}[
             centre
         ]
         d_sq = w_sq if base is None else [float((w - base).square().sum()) for w in flat]
         errs = predicted_errors(kind, d.fan_in, options.policy.eta, w_sq, d_sq, lookup=is_lookup(info.name))
-        extra = n * itemsize if centre != "none" and not (centre == "base" and options.link_base) else 0
+        extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
         out.append(Option(centre, max(errs), values + extra, tuple(errs)))
     return out
 
@@ -352,7 +353,7 @@ def store_tensor(
     if d.role is not Role.SUPERPOSED:
         return writer.add_per_context(info.name, meta, torch.stack([c[info.name] for c in checkpoints]))
     ctx = make_contexts(writer.kind, writer.num_contexts, d.fan_in, options.seed, info.name)
-    dtype = getattr(torch, options.dtype or info.dtype)
+    dtype = torch_dtype(options.dtype or info.dtype)
     # Generators: bind reads one input at a time, so a K-way bind holds one input's tensor.
     weights = (c[info.name] for c in checkpoints)
     if not centred:
@@ -362,7 +363,7 @@ def store_tensor(
     if base is None:
         raise ValueError(f"{info.name}: centred on a base that was not given")
     # Round the base to the stored dtype first: the deltas then carry what rounding lost.
-    base = base.to(getattr(torch, info.dtype))
+    base = base.to(torch_dtype(info.dtype))
     wide = torch.promote_types(base.dtype, torch.float32)
     deltas = (w.to(wide) - base.to(wide) for w in weights)
     return writer.add_superposed(info.name, meta, bind(deltas, ctx), ctx, dtype, base=base)

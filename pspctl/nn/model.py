@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from pspctl.checkpoints import dtype_name
 from pspctl.contexts import Kind, make_contexts
+from pspctl.dtypes import torch_dtype
 from pspctl.errors import ContextError, MismatchError, PolicyError, TaskError, ValidationError
 from pspctl.fileformat import Header, SuperposedFile, SuperposedWriter, TensorMeta
 from pspctl.header import check_labels
@@ -100,7 +101,7 @@ class PSPModel(nn.Module):
         out = {}
         for name, b in self.tensors.items():
             t = b.retrieve(k) if isinstance(b, Superposed) else b.get(k)
-            out[name] = t.detach().to(getattr(torch, self.metas[name].dtype)).clone()
+            out[name] = t.detach().to(torch_dtype(self.metas[name].dtype)).clone()
         return out
 
 
@@ -237,9 +238,9 @@ def save(
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             raise ValidationError(f"{name} has NaN/Inf values; refusing to write {path}")
         if isinstance(b, Superposed):
-            writer.add_superposed(name, meta, value, b.ctx, getattr(torch, meta.dtype), base=b.base)
+            writer.add_superposed(name, meta, value, b.ctx, torch_dtype(meta.dtype), base=b.base)
             continue
-        value = value.to(getattr(torch, meta.dtype))
+        value = value.to(torch_dtype(meta.dtype))
         if meta.role == Role.SHARED and all(torch.equal(value[0], v) for v in value[1:]):
             writer.add_shared(name, meta, value[0])
         else:  # training may have made a shared tensor differ between contexts
