@@ -265,3 +265,20 @@ def test_mean_is_not_linkable_and_path_is(tmp_path):
         merge(paths, tmp_path / "w.safetensors", MergeOptions(base="auto", link_base=True))
     with pytest.raises((InputError, MismatchError)):
         merge(paths, tmp_path / "w.safetensors", MergeOptions(base=str(tmp_path / "nope.pt")))
+
+
+def test_analyze_reports_the_noise_with_and_without_the_base(tmp_path):
+    from pspctl.analysis import analyze
+
+    _, paths = finetunes(tmp_path, K=4, scale=0.02, frozen=False)
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(base="mean", policy=Policy(superpose=("*weight",))))
+    report = analyze(out, originals=[str(p) for p in paths], max_samples=16)
+    rows = {w.name: w for w in report.weights}
+    centred = rows["2.weight"]
+    assert centred.expected_without_base is not None and rows["2.bias"].expected_without_base is None
+    for err, expected, plain in zip(
+        centred.error, centred.expected, centred.expected_without_base, strict=True
+    ):
+        assert err == pytest.approx(expected, rel=0.3)  # one draw of contexts around its expectation
+        assert plain > 30 * expected  # ~2% deltas: the base took ~50× the noise away

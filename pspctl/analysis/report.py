@@ -33,7 +33,10 @@ class TensorWeightError:
     shape: list[int]
     fan_in: int
     error: list[float]  # ‖Ŵ_k − W_k‖_F / ‖W_k‖_F
-    expected: list[float]  # sqrt(v·Σ_{s≠k}‖W_s‖²)/‖W_k‖ (0 for per-context tensors)
+    expected: list[float]  # sqrt(v·Σ_{s≠k}‖D_s‖²)/‖W_k‖, D_s what is superposed (0 per context)
+    # For a tensor centred on a base (format v2): the same without the base (D_s = W_s), the
+    # noise the base took away.
+    expected_without_base: list[float] | None = None
 
 
 @dataclass

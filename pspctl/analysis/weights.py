@@ -111,15 +111,24 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
                 if Wk.dim() >= 2:
                     rows.append(torch.linalg.vector_norm(Wk.flatten(1), dim=1).double() ** 2)
         if originals is not None and floating:
-            total = sum(norms_sq)
             v = kind.variance_factor if superposed else 0.0
+
+            def expected(d_sq: list[float]) -> list[float]:
+                return [
+                    _ratio(math.sqrt(v * (sum(d_sq) - d)), math.sqrt(n))
+                    for d, n in zip(d_sq, norms_sq, strict=True)
+                ]
+
+            base = sf.base(name) if superposed else None
+            deltas = None if base is None else [float(torch.linalg.vector_norm(original(k) - base.float())) ** 2 for k in range(K)]  # fmt: skip
             error = TensorWeightError(
                 name=name,
                 role=meta.role,
                 shape=list(meta.shape),
                 fan_in=meta.fan_in,
                 error=[_ratio(math.sqrt(e), math.sqrt(n)) for e, n in zip(errs, norms_sq, strict=True)],
-                expected=[_ratio(math.sqrt(v * (total - n)), math.sqrt(n)) for n in norms_sq],
+                expected=expected(norms_sq if deltas is None else deltas),
+                expected_without_base=None if deltas is None else expected(norms_sq),
             )
             row_sq = torch.stack(rows) if rows else None
     if not floating:

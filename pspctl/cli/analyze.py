@@ -169,12 +169,20 @@ def render(r: Report) -> None:
             console.print(f"({len(r.layers) - WORST_LAYERS} more rows in --json)")
 
     if r.weights:
-        t = Table(title="weight-space error ‖Ŵ_k−W_k‖/‖W_k‖ (expected: sqrt(v·Σ_{s≠k}‖W_s‖²)/‖W_k‖)")
-        for col in ("tensor", "role", "M", "error (mean over contexts)", "max", "expected (mean)"):
+        based = any(w.expected_without_base is not None for w in r.weights)
+        t = Table(
+            title="weight-space error ‖Ŵ_k−W_k‖/‖W_k‖ (expected: sqrt(v·Σ_{s≠k}‖D_s‖²)/‖W_k‖, D_s superposed)"
+        )
+        cols = ["tensor", "role", "M", "error (mean over contexts)", "max", "expected (mean)"]
+        for col in cols + (["without the base"] if based else []):
             t.add_column(col, justify="left" if col in ("tensor", "role") else "right")
         for w in r.weights:
-            t.add_row(escape(w.name), w.role, str(w.fan_in), _f(sum(w.error) / len(w.error)), _f(max(w.error)),
-                      _f(sum(w.expected) / len(w.expected)))  # fmt: skip
+            row = [escape(w.name), w.role, str(w.fan_in), _f(sum(w.error) / len(w.error)), _f(max(w.error)),
+                   _f(sum(w.expected) / len(w.expected))]  # fmt: skip
+            if based:
+                plain = w.expected_without_base
+                row.append("" if plain is None else _f(sum(plain) / len(plain)))
+            t.add_row(*row)
         console.print(t)
 
     if r.pruning:
