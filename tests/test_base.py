@@ -282,3 +282,26 @@ def test_analyze_reports_the_noise_with_and_without_the_base(tmp_path):
     ):
         assert err == pytest.approx(expected, rel=0.3)  # one draw of contexts around its expectation
         assert plain > 30 * expected  # ~2% deltas: the base took ~50× the noise away
+
+
+def test_export_returns_a_failed_report_when_not_strict(tmp_path, monkeypatch):
+    """safetensors' strict= style: the library raises only when asked; either way nothing is written."""
+    from types import SimpleNamespace
+
+    from pspctl.onnx_export import AtolError, api, export_multi
+
+    _, paths = finetunes(tmp_path, K=2, frozen=False)
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(base="mean", policy=Policy(superpose=("2.weight",))))
+    task = SimpleNamespace(
+        source="t", build_model=lambda: mlp(0, width=64), load_data=None,
+        example_inputs=lambda: (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)),),
+    )  # fmt: skip
+    reference = api.torch_outputs
+    monkeypatch.setattr(api, "torch_outputs", lambda m, x: [o + 1e-2 for o in reference(m, x)])
+    report = export_multi(out, task, tmp_path / "m.onnx", measure_per_context=False, strict=False)
+    assert not report.passed and report.files == {} and not (tmp_path / "m.onnx").exists()
+    assert max(c.max_abs for c in report.checks) == pytest.approx(1e-2, rel=1e-3)
+    with pytest.raises(AtolError, match="differ from PyTorch"):
+        export_multi(out, task, tmp_path / "m.onnx", measure_per_context=False)
+    assert not (tmp_path / "m.onnx").exists()

@@ -48,7 +48,8 @@ def export(
     """Export ONNX graphs (per context, or one multi-context graph) and validate them in onnxruntime."""
     from pspctl.errors import InputError
     from pspctl.fileformat import SuperposedFile
-    from pspctl.onnx_export import AtolError, export_contexts, export_multi
+    from pspctl.onnx_export import export_contexts, export_multi
+    from pspctl.onnx_export.api import validation_error
     from pspctl.sources import require_task
 
     superposed_path(file)
@@ -57,18 +58,18 @@ def export(
     if atol < 0 or rtol < 0:
         raise InputError(f"--atol {atol:g} / --rtol {rtol:g}: tolerances cannot be negative")
     loaded = require_task(SuperposedFile(file), task, "example_inputs")
-    try:
-        if multi:
-            report = export_multi(file, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force)
-        else:
-            assert context is not None
-            report = export_contexts(
-                file, loaded, context, output, opset=opset, atol=atol, rtol=rtol, force=force
-            )
-    except AtolError as e:
-        _render(e.report, json_out)
-        raise
-    _render(report, json_out)
+    if multi:
+        report = export_multi(
+            file, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False
+        )
+    else:
+        report = export_contexts(
+            file, loaded, str(context), output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False
+        )
+    _render(report, json_out)  # the checks, failed or not: a failure writes nothing
+    error = validation_error(report)
+    if error is not None:
+        raise error
 
 
 def _render(report: ExportReport, json_out: bool) -> None:

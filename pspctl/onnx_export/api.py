@@ -7,7 +7,9 @@ left behind.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,16 +96,35 @@ def _graph_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _fail_if_needed(report: ExportReport) -> ExportReport:
+def validation_error(report: ExportReport) -> AtolError | None:
+    """The error a failed validation is, naming the worst output; None if every check passed."""
     bad = [c for c in report.checks if not c.passed]
-    if bad:
-        worst = max(bad, key=lambda c: c.max_abs)
-        raise AtolError(
-            f"{len(bad)} output(s) differ from PyTorch beyond atol={report.atol:g}, rtol={report.rtol:g} "
-            f"(worst: context {worst.label}, {worst.output}, max abs {worst.max_abs:.3g}); no graph written",
-            report,
-        )
+    if not bad:
+        return None
+    worst = max(bad, key=lambda c: c.max_abs)
+    return AtolError(
+        f"{len(bad)} output(s) differ from PyTorch beyond atol={report.atol:g}, rtol={report.rtol:g} "
+        f"(worst: context {worst.label}, {worst.output}, max abs {worst.max_abs:.3g}); no graph written",
+        report,
+    )
+
+
+def _fail_if_needed(report: ExportReport) -> ExportReport:
+    error = validation_error(report)
+    if error is not None:
+        raise error
     return report
+
+
+@contextlib.contextmanager
+def _unless_strict(report: ExportReport, strict: bool) -> Iterator[None]:
+    """With strict off, a failed validation returns its report (nothing written) instead of raising."""
+    try:
+        yield
+    except AtolError:
+        if strict:
+            raise
+        report.files.clear()
 
 
 def _outputs(task: Task, model: nn.Module, inputs: tuple[Tensor, ...], what: str) -> list[np.ndarray]:
@@ -133,13 +154,15 @@ def export_contexts(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     force: bool = False,
+    strict: bool = True,
 ) -> ExportReport:
     """Export per-context graphs: one ordinary ONNX model per context, retrieved weights folded in.
 
     With `context="all"`, `output` is a directory and the graphs are `<label>.onnx`.
 
     Raises:
-        ContextError, TaskError, TraceError, MismatchError, OutputError; AtolError (with its
+        ContextError, TaskError, TraceError, MismatchError, OutputError; with `strict` (the
+        default), AtolError (with its
         `.report`) if any graph differs from PyTorch beyond atol + rtol·|reference|.
     """
     file = SuperposedFile(path)
@@ -147,7 +170,8 @@ def export_contexts(
     todo = plan_outputs(file, context, output, ".onnx")
     directory = output if str(context) == "all" else None
     report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
-    with _staging([t for _, t in todo], force=force, directory=directory, source=file.path) as staging:
+    staged = _staging([t for _, t in todo], force=force, directory=directory, source=file.path)
+    with _unless_strict(report, strict), staged as staging:
         for k, target in todo:
             graph = staging / target.name
             model = _export_one(task, file, k, graph, opset)
@@ -175,6 +199,7 @@ def export_multi(
     rtol: float = DEFAULT_RTOL,
     force: bool = False,
     measure_per_context: bool = True,
+    strict: bool = True,
 ) -> ExportReport:
     """Export one graph serving all K contexts: inputs (context: int64 scalar, *task inputs).
 
@@ -190,7 +215,8 @@ def export_multi(
     output = Path(output)
     K = file.num_contexts
     report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")
-    with _staging([output], force=force, directory=None, source=file.path) as staging:
+    staged = _staging([output], force=force, directory=None, source=file.path)
+    with _unless_strict(report, strict), staged as staging:
         graph = staging / output.name
         wrapper = MultiContextModel(_fresh_model(task, file), file)
         example = _tracing_inputs(task)
