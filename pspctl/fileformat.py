@@ -44,6 +44,7 @@ __all__ = [
     "Header",
     "SuperposedFile",
     "SuperposedWriter",
+    "open_superposed",
     "TensorMeta",
     "check_output",
     "pack",
@@ -355,8 +356,8 @@ class SuperposedFile(_Stored):
             digest = sha256_checkpoint(found)
             if digest != record["sha256"]:
                 raise MismatchError(
-                    f"{found}: sha256 {digest[:12]}…, but {self.path.name} was merged on a base with sha256 "
-                    f"{record['sha256'][:12]}…; pass the base it was merged on"
+                    f"{found}: sha256 {digest}, but {self.path.name} was merged on a base with sha256 "
+                    f"{record['sha256']}; pass the base it was merged on"
                 )
             self._base = open_checkpoint(found)
         return self._base
@@ -404,3 +405,8 @@ class SuperposedFile(_Stored):
 
     def nbytes(self) -> int:
         return self.path.stat().st_size
+
+
+def open_superposed(file: str | Path | SuperposedFile) -> SuperposedFile:
+    """`file` opened, or as it is if it already is (e.g. opened with a linked base's `base=`)."""
+    return file if isinstance(file, SuperposedFile) else SuperposedFile(file)

@@ -305,3 +305,40 @@ def test_export_returns_a_failed_report_when_not_strict(tmp_path, monkeypatch):
     with pytest.raises(AtolError, match="differ from PyTorch"):
         export_multi(out, task, tmp_path / "m.onnx", measure_per_context=False)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_analyze_and_tune_take_a_moved_linked_base(tmp_path, monkeypatch):
+    parent, paths = finetunes(tmp_path, K=3, frozen=False)
+    (tmp_path / "task.py").write_text(
+        "import torch\nfrom tests.conftest import mlp\n\ndef build_model():\n    return mlp(0, width=64)\n\n"
+        "def example_inputs():\n    return (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)),)\n\n"
+        "def load_data(context, split):\n    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(context))\n"
+        "    return [(x, (x[:, 0] > 0).long())]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "merge",
+        *paths,
+        "--base",
+        parent,
+        "--link-base",
+        "--superpose",
+        "*weight",
+        "--task",
+        "task.py",
+        "-q",
+    ]
+    assert run(*args).exit_code == 0
+    moved = tmp_path / "moved.safetensors"
+    os.rename(parent, moved)
+    for command in (["analyze", "-q"], ["export", "--multi", "-o", "m.onnx"]):
+        assert run(*command).exit_code == 2  # the base is not where it was recorded
+        result = run(*command, "--base", moved)
+        assert result.exit_code == 0, result.output
+    result = run(
+        "tune", "--steps", "2", "-o", "t.safetensors", "--objective", "distill", "--base", moved, "-q"
+    )
+    assert result.exit_code == 0, result.output
+    from pspctl.fileformat import SuperposedFile as SF
+
+    assert SF("t.safetensors", base=moved).header.base["linked"]

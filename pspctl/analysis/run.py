@@ -28,7 +28,7 @@ from pspctl.analysis.report import ContextSummary, LayerError, PruneResult, Repo
 from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
 from pspctl.dtypes import itemsize
-from pspctl.fileformat import SuperposedFile
+from pspctl.fileformat import SuperposedFile, open_superposed
 from pspctl.policy import Role
 from pspctl.task import Task, check_fits, load_model, load_task, on_task_data, primary_metric, run_model
 from pspctl.types import Progress
@@ -44,7 +44,7 @@ def lower_is_better(metric: str) -> bool:
 
 
 def analyze(
-    file: str | Path = "w.safetensors",
+    file: str | Path | SuperposedFile = "w.safetensors",
     *,
     originals: Sequence[str | Path] | None = None,
     task: str | Path | Task | None = None,
@@ -76,7 +76,7 @@ def analyze(
     Raises:
         PspctlError subclasses: unreadable file, bad task, originals that do not match, ...
     """
-    sf = SuperposedFile(file)
+    sf = open_superposed(file)
     notes: list[str] = []
     task_obj, note = _find_task(sf, task)
     notes += [note] if note else []

@@ -72,11 +72,18 @@ def analyze(
         bool, typer.Option("--trust-pickle", help="Allow pickled originals (runs code from them).")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
+        ),
+    ] = None,
 ) -> None:
     """Retrieval error in weight and function space, pruning statistics and the same-budget baseline."""
     from pspctl.analysis import DEFAULT_SPARSITIES
     from pspctl.analysis import analyze as run_analyze
     from pspctl.errors import OutputError
+    from pspctl.fileformat import SuperposedFile
 
     superposed_path(file)
     if plot is not None:
@@ -93,7 +100,7 @@ def analyze(
             refuse_inputs(out, [file, *(origs or [])])
     with progress_bar("analyzing", quiet=quiet) as update:
         report = run_analyze(
-            file, originals=origs, task=task, sparsities=_floats(sparsity, DEFAULT_SPARSITIES),
+            SuperposedFile(file, base=base), originals=origs, task=task, sparsities=_floats(sparsity, DEFAULT_SPARSITIES),
             max_samples=samples, max_drop=max_drop, max_output_error=max_output_error, trust_pickle=trust_pickle, seed=seed, progress=update,
         )  # fmt: skip
     render(report)

@@ -44,6 +44,12 @@ def export(
     ] = DEFAULT_RTOL,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the validation report as JSON.")] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
+        ),
+    ] = None,
 ) -> None:
     """Export ONNX graphs (per context, or one multi-context graph) and validate them in onnxruntime."""
     from pspctl.errors import InputError
@@ -57,14 +63,15 @@ def export(
         raise InputError("pass exactly one of --context K|LABEL|all and --multi")
     if atol < 0 or rtol < 0:
         raise InputError(f"--atol {atol:g} / --rtol {rtol:g}: tolerances cannot be negative")
-    loaded = require_task(SuperposedFile(file), task, "example_inputs")
+    sf = SuperposedFile(file, base=base)
+    loaded = require_task(sf, task, "example_inputs")
     if multi:
         report = export_multi(
-            file, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False
+            sf, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False
         )
     else:
         report = export_contexts(
-            file, loaded, str(context), output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False
+            sf, loaded, str(context), output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False
         )
     _render(report, json_out)  # the checks, failed or not: a failure writes nothing
     error = validation_error(report)

@@ -168,6 +168,12 @@ def tune_command(
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -178,7 +184,7 @@ def tune_command(
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
 
-    sf = SuperposedFile(superposed_path(file))
+    sf = SuperposedFile(superposed_path(file), base=base)
     loaded = require_task(sf, task)
     output = output or default_output(file)
     if metrics is not None:
@@ -193,7 +199,7 @@ def tune_command(
         command=command_line(),
     )
     with progress_bar("tuning", quiet=quiet or json_out) as update:
-        report = tune(file, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
+        report = tune(sf, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
     data = {"command": "tune", **report.to_dict()}
     if metrics is not None:
         write_json(data, metrics)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pspctl.errors import TaskError, ValidationError
 from pspctl.extract import plan_outputs
-from pspctl.fileformat import SuperposedFile
+from pspctl.fileformat import SuperposedFile, open_superposed
 from pspctl.onnx_export.convert import io_names, to_onnx
 from pspctl.onnx_export.errors import AtolError
 from pspctl.onnx_export.modules import MultiContextModel
@@ -145,7 +145,7 @@ def _export_one(task: Task, file: SuperposedFile, k: int, path: Path, opset: int
 
 
 def export_contexts(
-    path: str | Path,
+    path: str | Path | SuperposedFile,
     task: Task,
     context: int | str,
     output: str | Path,
@@ -165,7 +165,7 @@ def export_contexts(
         default), AtolError (with its
         `.report`) if any graph differs from PyTorch beyond atol + rtol·|reference|.
     """
-    file = SuperposedFile(path)
+    file = open_superposed(path)
     output = Path(output)
     todo = plan_outputs(file, context, output, ".onnx")
     directory = output if str(context) == "all" else None
@@ -190,7 +190,7 @@ def export_contexts(
 
 
 def export_multi(
-    path: str | Path,
+    path: str | Path | SuperposedFile,
     task: Task,
     output: str | Path,
     *,
@@ -211,7 +211,7 @@ def export_multi(
     Raises:
         As export_contexts; ValidationError if the out-of-range flag misbehaves.
     """
-    file = SuperposedFile(path)
+    file = open_superposed(path)
     output = Path(output)
     K = file.num_contexts
     report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from pspctl.checkpoints import sha256_file
 from pspctl.errors import InputError, OutputError
-from pspctl.fileformat import SuperposedFile, check_output
+from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
 from pspctl.sources import locate_originals, open_originals
 from pspctl.task import Task, check_fits, load_model, on_task_data, primary_metric
@@ -105,7 +105,7 @@ def _teachers(file: SuperposedFile, task: Task, objective: str, trust_pickle: bo
 
 
 def tune(
-    path: str | Path,
+    path: str | Path | SuperposedFile,
     task: Task,
     output: str | Path,
     options: TuneOptions = TuneOptions(),
@@ -130,7 +130,7 @@ def tune(
     check_steps(options.steps)
     if options.objective not in OBJECTIVES:
         raise InputError(f"--objective {options.objective}: expected {', '.join(OBJECTIVES)}")
-    file = SuperposedFile(path)
+    file = open_superposed(path)
     output = Path(output)
     if output.exists() and os.path.samefile(output, file.path):  # also through a link
         raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
