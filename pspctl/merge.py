@@ -200,6 +200,7 @@ def merge(
     decisions = plan(infos, K, options)
     tick = progress or (lambda done, total, item: None)
 
+    # Pass 1: what is shared, and each candidate's options with their predicted errors.
     measured: dict[str, list[Option]] = {}
     for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
         tick(i, 2 * len(infos), info.name)
@@ -209,30 +210,23 @@ def merge(
         elif d.role is Role.SUPERPOSED:
             base = None if parent is None else parent[info.name]
             measured[info.name] = _options(info, d, weights, base, centres, kind, options)
-    forced = [d.name for d in decisions if d.forced]
-    chosen = choose(measured, forced, options.policy.max_error)
+    chosen = choose(measured, [d.name for d in decisions if d.forced], options.policy.max_error)
 
+    # Pass 2: store each tensor as chosen.
     writer = SuperposedWriter(kind, K, linked=options.link_base)
     stored: dict[str, int] = {}
     errors = [0.0] * K
     warnings = []
-    for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
+    for i, info in enumerate(infos):
         tick(len(infos) + i, 2 * len(infos), info.name)
-        if info.name in chosen:
-            o = chosen[info.name]
-            if o.centre:
-                reason = d.reason if d.forced else "within the error budget"
-                d = replace(d, centre=o.centre, error=o.error, reason=reason)
-                errors = [math.hypot(a, b) for a, b in zip(errors, o.per_context, strict=True)]
-                if d.forced and o.error > 1:
-                    warnings.append(
-                        f"{info.name}: superposed as forced, but its predicted output error is {o.error:.3g} "
-                        "(above 1: the retrieved layer is mostly noise)"
-                    )
-            else:
-                best = min(x.error for x in measured[info.name] if x.centre)
-                d = replace(d, role=Role.PER_CONTEXT, reason=f"error {best:.2g}: over the budget")
-            decisions[i] = d
+        d = decisions[i] = _settle(decisions[i], chosen.get(info.name), measured.get(info.name, []))
+        if d.error is not None:
+            errors = [math.hypot(a, b) for a, b in zip(errors, chosen[info.name].per_context, strict=True)]
+            if d.forced and d.error > 1:
+                warnings.append(
+                    f"{info.name}: superposed as forced, but its predicted output error is {d.error:.3g} "
+                    "(above 1: the retrieved layer is mostly noise)"
+                )
         base = None if parent is None or d.centre != "base" else parent[info.name]
         stored[info.name] = store_tensor(writer, info, d, checkpoints, options, base=base)
 
@@ -273,6 +267,17 @@ def merge(
             "--base PATH (or --base mean)"
         )
     return report
+
+
+def _settle(d: Decision, chosen: Option | None, options: Sequence[Option]) -> Decision:
+    """`d` once the budget is spent: superposed with its centre and error, or per context."""
+    if chosen is None:
+        return d
+    if chosen.centre:
+        reason = d.reason if d.forced else "within the error budget"
+        return replace(d, centre=chosen.centre, error=chosen.error, reason=reason)
+    best = min(o.error for o in options if o.centre)
+    return replace(d, role=Role.PER_CONTEXT, reason=f"error {best:.2g}: over the budget")
 
 
 def _centres(options: MergeOptions) -> tuple[str, ...]:
