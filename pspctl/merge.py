@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -311,18 +311,34 @@ def _options(
     size = itemsize(info.dtype)
     stored = itemsize(options.dtype or info.dtype)
     values = n * stored * (2 if kind.is_complex else 1) + OPS[kind].context_bytes(K, d.fan_in)
-    flat = [w.double() for w in weights]
-    w_sq = [float(w.square().sum()) for w in flat]
+    # float32 norms (pairwise-summed, ~1e-7 relative) and one float64 accumulator for the mean:
+    # no float64 copy of the K tensors, which would triple this pass's memory.
+    w_sq = [float(torch.linalg.vector_norm(w.float())) ** 2 for w in weights]
     out = [Option("", 0.0, K * n * size, (0.0,) * K)]
     for centre in centres:
-        base = {"none": None, "mean": sum(flat) / K, "base": None if parent is None else parent.double()}[
-            centre
-        ]
-        d_sq = w_sq if base is None else [float((w - base).square().sum()) for w in flat]
+        if centre == "none":
+            d_sq = w_sq
+        else:
+            base = _mean(weights) if centre == "mean" else parent
+            if base is None:
+                raise ValueError(f"{info.name}: --base PATH without a parent checkpoint")
+            b = base.float()
+            d_sq = [float(torch.linalg.vector_norm(w.float() - b)) ** 2 for w in weights]
         errs = predicted_errors(kind, d.fan_in, options.policy.eta, w_sq, d_sq, lookup=is_lookup(info.name))
         extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
         out.append(Option(centre, max(errs), values + extra, tuple(errs)))
     return out
+
+
+def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The mean of the weights, accumulated in float64 one at a time."""
+    total, count = None, 0
+    for w in weights:
+        total = w.double() if total is None else total.add_(w.double())
+        count += 1
+    if total is None:
+        raise ValueError("the mean of no weights")
+    return total / count
 
 
 def _base_record(decisions: Sequence[Decision], options: MergeOptions) -> dict[str, Any] | None:
@@ -352,7 +368,10 @@ def store_tensor(
     """Store one tensor of the K checkpoints into `writer` as `d` says: stacked, once (shared),
     or bound (centred on the inputs' mean, or on `base`, as `d.centre` says). Returns its bytes."""
     centred = d.role is Role.SUPERPOSED and d.centre != "none"
-    meta = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason, centred, d.error)
+    # The error is informative: 4 significant digits, so that the header does not depend on the
+    # last bits of a norm (which vary with the CPU's summation order).
+    error = None if d.error is None else float(f"{d.error:.4g}")
+    meta = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason, centred, error)
     if d.role is Role.SHARED:
         return writer.add_shared(info.name, meta, checkpoints[0][info.name])
     if d.role is not Role.SUPERPOSED:
@@ -364,7 +383,7 @@ def store_tensor(
     if not centred:
         return writer.add_superposed(info.name, meta, bind(weights, ctx), ctx, dtype)
     if d.centre == "mean":
-        base = torch.stack([c[info.name].double() for c in checkpoints]).mean(0)
+        base = _mean(c[info.name] for c in checkpoints)
     if base is None:
         raise ValueError(f"{info.name}: centred on a base that was not given")
     # Round the base to the stored dtype first: the deltas then carry what rounding lost.
