@@ -78,7 +78,7 @@ def main() -> None:
     out = args.workdir / "w.safetensors"
     baseline, _ = peak_rss_of([sys.executable, "-c", "import torch, safetensors, pspctl.merge"])
     rss, anon = peak_rss_of([sys.executable, "-m", "pspctl", "merge", *map(str, paths), "-o", str(out),
-                       "--force", "--quiet", "--superpose", "*.weight"])  # fmt: skip
+                       "--force", "--quiet", "--superpose", "*.weight", "--base", "none"])  # fmt: skip
     largest = WIDTH * WIDTH * 4
     output = out.stat().st_size
     bound = output + (K + 1) * largest + baseline

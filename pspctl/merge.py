@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -204,12 +204,15 @@ def merge(
     measured: dict[str, list[Option]] = {}
     for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
         tick(i, 2 * len(infos), info.name)
-        weights = [_finite(c, info.name, options.allow_nonfinite) for c in checkpoints]
-        if weights[0].numel() and all(torch.equal(weights[0], w) for w in weights[1:]):
+
+        def read(name: str = info.name) -> Iterator[torch.Tensor]:
+            return (_finite(c, name, options.allow_nonfinite) for c in checkpoints)
+
+        base = None if parent is None or d.role is not Role.SUPERPOSED else parent[info.name]
+        shared, measured[info.name] = _measure(info, d, read, base, centres, kind, options)
+        if shared:
             decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
-        elif d.role is Role.SUPERPOSED:
-            base = None if parent is None else parent[info.name]
-            measured[info.name] = _options(info, d, weights, base, centres, kind, options)
+    measured = {name: opts for name, opts in measured.items() if opts}
     chosen = choose(measured, [d.name for d in decisions if d.forced], options.policy.max_error)
 
     # Pass 2: store each tensor as chosen.
@@ -297,37 +300,55 @@ def _check_base(parent: Checkpoint, model: Checkpoint) -> None:
         ) from None
 
 
-def _options(
+def _measure(
     info: TensorInfo,
     d: Decision,
-    weights: list[torch.Tensor],
+    read: Callable[[], Iterator[torch.Tensor]],
     parent: torch.Tensor | None,
     centres: Sequence[str],
     kind: Kind,
     options: MergeOptions,
-) -> list[Option]:
-    """Each way to store one tensor, with its predicted error per context and its bytes."""
-    K, n = len(weights), info.numel
+) -> tuple[bool, list[Option]]:
+    """Whether the K copies of one tensor are equal, and (for a candidate) each way to store it
+    with its predicted error per context and its bytes.
+
+    `read()` streams the K copies afresh: one at a time, never K at once (the mean's deltas take
+    a second stream). Norms are float32 (pairwise-summed, ~1e-7 relative); the mean is one
+    float64 accumulator.
+    """
+    candidate = d.role is Role.SUPERPOSED
+    first, equal, w_sq, to_parent = None, True, [], []
+    total = None
+    for w in read():
+        if first is None:
+            first = w
+        elif equal:
+            equal = torch.equal(first, w)
+        if candidate:
+            w_sq.append(float(torch.linalg.vector_norm(w.float())) ** 2)
+            if "mean" in centres:
+                total = w.double() if total is None else total.add_(w.double())
+            if parent is not None:
+                to_parent.append(float(torch.linalg.vector_norm(w.float() - parent.float())) ** 2)
+    if first is None or (equal and first.numel()) or not candidate:
+        return first is not None and equal and bool(first.numel()), []
+    K, n = len(w_sq), info.numel
     size = itemsize(info.dtype)
-    stored = itemsize(options.dtype or info.dtype)
-    values = n * stored * (2 if kind.is_complex else 1) + OPS[kind].context_bytes(K, d.fan_in)
-    # float32 norms (pairwise-summed, ~1e-7 relative) and one float64 accumulator for the mean:
-    # no float64 copy of the K tensors, which would triple this pass's memory.
-    w_sq = [float(torch.linalg.vector_norm(w.float())) ** 2 for w in weights]
+    values = n * itemsize(options.dtype or info.dtype) * (2 if kind.is_complex else 1)
+    values += OPS[kind].context_bytes(K, d.fan_in)
     out = [Option("", 0.0, K * n * size, (0.0,) * K)]
     for centre in centres:
         if centre == "none":
             d_sq = w_sq
+        elif centre == "mean" and total is not None:
+            mean = (total / K).float()
+            d_sq = [float(torch.linalg.vector_norm(w.float() - mean)) ** 2 for w in read()]
         else:
-            base = _mean(weights) if centre == "mean" else parent
-            if base is None:
-                raise ValueError(f"{info.name}: --base PATH without a parent checkpoint")
-            b = base.float()
-            d_sq = [float(torch.linalg.vector_norm(w.float() - b)) ** 2 for w in weights]
+            d_sq = to_parent
         errs = predicted_errors(kind, d.fan_in, options.policy.eta, w_sq, d_sq, lookup=is_lookup(info.name))
         extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
         out.append(Option(centre, max(errs), values + extra, tuple(errs)))
-    return out
+    return False, out
 
 
 def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
