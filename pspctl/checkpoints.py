@@ -153,11 +153,6 @@ class Checkpoint:
     def __getitem__(self, name: str) -> Tensor:
         return self._get(name)
 
-    @property
-    def pickled(self) -> bool:
-        """Whether loading it (a shard of it) ran pickled code, as trust_pickle allows."""
-        return RAN_PICKLED_CODE in self.notes
-
     def nbytes(self) -> int:
         """Bytes of all its tensors (not the file size)."""
         return sum(i.numel * itemsize(i.dtype) for i in self.infos.values())

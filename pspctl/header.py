@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, field
+from dataclasses import field
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter
@@ -319,8 +319,3 @@ def check_tensors(header: Header, stored: Mapping[str, tuple[list[int], str]]) -
     unlisted = [n for n in stored if n not in expected]
     if unlisted:
         raise FormatError(f"tensors the header does not list: {', '.join(sorted(unlisted)[:3])}")
-
-
-def header_dict(header: Header) -> dict[str, Any]:
-    """The header as plain JSON-able data."""
-    return asdict(header)

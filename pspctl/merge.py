@@ -318,6 +318,7 @@ def _measure(
     """
     candidate = d.role is Role.SUPERPOSED
     first, equal, w_sq, to_parent = None, True, [], []
+    p = None if parent is None else parent.float()
     total = None
     for w in read():
         if first is None:
@@ -328,8 +329,8 @@ def _measure(
             w_sq.append(float(torch.linalg.vector_norm(w.float())) ** 2)
             if "mean" in centres:
                 total = w.double() if total is None else total.add_(w.double())
-            if parent is not None:
-                to_parent.append(float(torch.linalg.vector_norm(w.float() - parent.float())) ** 2)
+            if p is not None:
+                to_parent.append(float(torch.linalg.vector_norm(w.float() - p)) ** 2)
     if first is None or (equal and first.numel()) or not candidate:
         return first is not None and equal and bool(first.numel()), []
     K, n = len(w_sq), info.numel

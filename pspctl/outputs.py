@@ -93,6 +93,10 @@ def clean_stale(path: Path) -> list[Path]:
     return removed
 
 
+def _appeared(path: Path) -> OutputError:
+    return OutputError(f"{path}: appeared while pspctl was writing it (another run?); nothing replaced")
+
+
 def _publish(tmp: Path, path: Path, *, force: bool) -> None:
     """Give `tmp` the name `path`; without `force`, never replace a file that exists by now."""
     if force:
@@ -101,9 +105,7 @@ def _publish(tmp: Path, path: Path, *, force: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise OutputError(
-            f"{path}: appeared while pspctl was writing it (another run?); nothing replaced"
-        ) from None
+        raise _appeared(path) from None
     except OSError as e:
         if e.errno not in (
             errno.EPERM,
@@ -119,9 +121,7 @@ def _publish(tmp: Path, path: Path, *, force: bool) -> None:
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:
-            raise OutputError(
-                f"{path}: appeared while pspctl was writing it (another run?); nothing replaced"
-            ) from None
+            raise _appeared(path) from None
         os.replace(tmp, path)
     else:
         os.unlink(tmp)

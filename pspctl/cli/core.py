@@ -247,7 +247,7 @@ def extract(
 
     if output is None:
         output = Path("extracted") if context == "all" else Path(f"context-{context}.safetensors")
-    for path in run_extract(superposed_path(file), context, output, fmt=fmt.value, force=force, base=base):
+    for path in run_extract(file, context, output, fmt=fmt.value, force=force, base=base):
         console.print(f"wrote {path}")
 
 
@@ -262,7 +262,7 @@ def info(
 
     from pspctl.fileformat import SuperposedFile
 
-    sf = SuperposedFile(superposed_path(file))
+    sf = SuperposedFile(file)
     h = sf.header
     if json_out:
         print_json({"path": str(file), "bytes": sf.nbytes(), **asdict(h)})
