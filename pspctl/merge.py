@@ -30,7 +30,7 @@ from pspctl.policy import (
     predicted_errors,
 )
 from pspctl.superpose import bind
-from pspctl.types import Progress
+from pspctl.types import CALIB_SAMPLES, Progress
 
 __all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan", "store_tensor"]
 
@@ -50,6 +50,9 @@ class MergeOptions:
     command: str | None = None  # the command line, recorded in the recipe
     base: str = "auto"  # "auto", "mean", "none", or the path of the parent checkpoint
     link_base: bool = False  # record the parent's path and sha256 instead of storing its tensors
+    calib_samples: int = (
+        CALIB_SAMPLES  # with a task that has load_data: inputs per model to measure η on; 0: prior
+    )
 
 
 @dataclass
@@ -66,6 +69,7 @@ class MergeReport:
     predicted_error: list[float] = field(default_factory=list)  # per context: sqrt(Σ_t err_t,k²)
     warnings: list[str] = field(default_factory=list)
     base: dict[str, Any] | None = None
+    eta: dict[str, Any] | None = None  # where η came from: {"prior", "source", "measured", "calib"}
 
     @property
     def storage_ratio(self) -> float:
@@ -89,6 +93,7 @@ class MergeReport:
             "storage_ratio": self.storage_ratio,
             "predicted_error": self.predicted_error,
             "base": self.base,
+            "eta": self.eta,
             "notes": self.notes,
             "warnings": self.warnings,
         }
@@ -199,6 +204,9 @@ def merge(
     infos = list(checkpoints[0].infos.values())
     decisions = plan(infos, K, options)
     tick = progress or (lambda done, total, item: None)
+    etas, eta_notes = _calibrate(
+        options, checkpoints, [d.name for d in decisions if d.role is Role.SUPERPOSED]
+    )
 
     # Pass 1: what is shared, and each candidate's options with their predicted errors.
     measured: dict[str, list[Option]] = {}
@@ -209,9 +217,13 @@ def merge(
             return (_finite(c, name, options.allow_nonfinite) for c in checkpoints)
 
         base = None if parent is None or d.role is not Role.SUPERPOSED else parent[info.name]
-        shared, measured[info.name] = _measure(info, d, read, base, centres, kind, options)
+        eta = etas.get(info.name) or options.policy.eta
+        shared, measured[info.name] = _measure(info, d, read, base, centres, kind, options, eta)
         if shared:
             decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
+        elif measured[info.name]:
+            source = "calib" if info.name in etas else "prior"
+            decisions[i] = replace(d, eta=min(eta) if isinstance(eta, list) else eta, eta_source=source)
     measured = {name: opts for name, opts in measured.items() if opts}
     chosen = choose(measured, [d.name for d in decisions if d.forced], options.policy.max_error)
 
@@ -233,7 +245,7 @@ def merge(
         base = None if parent is None or d.centre != "base" else parent[info.name]
         stored[info.name] = store_tensor(writer, info, d, checkpoints, options, base=base)
 
-    notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes]
+    notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes] + eta_notes
     header = Header(
         kind=kind.value,
         seed=options.seed,
@@ -262,6 +274,7 @@ def merge(
         predicted_error=errors,
         warnings=warnings,
         base=header.base,
+        eta=_eta_record(decisions, options, etas),
     )
     if report.storage_ratio < 1.25 and options.base != "none":
         report.notes.append(
@@ -270,6 +283,41 @@ def merge(
             "--base PATH (or --base mean)"
         )
     return report
+
+
+def _calibrate(
+    options: MergeOptions, checkpoints: Sequence[Checkpoint], candidates: Sequence[str]
+) -> tuple[dict[str, list[float]], list[str]]:
+    """η per context for the candidates, measured on the task's calib inputs; and notes.
+
+    Only with `options.task` whose task file has load_data(); everything else keeps the prior.
+    """
+    if not options.task or options.calib_samples <= 0 or not candidates:
+        return {}, []
+    from pspctl.calibration import measure_etas  # imports the analysis hooks: only when used
+    from pspctl.task import load_task
+
+    task = load_task(options.task)
+    if task.load_data is None:
+        return {}, [f"task {options.task} has no load_data(): η is the prior --eta {options.policy.eta:g}"]
+    etas = measure_etas(task, checkpoints, candidates, samples=options.calib_samples)
+    missing = [n for n in candidates if n not in etas.values]
+    note = f"η measured on {etas.source} for {len(etas.values)} of {len(candidates)} candidate tensors"
+    if missing:
+        note += f"; the prior --eta {options.policy.eta:g} for {listed(missing)}"
+    return etas.values, [note]
+
+
+def _eta_record(
+    decisions: Sequence[Decision], options: MergeOptions, etas: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Where each candidate's η came from, for the report's JSON."""
+    return {
+        "prior": options.policy.eta,
+        "calib_samples": options.calib_samples if etas else 0,
+        "measured": {n: e for n, e in etas.items()},
+        "from_prior": [d.name for d in decisions if d.eta_source == "prior"],
+    }
 
 
 def _settle(d: Decision, chosen: Option | None, options: Sequence[Option]) -> Decision:
@@ -308,6 +356,7 @@ def _measure(
     centres: Sequence[str],
     kind: Kind,
     options: MergeOptions,
+    eta: float | Sequence[float],
 ) -> tuple[bool, list[Option]]:
     """Whether the K copies of one tensor are equal, and (for a candidate) each way to store it
     with its predicted error per context and its bytes.
@@ -346,7 +395,7 @@ def _measure(
             d_sq = [float(torch.linalg.vector_norm(w.float() - mean)) ** 2 for w in read()]
         else:
             d_sq = to_parent
-        errs = predicted_errors(kind, d.fan_in, options.policy.eta, w_sq, d_sq, lookup=is_lookup(info.name))
+        errs = predicted_errors(kind, d.fan_in, eta, w_sq, d_sq, lookup=is_lookup(info.name))
         extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
         out.append(Option(centre, max(errs), values + extra, tuple(errs)))
     return False, out

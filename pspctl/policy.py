@@ -71,6 +71,8 @@ class Decision:
     centre: str = "none"  # superposed: what the sum is centred on, "none", "mean" or "base"
     error: float | None = None  # superposed: predicted relative output error, worst context
     forced: bool = False  # --superpose: superposed whatever its error
+    eta: float | None = None  # candidates: the η predicted with (the smallest over contexts)
+    eta_source: str | None = None  # "calib" (measured on the task's calib inputs) or "prior" (--eta)
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
@@ -134,7 +136,7 @@ def is_lookup(name: str) -> bool:
 def predicted_errors(
     kind: Kind | str,
     fan_in: int,
-    eta: float,
+    eta: float | Sequence[float],
     w_sq: Sequence[float],
     d_sq: Sequence[float],
     *,
@@ -146,14 +148,17 @@ def predicted_errors(
 
     where D_s is model s's superposed term (W_s, or W_s − B with a base B), W_k model k's
     weight, v the kind's variance factor, M the fan-in and η the alignment of inputs with the
-    weights. A lookup table (`lookup`) reads rows: no 1/M attenuation and no η.
+    weights: one prior for every context, or η_k per context (measured on model k's inputs).
+    A lookup table (`lookup`) reads rows: no 1/M attenuation and no η. `merge` (to choose)
+    and `analyze` (to compare with the measured error) both predict with this function.
     """
     v = Kind(kind).variance_factor
     total = sum(d_sq)
-    scale = 1.0 if lookup else 1.0 / (fan_in * eta * eta)
+    etas = [float(eta)] * len(w_sq) if isinstance(eta, int | float) else list(eta)
     out = []
-    for w, d in zip(w_sq, d_sq, strict=True):
+    for w, d, e in zip(w_sq, d_sq, etas, strict=True):
         rest = max(total - d, 0.0)
+        scale = 1.0 if lookup else 1.0 / (fan_in * e * e)
         out.append(math.sqrt(v * rest * scale / w) if w > 0 else (0.0 if rest == 0 else math.inf))
     return out
 
@@ -177,18 +182,35 @@ def choose(
     A Lagrangian relaxation: each tensor takes argmin bytes + λ·err², with the smallest λ (by
     bisection) that meets the budget. Per-context options (error 0) always meet it; tensors in
     `forced` have no per-context option and count towards the budget all the same.
+
+    When the forced tensors alone exceed the budget whatever their centre, λ no longer prices
+    anything (it would buy any error reduction at any cost): each forced tensor then takes the
+    option with the least error × bytes (a centre must cut the error by more than it multiplies
+    the bytes), and every other tensor stays per context.
     """
+    forced_set = set(forced) & set(options)
+
+    def centred(name: str) -> list[Option]:
+        return [o for o in options[name] if o.centre] or list(options[name])
 
     def pick(lam: float) -> dict[str, Option]:
         out = {}
         for name, opts in options.items():
-            allowed = [o for o in opts if o.centre or name not in forced] or list(opts)
+            allowed = centred(name) if name in forced_set else list(opts)
             out[name] = min(allowed, key=lambda o: (o.nbytes + lam * o.error**2, o.error))
         return out
 
     def total(chosen: Mapping[str, Option]) -> float:
         return math.sqrt(sum(o.error**2 for o in chosen.values() if math.isfinite(o.error)))
 
+    floor = math.sqrt(sum(min(o.error for o in centred(n)) ** 2 for n in forced_set))
+    if math.isfinite(floor) and floor > budget:
+        return {
+            name: min(centred(name), key=lambda o: (o.error * o.nbytes, o.error))
+            if name in forced_set
+            else min(opts, key=lambda o: (o.error, o.nbytes))
+            for name, opts in options.items()
+        }
     best = pick(0.0)
     if total(best) <= budget:
         return best

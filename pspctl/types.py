@@ -11,6 +11,7 @@ from collections.abc import Callable
 from enum import Enum
 
 __all__ = [
+    "CALIB_SAMPLES",
     "DEFAULT_ATOL",
     "DEFAULT_OPSET",
     "DEFAULT_RTOL",
@@ -29,6 +30,7 @@ __all__ = [
 # Policy defaults, here so that `--help` need not import torch (docs/policy.md measures them).
 MAX_ERROR = 0.2  # merge: predicted relative output error, all superposed tensors together
 ETA_PRIOR = 0.15  # merge: alignment η of layer inputs with the weights, where nothing measured it
+CALIB_SAMPLES = 64  # merge --task: calib inputs per model to measure η on (a ratio of sums: settles fast)
 TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE = 0.02, 0.05  # train: the shape rules (no weights to measure)
 # ONNX export (pspctl.onnx_export; export --opset, --atol, --rtol). Opset 20: onnxruntime ≥ 1.17
 # runs it; the dynamo exporter's own default in torch 2.13.

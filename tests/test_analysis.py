@@ -18,7 +18,7 @@ from pspctl.contexts import Kind, make_contexts
 from pspctl.errors import MismatchError, TaskError
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge
-from pspctl.policy import Policy
+from pspctl.policy import Policy, predicted_errors
 from pspctl.superpose import bind, unbind
 from pspctl.task import load_task
 from tests.conftest import mlp, save_models
@@ -180,9 +180,14 @@ def test_function_space_error_follows_proposition_2(kind):
             x = _aligned_inputs(weights[k], 256, align, gen)
             cap = Capture(nn.Linear(M, N), "weight", [((x,), {})])
             others = sum(w.square().sum(1) for s, w in enumerate(weights) if s != k)
+            w_sq = [float(w.square().sum()) for w in weights]
+
+            def predict(eta: float, k: int = k, w_sq: list[float] = w_sq) -> float:
+                return predicted_errors(kind, M, eta, w_sq, w_sq)[k]
+
             measured, predicted = [], []
             for ctx, W_sup in draws:
-                got = layer_sums(cap, weights[k], unbind(W_sup, ctx, k), others).finish(v, K, M)
+                got = layer_sums(cap, weights[k], unbind(W_sup, ctx, k), others).finish(v, M, predict)
                 assert got["measured"] == pytest.approx(got["predicted"], rel=0.35)
                 measured.append(got["measured"])
                 predicted.append(got["predicted_row_norms"])
@@ -200,7 +205,9 @@ def test_conv_layer_against_unfold():
     W = conv.weight.detach()
     W_hat = W + 0.3 * torch.randn(W.shape, generator=gen)
     x = torch.randn(5, 4, 6, 6, generator=gen)
-    got = layer_sums(Capture(conv, "weight", [((x,), {})]), W, W_hat, None).finish(1.0, 3, 18)
+    got = layer_sums(Capture(conv, "weight", [((x,), {})]), W, W_hat, None).finish(
+        1.0, 18, lambda eta: math.sqrt(2 / 18) / eta
+    )
     y, y_hat = F.conv2d(x, W, padding=1, groups=2), F.conv2d(x, W_hat, padding=1, groups=2)
     assert got["measured"] == pytest.approx(float((y_hat - y).norm() / y.norm()), rel=1e-5)
     patches = F.unfold(x, 3, padding=1).reshape(5, 2, 18, 36)  # [B, groups, M, positions]

@@ -7,13 +7,15 @@ conv patches) x_p, over the whole batch:
     measured     = ‖Ŵx − Wx‖ / ‖Wx‖                       (bias left out, as in the paper)
     eta_mean     = mean_{p,i} |⟨w_i,x_p⟩| / (‖w_i‖‖x_p‖)    (the paper's η, averaged)
     eta_rms²     = Σ_{p,i} ⟨w_i,x_p⟩² / Σ_{p,i} ‖w_i‖²‖x_p‖²
-    predicted    = sqrt(v(K−1)/M) / eta_rms                 (Proposition 2)
-    predicted_row_norms² = v/M · Σ_{p,i} S_i ‖x_p‖² / Σ_{p,i} ⟨w_i,x_p⟩²,  S_i = Σ_{s≠k}‖w_{s,i}‖²
+    predicted    = sqrt(v Σ_{s≠k}‖D_s‖²/M) / (eta_rms ‖W_k‖)   (Proposition 2, `policy.predicted_errors`)
+    predicted_row_norms² = v/M · Σ_{p,i} S_i ‖x_p‖² / Σ_{p,i} ⟨w_i,x_p⟩²,  S_i = Σ_{s≠k}‖d_{s,i}‖²
+
+D_s is what is superposed for model s: its weight, or its delta from the base in a centred
+tensor (the same prediction `merge` chooses with).
 
 The batch ratio is a ratio of sums, so the η that predicts it is the energy-weighted eta_rms,
 not the plain mean (for random inputs, mean |cos| is sqrt(2/π)/√M while the RMS is 1/√M).
-`predicted` assumes every model's rows are as large as model k's; `predicted_row_norms`
-uses the other models' actual row norms instead.
+`predicted` uses whole-tensor norms; `predicted_row_norms` the other models' actual row norms.
 """
 
 from __future__ import annotations
@@ -58,18 +60,25 @@ class LayerSums:
         for f in ("diff_sq", "signal_sq", "cos_sum", "cos_count", "energy", "other_energy"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
-    def finish(self, v: float, K: int, M: int) -> dict[str, float | None]:
-        """measured, eta_mean, eta_rms, predicted, predicted_row_norms."""
-        measured = math.sqrt(self.diff_sq / self.signal_sq) if self.signal_sq > 0 else math.nan
+    @property
+    def eta_rms(self) -> float | None:
+        """The energy-weighted η, sqrt(Σ⟨w_i,x_p⟩² / Σ‖w_i‖²‖x_p‖²); None where not measurable."""
         if self.method == "generic" or self.energy <= 0 or self.signal_sq <= 0:
+            return None
+        return math.sqrt(self.signal_sq / self.energy)
+
+    def finish(self, v: float, M: int, predict: Callable[[float], float]) -> dict[str, float | None]:
+        """measured, eta_mean, eta_rms, predicted (`predict(eta_rms)`), predicted_row_norms."""
+        measured = math.sqrt(self.diff_sq / self.signal_sq) if self.signal_sq > 0 else math.nan
+        eta_rms = self.eta_rms
+        if eta_rms is None:
             return {"measured": measured, "eta_mean": None, "eta_rms": None, "predicted": None,
                     "predicted_row_norms": None}  # fmt: skip
-        eta_rms = math.sqrt(self.signal_sq / self.energy)
         return {
             "measured": measured,
             "eta_mean": self.cos_sum / self.cos_count if self.cos_count else None,
             "eta_rms": eta_rms,
-            "predicted": math.sqrt(v * (K - 1) / M) / eta_rms,
+            "predicted": predict(eta_rms),
             "predicted_row_norms": math.sqrt(v * self.other_energy / (M * self.signal_sq))
             if self.other_energy > 0
             else None,

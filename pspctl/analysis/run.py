@@ -29,7 +29,7 @@ from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
 from pspctl.dtypes import itemsize
 from pspctl.fileformat import SuperposedFile, open_superposed
-from pspctl.policy import Role
+from pspctl.policy import Role, predicted_errors
 from pspctl.task import Task, check_fits, load_model, load_task, on_task_data, primary_metric, run_model
 from pspctl.types import Progress
 
@@ -98,6 +98,7 @@ def analyze(
     steps = len(names) + K
 
     row_sq: dict[str, Tensor] = {}
+    norms: dict[str, tuple[list[float], list[float]]] = {}  # superposed: (‖W_k‖², ‖D_k‖²) per context
     stored_bytes: dict[str, int] = {}
     for i, name in enumerate(names):
         tick(i, steps, name)
@@ -109,6 +110,8 @@ def analyze(
             report.edges[name] = tp.edges
         if tp.row_sq is not None and name in sup:
             row_sq[name] = tp.row_sq
+        if tp.norms_sq is not None and tp.superposed_sq is not None and name in sup:
+            norms[name] = (tp.norms_sq, tp.superposed_sq)
         stored_bytes[name] = tp.stored_bytes
     report.stored_bytes = sum(stored_bytes.values())
     if origs is not None and sup:
@@ -133,7 +136,9 @@ def analyze(
     gen = torch.Generator().manual_seed(seed)
     for k in range(K):
         tick(len(names) + k, steps, f"context {sf.labels[k]}")
-        _context_pass(report, sf, k, task_obj, origs, row_sq, taus, gen, max_samples, report.stored_bytes / K)
+        _context_pass(
+            report, sf, k, task_obj, origs, (row_sq, norms), taus, gen, max_samples, report.stored_bytes / K
+        )
     tick(steps, steps, "")
     report.advice = advice(sf, report, stored_bytes)
     if max_drop is not None:
@@ -222,7 +227,7 @@ def _context_pass(
     k: int,
     task: Task | None,
     origs: list[Checkpoint] | None,
-    row_sq: dict[str, Tensor],
+    norms_in: tuple[dict[str, Tensor], dict[str, tuple[list[float], list[float]]]],
     taus: list[float],
     gen: torch.Generator,
     max_samples: int,
@@ -230,6 +235,7 @@ def _context_pass(
 ) -> None:
     K, v = sf.num_contexts, sf.kind.variance_factor
     sup = sf.names(Role.SUPERPOSED)
+    row_sq, norms = norms_in
     summary = ContextSummary(k, sf.labels[k], None, None, None, None, None, None, None)
     report.contexts.append(summary)
     got = _inputs(task, k, max_samples, gen) if task is not None else None
@@ -262,7 +268,13 @@ def _context_pass(
             else:
                 sums, src = matrix_probe_sums(W, W_hat, others, samples=max_samples, generator=gen), "probe"
             M = sf.header.tensors[name].fan_in
-            report.layers.append(LayerError(name, k, M, sums.method, src, **sums.finish(v, K, M)))  # type: ignore[arg-type]
+            w_sq, d_sq = norms.get(name, ([1.0] * K, [1.0] * K))
+
+            def predict(eta: float, M: int = M, w_sq: list[float] = w_sq, d_sq: list[float] = d_sq) -> float:
+                # merge's prediction, with the η measured here: what merge would have predicted
+                return predicted_errors(sf.kind, M, eta, w_sq, d_sq)[k]
+
+            report.layers.append(LayerError(name, k, M, sums.method, src, **sums.finish(v, M, predict)))  # type: ignore[arg-type]
 
     m_orig = _metric(task, orig_model, k) if orig_model is not None else None
     m_ret = _metric(task, ret_model, k) if ret_model is not None else None

@@ -38,8 +38,10 @@ class TensorPass:
     error: TensorWeightError | None  # None without originals
     magnitudes: list[MagnitudeStats]
     edges: list[float]
-    row_sq: Tensor | None  # [K, N]: ‖w_{k,i}‖² per context and output row, for the row-norm prediction
+    row_sq: Tensor | None  # [K, N]: ‖d_{k,i}‖² per context and row of what is superposed (W_k or W_k − B)
     stored_bytes: int  # bytes this tensor takes in the file (with its contexts)
+    norms_sq: list[float] | None = None  # ‖W_k‖² per context (with originals)
+    superposed_sq: list[float] | None = None  # ‖D_k‖² per context: ‖W_k‖², or ‖W_k − B‖² on a base
 
 
 def stored_values(tensor: Tensor) -> Tensor:
@@ -94,10 +96,13 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
 
     error = None
     row_sq = None
+    norms_sq: list[float] = []
+    deltas: list[float] | None = None
+    base = sf.base(name) if superposed else None
     max_abs = float(values.abs().max()) if values.numel() and floating else 0.0
     rms = []
     if originals is not None or not superposed:
-        norms_sq, errs = [], []
+        errs = []
         rows = []
         for k in range(K):
             Wk = original(k)
@@ -109,7 +114,8 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
                 norms_sq.append(float(torch.linalg.vector_norm(Wk)) ** 2)
                 errs.append(float(torch.linalg.vector_norm(retrieved(k) - Wk)) ** 2)
                 if Wk.dim() >= 2:
-                    rows.append(torch.linalg.vector_norm(Wk.flatten(1), dim=1).double() ** 2)
+                    Dk = Wk if base is None else Wk - base.float()
+                    rows.append(torch.linalg.vector_norm(Dk.flatten(1), dim=1).double() ** 2)
         if originals is not None and floating:
             v = kind.variance_factor if superposed else 0.0
 
@@ -119,7 +125,6 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
                     for d, n in zip(d_sq, norms_sq, strict=True)
                 ]
 
-            base = sf.base(name) if superposed else None
             deltas = None if base is None else [float(torch.linalg.vector_norm(original(k) - base.float())) ** 2 for k in range(K)]  # fmt: skip
             error = TensorWeightError(
                 name=name,
@@ -131,8 +136,9 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
                 expected_without_base=None if deltas is None else expected(norms_sq),
             )
             row_sq = torch.stack(rows) if rows else None
+    sums = (norms_sq or None, (norms_sq if deltas is None else deltas) or None)
     if not floating:
-        return TensorPass(error, [], [], row_sq, stored_bytes)
+        return TensorPass(error, [], [], row_sq, stored_bytes, *sums)
     # One absolute threshold per tensor for every source, scaled to the originals; without
     # them, the superposed RMS over sqrt(vK) is about one original's RMS.
     scale = sum(rms) / len(rms) if rms else _rms(values) / math.sqrt(kind.variance_factor * K)
@@ -142,7 +148,7 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
         mags.append(_stats(name, "superposed", None, values, edges, scale))
     if originals is not None or not superposed:
         mags += [_stats(name, "original", k, original(k), edges, scale) for k in range(K)]
-    return TensorPass(error, mags, edges.tolist(), row_sq, stored_bytes)
+    return TensorPass(error, mags, edges.tolist(), row_sq, stored_bytes, *sums)
 
 
 def _ratio(num: float, den: float) -> float:

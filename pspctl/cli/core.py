@@ -18,7 +18,7 @@ from pspctl.cli.common import (
     print_json,
     progress_bar,
 )
-from pspctl.types import ETA_PRIOR, MAX_ERROR, DType, Kind, PolicySource, StateDictFormat
+from pspctl.types import CALIB_SAMPLES, ETA_PRIOR, MAX_ERROR, DType, Kind, PolicySource, StateDictFormat
 
 if TYPE_CHECKING:
     from pspctl.merge import MergeReport
@@ -96,8 +96,15 @@ def merge(
         typer.Option(help="Refuse rotation contexts over a larger fan-in (they cost K×M² floats)."),
     ] = 4096,
     task: Annotated[
-        str | None, typer.Option(help="Task file to record for analyze/export (path or module).")
+        str | None,
+        typer.Option(
+            help="Task file to record for analyze/export (path or module); with load_data(), η is measured on its calib inputs."
+        ),
     ] = None,
+    calib_samples: Annotated[
+        int,
+        typer.Option(min=0, help="With --task: calib inputs per model to measure η on (0: the --eta prior)."),
+    ] = CALIB_SAMPLES,
     policy: Annotated[
         PolicySource,
         typer.Option(
@@ -143,6 +150,7 @@ def merge(
         trust_pickle=trust_pickle,
         force=force,
         task=task,
+        calib_samples=calib_samples,
         command=command_line(),
     )
     if policy is PolicySource.MEASURED:
@@ -189,9 +197,10 @@ def merge_table(report: MergeReport) -> Table:
     table.add_column("why", overflow="fold", ratio=2)
     for d in report.decisions:
         superposed = d.role.value == "superposed"
+        why = d.reason if d.eta is None else f"{d.reason} (η {d.eta:.3g} {d.eta_source})"
         table.add_row(
             escape(d.name), d.role.value.replace("_", " "), d.centre if superposed else "",
-            "" if d.error is None else f"{d.error:.3f}", human_bytes(report.stored_bytes[d.name]), escape(d.reason),
+            "" if d.error is None else f"{d.error:.3f}", human_bytes(report.stored_bytes[d.name]), escape(why),
         )  # fmt: skip
     return table
 
