@@ -11,6 +11,7 @@ suite, the targets with PASS/FAIL measured in this run, and a sweep of the polic
     python benchmarks/base_superposition.py                 # full suites (built/cached)
     python benchmarks/base_superposition.py --small         # CI smoke test (small suites)
     python benchmarks/base_superposition.py --json out.json
+    python benchmarks/base_superposition.py --kinds binary complex rotation onepower --no-sweep
 
 Accuracies are on the 450-image test split (one image = 0.22 points). CPU, one thread.
 """
@@ -40,6 +41,7 @@ from pspctl.task import Task  # noqa: E402
 from pspctl.training.tune import TuneOptions, tune  # noqa: E402
 
 MAX_ERRORS = (0.1, 0.2, 0.3, 0.5)
+ALL_KINDS = ("binary", "complex", "rotation", "onepower")
 ETAS = (0.15, 0.2, 0.25)
 TARGETS = {  # the issue's targets
     "finetunes": {
@@ -61,16 +63,48 @@ class Method:
     link: bool = False
     max_error: float | None = None  # None: pspctl's default
     eta: float | None = None
+    calib: bool = False  # merge --task: η measured on the suite's calib inputs
 
 
-def methods(suite: Suite) -> list[Method]:
+def methods(suite: Suite, kinds: tuple[str, ...] = bm.KINDS) -> list[Method]:
     out = []
-    for kind in bm.KINDS:
+    for kind in kinds:
         out += [Method(f"--base auto ({kind})", kind), Method(f"--base mean ({kind})", kind, "mean")]
+        out.append(Method(f"--base auto --task, η measured ({kind})", kind, calib=True))
         if suite.base is not None:
             out += [Method(f"--base PATH ({kind})", kind, "parent"),
                     Method(f"--base PATH --link-base ({kind})", kind, "parent", link=True)]  # fmt: skip
     return out
+
+
+TASK_FILE = """import sys
+sys.path.insert(0, {root!r})
+from benchmarks import suites
+
+_suite = suites.build({name!r}, {directory!r}, small={small!r})
+BATCH = suites.BATCH
+
+
+def build_model():
+    return _suite.model()
+
+
+def load_data(k, split):
+    x, y = _suite.data(k, split)
+    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]
+"""
+
+
+def task_file(suite: Suite) -> Path:
+    """A task file for `merge --task` (η on the calib split), written beside the suite."""
+    path = suite.directory / "task.py"
+    root = str(Path(__file__).resolve().parents[1])
+    text = TASK_FILE.format(
+        root=root, name=suite.name, directory=str(suite.directory), small=suite.config.small
+    )
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
 def run_merge(suite: Suite, m: Method, out: Path) -> MergeReport:
@@ -80,7 +114,8 @@ def run_merge(suite: Suite, m: Method, out: Path) -> MergeReport:
     elif m.eta is not None:
         policy = Policy(eta=m.eta)
     base = str(suite.base) if m.base == "parent" else m.base
-    options = MergeOptions(kind=m.kind, base=base, link_base=m.link, policy=policy, force=True)
+    task = str(task_file(suite)) if m.calib else None
+    options = MergeOptions(kind=m.kind, base=base, link_base=m.link, policy=policy, force=True, task=task)
     return merge([str(p) for p in suite.paths], out, options)
 
 
@@ -137,7 +172,9 @@ def choices(report: MergeReport) -> str:
     return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
 
 
-def run_suite(suite: Suite, tmp: Path, *, sweep: bool = True, tune_steps: int = 300) -> dict:
+def run_suite(
+    suite: Suite, tmp: Path, *, sweep: bool = True, tune_steps: int = 300, kinds: tuple[str, ...] = bm.KINDS
+) -> dict:
     torch.set_num_threads(1)
     states = suite.states()
     K = len(states)
@@ -146,7 +183,7 @@ def run_suite(suite: Suite, tmp: Path, *, sweep: bool = True, tune_steps: int = 
     mean = bm.centres(states, None)["mean"]
     rows = []
     default_path = None
-    for i, m in enumerate(methods(suite)):
+    for i, m in enumerate(methods(suite, kinds)):
         out = tmp / f"{suite.name}-{i}.safetensors"
         start = time.perf_counter()
         rep = run_merge(suite, m, out)
@@ -161,7 +198,7 @@ def run_suite(suite: Suite, tmp: Path, *, sweep: bool = True, tune_steps: int = 
         pruned = pruned_same_bytes(states, base, rep.output_bytes - base_bytes)
         row["pruned"] = summarise(suite, evaluation(pruned))
         rows.append(row)
-        if m.base == "auto" and m.kind == "binary":
+        if m.base == "auto" and m.kind == "binary" and not m.calib:
             default_path = out
     result: dict = {"suite": suite.name, "small": suite.config.small, "rows": rows}
     if suite.name == "finetunes" and default_path is not None and tune_steps:
@@ -253,7 +290,12 @@ def render(result: dict) -> str:
 
 
 def run(
-    small: bool = False, *, sweep: bool = True, tune_steps: int | None = None, out: Path | None = None
+    small: bool = False,
+    *,
+    sweep: bool = True,
+    tune_steps: int | None = None,
+    out: Path | None = None,
+    kinds: tuple[str, ...] = bm.KINDS,
 ) -> list[dict]:
     """Build (or reuse) both suites and measure everything; returns one result per suite."""
     results = []
@@ -262,7 +304,7 @@ def run(
             directory = (out / name) if out else suites.default_dir(name, small=small)
             suite = suites.build(name, directory, small=small)
             steps = tune_steps if tune_steps is not None else (100 if small else 300)
-            results.append(run_suite(suite, Path(tmp), sweep=sweep, tune_steps=steps))
+            results.append(run_suite(suite, Path(tmp), sweep=sweep, tune_steps=steps, kinds=kinds))
     return results
 
 
@@ -272,9 +314,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-sweep", action="store_true", help="skip the max_error × eta sweep")
     p.add_argument("--tune-steps", type=int, default=None, help="tune steps (default 300, small 100)")
     p.add_argument("--json", type=Path, help="write every number here")
+    p.add_argument(
+        "--kinds", nargs="+", default=list(bm.KINDS), choices=ALL_KINDS, help="context kinds to merge with"
+    )
     args = p.parse_args(argv)
     start = time.perf_counter()
-    results = run(args.small, sweep=not args.no_sweep, tune_steps=args.tune_steps)
+    results = run(args.small, sweep=not args.no_sweep, tune_steps=args.tune_steps, kinds=tuple(args.kinds))
     for r in results:
         print(render(r))
     print(f"total {time.perf_counter() - start:.1f} s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,17 @@ def test_forced_superpose_of_unrelated_models_under_auto_stays_plain(tmp_path):
         paths, tmp_path / "p.safetensors", MergeOptions(base="none", policy=Policy(superpose=("*weight",)))
     )
     assert report.output_bytes == plain.output_bytes
+
+
+def test_a_merge_that_saves_nothing_says_so_on_the_command_line_and_points_to_base(tmp_path, monkeypatch):
+    from tests.conftest import mlp, save_models
+
+    save_models([mlp(i, width=64) for i in range(3)], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    result = runner.invoke(app, ["merge", "model0.pt", "model1.pt", "model2.pt", "-q"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # the note wraps at 80 columns
+    # tiny models: the header makes the output a little larger than the inputs
+    assert re.search(r"note: storage ratio 0\.9\d×: little was superposed within the error budget", text)
+    assert "--base PATH (or --base mean)" in text

@@ -154,7 +154,7 @@ def render(r: Report) -> None:
     console.print(t)
 
     if r.layers:
-        t = Table(title="function-space error per layer, worst first (Proposition 2: sqrt(v(K-1)/M)/η)")
+        t = Table(title="function-space error per layer, worst first (Proposition 2, as merge predicts it)")
         for col in (
             "layer",
             "context",
