@@ -33,7 +33,7 @@ def merged_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     assert len(models) == 4
     result = CliRunner().invoke(
         app,
-        ["merge", *models, "--task", "samples/digits_task.py", "--base", "none", "--max-error", "0.8", "-q"],
+        ["merge", *models, "--task", "samples/digits_task.py", "--base", "none", "--max-error", "0.6", "-q"],
     )
     assert result.exit_code == 0, result.output
     return tmp_path
