@@ -6,7 +6,7 @@ contexts; the η prior against η measured on the calib split (`merge --task`); 
 `--max-error` 0.2 … 2; and `tune` (distilled from the originals) after the merges that reach
 2.2×. Every row also gives magnitude-pruned deltas from the mean in the same bytes.
 
-    python benchmarks/ensemble_tradeoff.py [--small] [--tune-steps 300] [--json out.json]
+    python benchmarks/ensemble_tradeoff.py [--small] [--tune-steps 300] [--tune-lr 1e-4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def met(r: dict) -> bool:
     )
 
 
-def run(small: bool = False, tune_steps: int = 300) -> list[dict]:
+def run(small: bool = False, tune_steps: int = 300, tune_lr: float = 1e-4) -> list[dict]:
     torch.set_num_threads(1)
     suite = suites.build("ensemble", suites.default_dir("ensemble", small=small), small=small)
     states = suite.states()
@@ -78,7 +78,11 @@ def run(small: bool = False, tune_steps: int = 300) -> list[dict]:
                     if tune_steps and rep.storage_ratio >= TARGET["ratio"]:
                         tuned = Path(tmp) / "t.safetensors"
                         tune(
-                            out, suite_task(suite), tuned, TuneOptions(steps=tune_steps, lr=1e-4), force=True
+                            out,
+                            suite_task(suite),
+                            tuned,
+                            TuneOptions(steps=tune_steps, lr=tune_lr),
+                            force=True,
                         )
                         rows.append(
                             row | summarise(suite, evaluation(retrieved(tuned, K))) | {"tuned": tune_steps}
@@ -106,10 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true")
     p.add_argument("--tune-steps", type=int, default=300)
+    p.add_argument("--tune-lr", type=float, default=1e-4)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     start = time.perf_counter()
-    rows = run(args.small, args.tune_steps)
+    rows = run(args.small, args.tune_steps, args.tune_lr)
     print(render(rows))
     print(f"total {time.perf_counter() - start:.1f} s")
     if args.json:

@@ -22,7 +22,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("file format and checkpoints", ("outputs", "checkpoints", "header", "fileformat", "task", "plotting")),
     (
         "use cases",
-        ("merge", "extract", "sources", "planning", "demo", "nn", "analysis", "training", "onnx_export"),
+        (
+            "merge",
+            "extract",
+            "sources",
+            "planning",
+            "calibration",
+            "demo",
+            "nn",
+            "analysis",
+            "training",
+            "onnx_export",
+        ),
     ),
     ("CLI", ("cli", "__main__")),
 ]
