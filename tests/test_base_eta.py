@@ -202,6 +202,10 @@ def test_a_merge_that_saves_nothing_says_so_on_the_command_line_and_points_to_ba
     # tiny models: the header makes the output a little larger than the inputs
     assert re.search(r"note: storage ratio 0\.9\d×: little was superposed within the error budget", text)
     assert "--base PATH (or --base mean)" in text
+    # the predicted output error per context, next to the storage ratio
+    assert re.search(
+        r"storage ratio 0\.9\d×; predicted output error per context: model0 0\.000, model1", text
+    )
 
 
 def test_tune_heals_a_centred_file(tmp_path):
