@@ -17,6 +17,7 @@ from pspctl.cli import app
 from pspctl.merge import MergeOptions, merge
 from pspctl.policy import Option, Policy, Role, choose, predicted_errors
 from pspctl.task import load_task
+from tests.conftest import mlp
 from tests.test_base import finetunes
 
 runner = CliRunner()
@@ -236,3 +237,21 @@ def test_tune_heals_a_centred_file(tmp_path):
     before = [output_error(out, k) for k in range(4)]
     after = [output_error(tuned, k) for k in range(4)]
     assert all(a < 0.8 * b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_per_context_export_of_a_linked_base_file_matches_the_original(tmp_path):
+    """`export` per context on a v2 file whose base is linked (found at its recorded path): the
+    graph of context 1 is validated against torch's retrieved model (base + unbound deltas)."""
+    from types import SimpleNamespace
+
+    from pspctl.onnx_export import export_contexts
+
+    parent, paths = finetunes(tmp_path, K=3, scale=0.02, frozen=False)
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(base=str(parent), link_base=True, policy=Policy(superpose=("*weight",))))
+    task = SimpleNamespace(
+        source="t", build_model=lambda: mlp(0, width=64), load_data=None,
+        example_inputs=lambda: (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)),),
+    )  # fmt: skip
+    report = export_contexts(out, task, 1, tmp_path / "c1.onnx")
+    assert report.passed and [c.context for c in report.checks] == [1]
