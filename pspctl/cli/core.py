@@ -96,7 +96,17 @@ def merge(
         typer.Option(help="Refuse rotation contexts over a larger fan-in (they cost K×M² floats)."),
     ] = 4096,
     task: Annotated[
-        str | None, typer.Option(help="Task file to record for analyze/export (path or module).")
+        str | None,
+        typer.Option(
+            help="Task file to record for analyze/export (path or module); its model gives the fan-in axes."
+        ),
+    ] = None,
+    fan_in_axis: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="GLOB=AXIS: bind these tensors' fan-in on dim AXIS ('rest': every dim but 0), over what "
+            "the task's model or config.json says (docs/policy.md). Repeatable."
+        ),
     ] = None,
     policy: Annotated[
         PolicySource,
@@ -127,6 +137,7 @@ def merge(
     ] = False,
 ) -> None:
     """Superpose several checkpoints into one .safetensors file."""
+    from pspctl.architectures import parse_overrides
     from pspctl.merge import MergeOptions
     from pspctl.merge import merge as run_merge
 
@@ -144,6 +155,7 @@ def merge(
         force=force,
         task=task,
         command=command_line(),
+        fan_in_axes=parse_overrides(fan_in_axis or []),
     )
     if policy is PolicySource.MEASURED:
         from dataclasses import replace
