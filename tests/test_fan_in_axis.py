@@ -258,3 +258,31 @@ def test_gpt2_readers_use_the_axis(tmp_path: Path):
         with torch.no_grad(), psp.context(k):
             assert torch.allclose(psp(ids).logits, want, atol=1e-5)
             assert torch.allclose(graph(torch.tensor(k), ids)[0], want, atol=1e-5)
+
+
+def test_cli_fan_in_axis(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from pspctl.cli import app
+
+    paths = []
+    for i in range(2):
+        torch.manual_seed(i)
+        paths.append(tmp_path / f"m{i}.pt")
+        torch.save({"w": torch.randn(6, 40), "b": torch.randn(6)}, paths[-1])
+    out = tmp_path / "w.safetensors"
+    args = ["merge", *map(str, paths), "-o", str(out), "--superpose", "w", "--base", "none"]
+    result = CliRunner().invoke(app, [*args, "--fan-in-axis", "w=0", "--json"])
+    assert result.exit_code == 0, result.output
+    sf = SuperposedFile(out)
+    assert (sf.metas["w"].fan_in_axis, sf.metas["w"].fan_in) == (0, 6)
+    assert sf.header.recipe["fan_in_axes"] == ["w=0"]
+    originals = [torch.load(p)["w"] for p in paths]
+    for k in range(2):  # K=2 binary, retrieved on dim 0: W_k ± the other model, column-signed
+        ctx = sf.contexts("w").vector(k)
+        other = originals[1 - k] * (sf.contexts("w").vector(1 - k) * ctx)[:, None]
+        assert torch.allclose(sf.retrieve("w", k), originals[k] + other, atol=1e-6)
+    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "x.safetensors"), "--fan-in-axis", "w:0"])
+    assert bad.exit_code == 7
+    assert "expected GLOB=AXIS" in bad.output
+    assert not (tmp_path / "x.safetensors").exists()

@@ -190,3 +190,40 @@ def test_save_pretrained_folders_of_a_tied_model_load(tmp_path: Path, command: s
     assert "missing: lm_head.weight" not in result.output
     if command != "tune":  # tune needs the task's data; the point is that the model loads
         assert result.exit_code == 0, result.output
+
+
+def test_gpt2_tied_state_dict_round_trip(tmp_path: Path):
+    """GPT-2 ties lm_head.weight to transformer.wte.weight; its Conv1D weights are bound on dim 0."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, use_cache=False
+    )
+    torch.manual_seed(0)
+    parent = transformers.GPT2LMHeadModel(config).eval()
+    models, paths = [], []
+    for k in range(K):
+        child = transformers.GPT2LMHeadModel(config).eval()
+        child.load_state_dict(parent.state_dict())
+        torch.manual_seed(20 + k)
+        with torch.no_grad():
+            for p in child.parameters():
+                if p.dim() > 1:
+                    p.add_(0.02 * p.std() * torch.randn_like(p))
+        models.append(child)
+        paths.append(tmp_path / f"gpt{k}.pt")
+        torch.save(child.state_dict(), paths[-1])
+    out = tmp_path / "w.safetensors"
+    report = merge(paths, out, MergeOptions(fan_in_axes=(("*.c_*.weight", 0),)))
+    sf = SuperposedFile(out)
+    assert sf.header.tied == {"lm_head.weight": "transformer.wte.weight"}
+    ids = torch.arange(12).reshape(2, 6) % 50
+    for k in range(K):
+        state = sf.state_dict(k)
+        model = transformers.GPT2LMHeadModel(config).eval()
+        model.load_state_dict(state)
+        assert model.lm_head.weight is model.transformer.wte.weight
+        assert torch.equal(model.transformer.wte.weight, sf.retrieve("transformer.wte.weight", k))
+        with torch.no_grad():
+            want, got = models[k](ids).logits, model(ids).logits
+        error = float((got - want).norm() / want.norm())
+        assert error <= 2 * report.predicted_error[k] + 1e-5, (k, error, report.predicted_error[k])
