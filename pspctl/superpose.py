@@ -39,9 +39,11 @@ def fan_in(shape: Sequence[int], axis: int | None = None) -> int:
 
 def as_matrix(t: Tensor, axis: int | None = None) -> Tensor:
     """`t` as the [N, M] matrix the contexts act on: the fan-in (every dim but dim 0, or `axis`) last."""
+    # Explicit sizes, not -1: a zero-size tensor has no inferable dim.
     if axis is None:
-        return t.reshape(t.shape[0], -1)
-    return t.movedim(axis, -1).reshape(-1, t.shape[axis])
+        return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    others = math.prod(d for i, d in enumerate(t.shape) if i != axis)
+    return t.movedim(axis, -1).reshape(others, t.shape[axis])
 
 
 def from_matrix(m: Tensor, shape: Sequence[int], axis: int | None = None) -> Tensor:

@@ -219,10 +219,11 @@ def _gpt2_task(tmp_path: Path) -> Path:
     task.write_text(
         "import torch, transformers\n"
         "def build_model():\n"
-        f"    c = transformers.GPT2Config(n_layer=2, n_embd={EMBD}, n_head=4, vocab_size=97, n_positions=32)\n"
+        f"    c = transformers.GPT2Config(n_layer=2, n_embd={EMBD}, n_head=4, vocab_size=97, n_positions=32,\n"
+        "        use_cache=False)\n"
         "    return transformers.GPT2LMHeadModel(c).eval()\n"
         "def example_inputs():\n"
-        "    return torch.arange(12).reshape(2, 6) % 97\n"
+        "    return (torch.arange(12).reshape(2, 6) % 97,)\n"
     )
     return task
 
@@ -250,7 +251,7 @@ def test_gpt2_readers_use_the_axis(tmp_path: Path):
         for w in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
     task = load_task(str(_gpt2_task(tmp_path)))
-    ids = task.example_inputs()
+    (ids,) = task.example_inputs()
     psp = load(sf, task.build_model())
     graph = MultiContextModel(task.build_model(), sf)
     for k in range(K):
@@ -286,3 +287,20 @@ def test_cli_fan_in_axis(tmp_path: Path):
     assert bad.exit_code == 7
     assert "expected GLOB=AXIS" in bad.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_gpt2_multi_context_onnx_retrieves_conv1d_on_its_axis(tmp_path: Path):
+    """The multi-context graph retrieves Conv1D weights on dim 0; onnxruntime matches extraction."""
+    pytest.importorskip("onnx")
+    from pspctl.onnx_export.api import export_multi
+    from pspctl.task import load_task
+
+    paths = _gpt2_family(tmp_path, folders=True)
+    out = tmp_path / "w.safetensors"
+    merge(
+        paths, out, MergeOptions(base="none", policy=Policy(superpose=("*.c_attn.weight", "*.c_fc.weight")))
+    )
+    report = export_multi(out, load_task(str(_gpt2_task(tmp_path))), tmp_path / "multi.onnx")
+    assert [c.context for c in report.checks] == list(range(K))
+    assert all(c.passed and c.max_abs < 1e-5 for c in report.checks)
