@@ -253,6 +253,10 @@ def merge(
         parent = open_checkpoint(options.base, trust_pickle=options.trust_pickle)
         files += checkpoint_files(options.base)
         refuse_inputs(output, files)
+        # The base is read under the inputs' names: its ties follow theirs.
+        parent.untie([a for a in parent.ties if a not in checkpoints[0].ties])
+        for alias in checkpoints[0].ties:
+            parent.infos.pop(alias, None)
         _check_base(parent, checkpoints[0])
     K = len(checkpoints)
     infos = list(checkpoints[0].infos.values())

@@ -227,3 +227,15 @@ def test_gpt2_tied_state_dict_round_trip(tmp_path: Path):
             want, got = models[k](ids).logits, model(ids).logits
         error = float((got - want).norm() / want.norm())
         assert error <= 2 * report.predicted_error[k] + 1e-5, (k, error, report.predicted_error[k])
+
+
+def test_a_base_follows_the_inputs_ties(tmp_path: Path):
+    paths, models = _fine_tunes(tmp_path, folders=False)
+    untied_parent = {k: v.clone() for k, v in _llama(0).state_dict().items()}  # clones: not tied
+    torch.save(untied_parent, tmp_path / "parent.pt")
+    report = merge(paths, tmp_path / "w.safetensors", MergeOptions(base=str(tmp_path / "parent.pt")))
+    sf = SuperposedFile(tmp_path / "w.safetensors")
+    assert sf.header.tied == {HEAD: EMBED} and report.base is not None
+    for k in range(K):
+        if sf.metas[EMBED].role != "superposed":
+            assert torch.equal(sf.state_dict(k)[HEAD], models[k].lm_head.weight)
