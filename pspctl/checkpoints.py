@@ -17,6 +17,7 @@ import json
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,13 +27,14 @@ from torch import Tensor
 from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed, one_line
 from pspctl.outputs import ST_CODES, atomic_path, refuse_existing, write_safetensors
-from pspctl.policy import TensorInfo
+from pspctl.policy import TensorInfo, is_lookup
 
 __all__ = [
     "Checkpoint",
     "atomic_path",
     "checkpoint_files",
     "dtype_name",
+    "find_ties",
     "open_checkpoint",
     "refuse_existing",
     "resolve",
@@ -138,13 +140,34 @@ def sha256_checkpoint(path: str | Path) -> str:
 
 
 class Checkpoint:
-    """A read-only view of one state_dict: ordered names, shapes and dtypes up front, tensors on demand."""
+    """A read-only view of one state_dict: ordered names, shapes and dtypes up front, tensors on demand.
 
-    def __init__(self, path: Path, infos: dict[str, TensorInfo], getter, notes: list[str]):
+    Tied tensors (one storage under several names, as `torch.save(model.state_dict())` writes a
+    model whose head shares its embedding) are listed once in `infos`: `ties` maps each other
+    name (alias) to the listed one, and `ckpt[alias]` still reads it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        infos: dict[str, TensorInfo],
+        getter,
+        notes: list[str],
+        ties: dict[str, str] | None = None,
+    ):
         self.path = path
         self.infos = infos
         self._get = getter
         self.notes = notes  # what was done to the file's keys, e.g. a stripped prefix
+        self.ties = ties or {}  # alias -> the name in `infos` whose storage it shares
+        self._tied_infos = {a: infos[n] for a, n in self.ties.items()}
+
+    def untie(self, aliases: Sequence[str]) -> None:
+        """List `aliases` as tensors of their own again (in the file's order is not kept: last)."""
+        for alias in aliases:
+            if alias in self.ties:
+                del self.ties[alias]
+                self.infos[alias] = replace(self._tied_infos[alias], name=alias)
 
     @property
     def names(self) -> list[str]:
@@ -294,7 +317,33 @@ def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
         raw, get, notes = _read_file(file, trust_pickle)
     mapping, strip_notes = _strip_prefixes(list(raw))
     infos = {n: TensorInfo(n, *raw[stored]) for n, stored in mapping.items()}
-    return Checkpoint(path, infos, lambda name: get(mapping[name]), notes + strip_notes)
+    # safetensors cannot share storage; a pickle (also a pickled shard) can.
+    ties = {} if ".safetensors" in file.name else find_ties({n: get(s) for n, s in mapping.items()})
+    infos = {n: i for n, i in infos.items() if n not in ties}
+    if ties:
+        notes.append(f"tied: {listed([f'{a} = {n}' for a, n in ties.items()])}")
+    return Checkpoint(path, infos, lambda name: get(mapping[name]), notes + strip_notes, ties)
+
+
+def find_ties(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """Names that are views of one storage with one layout: alias -> the name it shares.
+
+    The shared name is the first of its group in `state`'s order, or the group's embedding
+    (a lookup, by name) if one is: the policy then sees the tensor as what it mostly is.
+    Reads no tensor data: storage pointers only (a memory-mapped file stays unread).
+    """
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for name, t in state.items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(name)
+    ties = {}
+    for names in groups.values():
+        if len(names) > 1:
+            first = next((n for n in names if is_lookup(n)), names[0])
+            ties.update({n: first for n in names if n != first})
+    return ties
 
 
 def save_state_dict(

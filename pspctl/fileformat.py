@@ -152,8 +152,12 @@ class _Stored:
         return [n for n, m in self.metas.items() if role is None or m.role == role]
 
     def shapes(self) -> dict[str, list[int]]:
-        """The original shape of every tensor, by name."""
-        return {name: meta.shape for name, meta in self.metas.items()}
+        """The original shape of every tensor, by name, tied aliases included."""
+        out = {name: meta.shape for name, meta in self.metas.items()}
+        out.update({alias: self.metas[name].shape for alias, name in self.tied.items()})
+        return out
+
+    tied: dict[str, str] = {}  # noqa: RUF012  (format v2) alias -> the stored tensor it shares
 
     def contexts(self, name: str) -> ContextSet:
         return self._superposed_and_contexts(name)[1]
@@ -197,7 +201,7 @@ class _Stored:
         if meta.role != Role.SUPERPOSED:
             return self.stacked(name)[k].clone()
         value = self.superposed(name) if superposed is None else superposed
-        weight = unbind(value, self.contexts(name), k)
+        weight = unbind(value, self.contexts(name), k, meta.fan_in_axis)
         base = self.base(name)
         if base is not None:
             weight = base.to(weight.dtype) + weight
@@ -325,6 +329,7 @@ class SuperposedFile(_Stored):
         self.metas = self.header.tensors
         self.kind, self.num_contexts = Kind(self.header.kind), self.header.num_contexts
         self.linked = bool(self.header.base and self.header.base["linked"])
+        self.tied = dict(self.header.tied)
         if base is not None and not self.header.base:
             raise MismatchError(
                 f"{self.path}: --base given, but this file's tensors are not centred on a base"
@@ -401,7 +406,10 @@ class SuperposedFile(_Stored):
     def state_dict(self, context: int | str) -> dict[str, Tensor]:
         """Model `context` as a plain state_dict with the inputs' keys, shapes and dtypes."""
         k = self.resolve_context(context)
-        return {name: self.retrieve(name, k) for name in self.names()}
+        state = {name: self.retrieve(name, k) for name in self.names()}
+        # A tied alias is the same tensor, as in the model saved: torch.save keeps them shared.
+        state.update({alias: state[name] for alias, name in self.tied.items()})
+        return state
 
     def nbytes(self) -> int:
         return self.path.stat().st_size

@@ -182,6 +182,7 @@ class TensorMeta:
     reason: str = ""
     centred: bool = False  # v2, superposed only: the superposed sum is of deltas from the base
     error: float | None = None  # v2: the predicted relative output error per context, at merge time
+    fan_in_axis: Annotated[int, Field(ge=0)] | None = None  # v2: the fan-in axis; None: every dim but 0
 
 
 @dataclass(config=_CONFIG)
@@ -200,6 +201,7 @@ class Header:
     format_version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)] = FORMAT_VERSION
     pspctl_version: str = ""
     base: Annotated[dict[str, Any], AfterValidator(_base_record)] | None = None  # v2
+    tied: dict[str, str] = field(default_factory=dict)  # v2: alias -> the stored tensor it shares
 
     def __post_init__(self) -> None:
         check_labels(self.labels, self.num_contexts)
@@ -207,7 +209,14 @@ class Header:
             raise MismatchError(f"{len(self.inputs)} input records whose labels are not the header's labels")
 
     def to_json(self) -> str:
-        return _ADAPTER.dump_json(self).decode()
+        # The v2 fields added later are left out at their defaults, so that files which use
+        # none of them keep their bytes (the golden files pin them).
+        exclude: dict[str, Any] = {
+            "tensors": {n: {"fan_in_axis"} for n, m in self.tensors.items() if m.fan_in_axis is None}
+        }
+        if not self.tied:
+            exclude["tied"] = True
+        return _ADAPTER.dump_json(self, exclude=exclude).decode()
 
 
 _ADAPTER = TypeAdapter(Header)
@@ -282,7 +291,18 @@ def check_header(header: Header, metadata_version: str) -> None:
         header.base is not None or any(m.role == "shared" or m.centred for m in header.tensors.values())
     ):
         raise FormatError("corrupt pspctl header: format version 1 has no base and no shared tensors")
+    if v1 and header.tied:
+        raise FormatError("corrupt pspctl header: format version 1 has no tied tensors")
+    for alias, name in header.tied.items():
+        if alias in header.tensors or name not in header.tensors:
+            raise FormatError(
+                f"corrupt pspctl header: tied {alias} -> {name}: not an alias of a stored tensor"
+            )
     for name, meta in header.tensors.items():
+        if meta.fan_in_axis is not None and meta.fan_in_axis >= len(meta.shape):
+            raise FormatError(
+                f"corrupt pspctl header: {name}: fan_in_axis {meta.fan_in_axis} does not fit shape {meta.shape}"
+            )
         if meta.centred and (meta.role != "superposed" or header.base is None):
             raise FormatError(
                 f"corrupt pspctl header: {name} is centred but {'not superposed' if header.base else 'there is no base'}"
@@ -291,7 +311,7 @@ def check_header(header: Header, metadata_version: str) -> None:
             continue
         if meta.dtype not in FLOATING:
             raise FormatError(f"corrupt pspctl header: {name} is superposed but its dtype is {meta.dtype}")
-        M = math.prod(meta.shape[1:])
+        M = math.prod(meta.shape[1:]) if meta.fan_in_axis is None else meta.shape[meta.fan_in_axis]
         if len(meta.shape) < 2 or meta.fan_in != M:
             raise FormatError(
                 f"corrupt pspctl header: {name}: fan_in {meta.fan_in} does not fit shape {meta.shape}"

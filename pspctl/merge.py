@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -10,10 +11,18 @@ from typing import Any
 
 import torch
 
-from pspctl.checkpoints import INDEX_SUFFIX, Checkpoint, checkpoint_files, open_checkpoint, sha256_checkpoint
+from pspctl.architectures import axes_from_config, axes_from_model, resolve_axes
+from pspctl.checkpoints import (
+    DIRECTORY_NAMES,
+    INDEX_SUFFIX,
+    Checkpoint,
+    checkpoint_files,
+    open_checkpoint,
+    sha256_checkpoint,
+)
 from pspctl.contexts import Kind, make_contexts
 from pspctl.dtypes import itemsize, torch_dtype
-from pspctl.errors import MismatchError, PolicyError, listed
+from pspctl.errors import InputError, MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output
 from pspctl.header import check_labels, safe_label
 from pspctl.kinds import OPS
@@ -30,9 +39,19 @@ from pspctl.policy import (
     predicted_errors,
 )
 from pspctl.superpose import bind
+from pspctl.task import load_task
 from pspctl.types import CALIB_SAMPLES, Progress
 
-__all__ = ["MergeOptions", "MergeReport", "check_compatible", "merge", "plan", "store_tensor"]
+__all__ = [
+    "MergeOptions",
+    "MergeReport",
+    "check_compatible",
+    "merge",
+    "open_inputs",
+    "plan",
+    "resolve_fan_in_axes",
+    "store_tensor",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,7 @@ class MergeOptions:
     calib_samples: int = (
         CALIB_SAMPLES  # with a task that has load_data: inputs per model to measure η on; 0: prior
     )
+    fan_in_axes: tuple[tuple[str, int | None], ...] = ()  # --fan-in-axis GLOB=AXIS, later ones win
 
 
 @dataclass
@@ -118,6 +138,46 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
         problems += [f"{n}: only in {ckpt.path.name}" for n in ckpt.names if n not in ref.infos]
     if problems:
         raise MismatchError(f"inputs do not match: {listed(problems, '; ')}")
+
+
+def open_inputs(paths: Sequence[str | Path], options: MergeOptions) -> list[Checkpoint]:
+    """The K checkpoints, checked compatible, with each tensor's fan-in axis resolved
+    (`resolve_fan_in_axes`) and only the ties all K share kept tied."""
+    checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
+    common = {a: n for a, n in checkpoints[0].ties.items() if all(c.ties.get(a) == n for c in checkpoints)}
+    for c in checkpoints:
+        c.untie([a for a in c.ties if a not in common])
+    check_compatible(checkpoints)
+    axes = resolve_fan_in_axes(paths[0], checkpoints[0], options)
+    for c in checkpoints:
+        c.infos = {n: replace(i, fan_in_axis=axes.get(n)) for n, i in c.infos.items()}
+    return checkpoints
+
+
+def resolve_fan_in_axes(path: str | Path, ckpt: Checkpoint, options: MergeOptions) -> dict[str, int]:
+    """Each tensor's non-default fan-in axis (pspctl.architectures): from the task's model when
+    there is a task, from config.json beside a Hugging Face folder's weights, then the overrides."""
+    shapes = {n: i.shape for n, i in ckpt.infos.items()}
+    model = config = None
+    if options.task:
+        model = axes_from_model(load_task(options.task).build_model())
+    found = hf_config(path)
+    if found is not None:
+        config = axes_from_config(found, list(shapes))
+    return resolve_axes(shapes, model=model, config=config, overrides=options.fan_in_axes)
+
+
+def hf_config(path: str | Path) -> dict[str, Any] | None:
+    """The config.json of a Hugging Face folder (the path, or the folder of its weights), or None."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not (path.is_dir() or path.name in DIRECTORY_NAMES) or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{folder / 'config.json'}: not readable JSON ({e})") from None
+    return config if isinstance(config, dict) else None
 
 
 def _default_label(path: Path) -> str:
@@ -192,16 +252,20 @@ def merge(
     check_output(output, force=options.force)
     labels = _labels(paths, options.labels)
     centres = _centres(options)
-    checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
-    check_compatible(checkpoints)
+    checkpoints = open_inputs(paths, options)
     parent = None
     if "base" in centres:
         parent = open_checkpoint(options.base, trust_pickle=options.trust_pickle)
         files += checkpoint_files(options.base)
         refuse_inputs(output, files)
+        # The base is read under the inputs' names: its ties follow theirs.
+        parent.untie([a for a in parent.ties if a not in checkpoints[0].ties])
+        for alias in checkpoints[0].ties:
+            parent.infos.pop(alias, None)
         _check_base(parent, checkpoints[0])
     K = len(checkpoints)
     infos = list(checkpoints[0].infos.values())
+    ties = dict(checkpoints[0].ties)
     decisions = plan(infos, K, options)
     tick = progress or (lambda done, total, item: None)
     etas, eta_notes = _calibrate(
@@ -212,13 +276,14 @@ def merge(
     measured: dict[str, list[Option]] = {}
     for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
         tick(i, 2 * len(infos), info.name)
+        lookup = is_lookup(info.name) or any(is_lookup(a) for a, n in ties.items() if n == info.name)
 
         def read(name: str = info.name) -> Iterator[torch.Tensor]:
             return (_finite(c, name, options.allow_nonfinite) for c in checkpoints)
 
         base = None if parent is None or d.role is not Role.SUPERPOSED else parent[info.name]
         eta = etas.get(info.name) or options.policy.eta
-        shared, measured[info.name] = _measure(info, d, read, base, centres, kind, options, eta)
+        shared, measured[info.name] = _measure(info, d, read, base, centres, kind, options, eta, lookup)
         if shared:
             decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
         elif measured[info.name]:
@@ -259,6 +324,7 @@ def merge(
         recipe=_recipe(options),
         task=options.task,
         base=_base_record(decisions, options),
+        tied=ties,
     )
     writer.write(output, header, force=options.force, inputs=files)
     report = MergeReport(
@@ -357,6 +423,7 @@ def _measure(
     kind: Kind,
     options: MergeOptions,
     eta: float | Sequence[float],
+    lookup: bool = False,
 ) -> tuple[bool, list[Option]]:
     """Whether the K copies of one tensor are equal, and (for a candidate) each way to store it
     with its predicted error per context and its bytes.
@@ -395,7 +462,7 @@ def _measure(
             d_sq = [float(torch.linalg.vector_norm(w.float() - mean)) ** 2 for w in read()]
         else:
             d_sq = to_parent
-        errs = predicted_errors(kind, d.fan_in, eta, w_sq, d_sq, lookup=is_lookup(info.name))
+        errs = predicted_errors(kind, d.fan_in, eta, w_sq, d_sq, lookup=lookup)
         extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
         out.append(Option(centre, max(errs), values + extra, tuple(errs)))
     return False, out
@@ -442,7 +509,9 @@ def store_tensor(
     # The error is informative: 4 significant digits, so that the header does not depend on the
     # last bits of a norm (which vary with the CPU's summation order).
     error = None if d.error is None else float(f"{d.error:.4g}")
-    meta = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason, centred, error)
+    meta = TensorMeta(
+        d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason, centred, error, info.fan_in_axis
+    )
     if d.role is Role.SHARED:
         return writer.add_shared(info.name, meta, checkpoints[0][info.name])
     if d.role is not Role.SUPERPOSED:
@@ -452,7 +521,7 @@ def store_tensor(
     # Generators: bind reads one input at a time, so a K-way bind holds one input's tensor.
     weights = (c[info.name] for c in checkpoints)
     if not centred:
-        return writer.add_superposed(info.name, meta, bind(weights, ctx), ctx, dtype)
+        return writer.add_superposed(info.name, meta, bind(weights, ctx, info.fan_in_axis), ctx, dtype)
     if d.centre == "mean":
         base = _mean(c[info.name] for c in checkpoints)
     if base is None:
@@ -461,7 +530,7 @@ def store_tensor(
     base = base.to(torch_dtype(info.dtype))
     wide = torch.promote_types(base.dtype, torch.float32)
     deltas = (w.to(wide) - base.to(wide) for w in weights)
-    return writer.add_superposed(info.name, meta, bind(deltas, ctx), ctx, dtype, base=base)
+    return writer.add_superposed(info.name, meta, bind(deltas, ctx, info.fan_in_axis), ctx, dtype, base=base)
 
 
 def _finite(ckpt: Checkpoint, name: str, allow: bool) -> torch.Tensor:
@@ -474,7 +543,8 @@ def _finite(ckpt: Checkpoint, name: str, allow: bool) -> torch.Tensor:
 
 
 def _recipe(options: MergeOptions) -> dict[str, Any]:
-    return {
+    axes = {"fan_in_axes": [f"{g}={'rest' if a is None else a}" for g, a in options.fan_in_axes]}
+    return (axes if options.fan_in_axes else {}) | {
         "kind": Kind(options.kind).value,
         "seed": options.seed,
         "max_interference": options.policy.max_interference,

@@ -152,7 +152,7 @@ def measured_policy(
     options = MergeOptions(kind=kind, seed=seed, dtype=dtype, allow_nonfinite=True)
     saved: dict[str, int] = {}
     for info in eligible + [i for i in infos if i.name in forced]:
-        decision = Decision(info.name, Role.SUPERPOSED, "measured", fan_in(info.shape), 0.0)
+        decision = Decision(info.name, Role.SUPERPOSED, "measured", fan_in(info.shape, info.fan_in_axis), 0.0)
         own = math.prod(info.shape) * itemsize(info.dtype)
         saved[info.name] = K * own - store_tensor(stored, info, decision, checkpoints, options)
     # Superposing saves nothing where the contexts outweigh the copies (rotation, small N).
@@ -223,14 +223,12 @@ def policy_for_merge(
     Raises:
         PolicyError: no --task; TaskError, MismatchError, InputError as for merge and analyze.
     """
-    from pspctl.checkpoints import open_checkpoint
-    from pspctl.merge import check_compatible
+    from pspctl.merge import open_inputs
     from pspctl.task import load_task
 
     if options.task is None:
         raise PolicyError("--policy measured needs --task (a task file with load_data)")
-    checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in inputs]
-    check_compatible(checkpoints)
+    checkpoints = open_inputs(inputs, options)
     task = load_task(options.task)
     result = measured_policy(
         checkpoints, task, kind=options.kind, seed=options.seed, max_drop=max_drop,

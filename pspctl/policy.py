@@ -51,6 +51,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     dtype: str  # torch dtype name without "torch.", e.g. "float32"
+    fan_in_axis: int | None = None  # the fan-in axis (pspctl.architectures); None: every dim but 0
 
     @property
     def numel(self) -> int:
@@ -119,7 +120,7 @@ def decide(tensors: Sequence[TensorInfo], num_contexts: int, policy: Policy) -> 
     total = sum(t.numel for t in tensors) or 1
     decisions = []
     for info in tensors:
-        m = fan_in(info.shape)
+        m = fan_in(info.shape, info.fan_in_axis)
         interference = (num_contexts - 1) / m if len(info.shape) >= 2 and info.numel else None
         share = info.numel / total
         role, reason = _rule(info, interference, share, policy)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pspctl.checkpoints import find_ties
 from pspctl.errors import InputError, MismatchError, PspctlError, TaskError, listed, one_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -329,8 +330,9 @@ def check_fits(
         MismatchError: naming `what`, with the first keys missing, not in the model, and of another shape.
     """
     own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    ties = model_ties(model)
     groups = {
-        "missing": [k for k in own if k not in given],
+        "missing": [k for k in own if k not in given and not _tied_given(k, ties, given)],
         "not in the model": [k for k in given if k not in own],
         "other shape": [
             f"{k} {list(given[k])} (model: {own[k]})" for k in own if k in given and list(given[k]) != own[k]
@@ -341,17 +343,44 @@ def check_fits(
         raise MismatchError(f"{what} does not fit {whose} model: {'; '.join(problems)}")
 
 
+def model_ties(model: nn.Module) -> dict[str, str]:
+    """The model's tied state_dict keys (one parameter under several names): alias -> shared name."""
+    return find_ties(model.state_dict())
+
+
+def _tied_given(key: str, ties: Mapping[str, str], given: Mapping[str, Any]) -> bool:
+    """Whether a key missing from `given` is tied in the model to one that is given."""
+    group = ties.get(key, key)
+    return any(k in given for k in [group, *(a for a, n in ties.items() if n == group)])
+
+
 def load_model(task: Task, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
     """task.build_model() with `state` loaded, in eval mode.
+
+    A key the model ties to another (a head sharing its embedding, saved once by
+    `save_pretrained`) may be missing: it is loaded from the key it is tied to, and the
+    model keeps one parameter for both.
 
     Raises:
         MismatchError: the state_dict does not fit the model (lists the first mismatched keys).
     """
-    model = task.build_model()
+    return load_state(task.build_model(), state, what).eval()
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    """`model` with `state` loaded (checked by `check_fits`; tied keys as `load_model` says)."""
     check_fits(model, {k: v.shape for k, v in state.items()}, what)
+    state = dict(state)
+    ties = model_ties(model)
+    for name in set(ties.values()):
+        group = [name, *(a for a, n in ties.items() if n == name)]
+        source = next(k for k in group if k in state)
+        for k in group:
+            state.setdefault(k, state[source])
     # assign=True makes the parameters the given tensors instead of copies, so a model and
-    # its state_dict take the memory of one model; only where the dtypes already agree.
+    # its state_dict take the memory of one model; only where the dtypes already agree, and
+    # not for a tied model (assigning would give each name a parameter of its own).
     params = model.state_dict()
-    same = all(params[k].dtype == v.dtype for k, v in state.items())
-    model.load_state_dict(dict(state), strict=True, assign=same)
-    return model.eval()
+    same = not ties and all(params[k].dtype == v.dtype for k, v in state.items())
+    model.load_state_dict(state, strict=True, assign=same)
+    return model

@@ -213,9 +213,9 @@ def test_merge_reads_each_input_one_tensor_at_a_time(tmp_path, monkeypatch):
     seen = []
     real_bind = merge_mod.bind
 
-    def spy(weights, ctx):
+    def spy(weights, ctx, axis=None):
         seen.append(type(weights).__name__)
-        return real_bind(weights, ctx)
+        return real_bind(weights, ctx, axis)
 
     monkeypatch.setattr(merge_mod, "bind", spy)
     merge(paths, tmp_path / "w.safetensors", MergeOptions(base="none", policy=ALL))

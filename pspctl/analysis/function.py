@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pspctl.superpose import as_matrix
 from pspctl.task import as_tensor
 
 __all__ = ["Capture", "LayerSums", "capture", "layer_sums", "matrix_probe_sums"]
@@ -182,10 +183,16 @@ def layer_sums(cap: Capture, W: Tensor, W_hat: Tensor, others: Tensor | None) ->
 
 
 def matrix_probe_sums(
-    W: Tensor, W_hat: Tensor, others: Tensor | None, *, samples: int, generator: torch.Generator
+    W: Tensor,
+    W_hat: Tensor,
+    others: Tensor | None,
+    *,
+    samples: int,
+    generator: torch.Generator,
+    axis: int | None = None,
 ) -> LayerSums:
-    """Without a model: Gaussian probe vectors applied to the weight viewed as [N, M]."""
-    W2, W_hat2 = W.reshape(W.shape[0], -1), W_hat.reshape(W.shape[0], -1)
+    """Without a model: Gaussian probe vectors applied to the weight viewed as [N, M] (fan-in `axis`)."""
+    W2, W_hat2 = as_matrix(W, axis), as_matrix(W_hat, axis)
     x = torch.randn(samples, W2.shape[1], generator=generator)
     s = _sums(x @ W2.T, x @ W_hat2.T, x.square().sum(1, keepdim=True), W2, others, "matrix")
     return s

@@ -161,6 +161,7 @@ def retrieved_state(sf: SuperposedFile, k: int, tau: float | None = None) -> dic
         if tau is not None and meta.role == Role.SUPERPOSED:
             pruned = prune_superposed(sf.superposed(name), tau)
         out[name] = sf.retrieve(name, k, superposed=pruned)
+    out.update({alias: out[name] for alias, name in sf.tied.items()})  # tied: one tensor
     return out
 
 
@@ -266,7 +267,9 @@ def _context_pass(
             if cap is not None and cap.calls:
                 sums, src = layer_sums(cap, W, W_hat, others), got[1] if got else "probe"
             else:
-                sums, src = matrix_probe_sums(W, W_hat, others, samples=max_samples, generator=gen), "probe"
+                axis = sf.header.tensors[name].fan_in_axis
+                sums = matrix_probe_sums(W, W_hat, others, samples=max_samples, generator=gen, axis=axis)
+                src = "probe"
             M = sf.header.tensors[name].fan_in
             w_sq, d_sq = norms.get(name, ([1.0] * K, [1.0] * K))
 

@@ -24,6 +24,7 @@ from pspctl.checkpoints import Checkpoint
 from pspctl.dtypes import torch_dtype
 from pspctl.fileformat import SuperposedFile
 from pspctl.policy import Role
+from pspctl.superpose import as_matrix
 
 __all__ = ["NBINS", "THRESHOLDS", "TensorPass", "stored_values", "tensor_pass"]
 
@@ -115,7 +116,9 @@ def tensor_pass(sf: SuperposedFile, name: str, originals: Sequence[Checkpoint] |
                 errs.append(float(torch.linalg.vector_norm(retrieved(k) - Wk)) ** 2)
                 if Wk.dim() >= 2:
                     Dk = Wk if base is None else Wk - base.float()
-                    rows.append(torch.linalg.vector_norm(Dk.flatten(1), dim=1).double() ** 2)
+                    rows.append(
+                        torch.linalg.vector_norm(as_matrix(Dk, meta.fan_in_axis), dim=1).double() ** 2
+                    )
         if originals is not None and floating:
             v = kind.variance_factor if superposed else 0.0
 

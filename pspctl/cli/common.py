@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 try:  # typer vendors click since 0.2x; before, it used click itself
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException  # type: ignore[no-redef]
+    from click.exceptions import ClickException  # type: ignore[no-redef,assignment,unused-ignore]
 
 
 class _RootGroup(TyperGroup):

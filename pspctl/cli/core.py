@@ -98,7 +98,14 @@ def merge(
     task: Annotated[
         str | None,
         typer.Option(
-            help="Task file to record for analyze/export (path or module); with load_data(), η is measured on its calib inputs."
+            help="Task file to record for analyze/export (path or module); its model gives the fan-in axes; with load_data(), η is measured on its calib inputs."
+        ),
+    ] = None,
+    fan_in_axis: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="GLOB=AXIS: bind these tensors' fan-in on dim AXIS ('rest': every dim but 0), over what "
+            "the task's model or config.json says (docs/policy.md). Repeatable."
         ),
     ] = None,
     calib_samples: Annotated[
@@ -134,6 +141,7 @@ def merge(
     ] = False,
 ) -> None:
     """Superpose several checkpoints into one .safetensors file."""
+    from pspctl.architectures import parse_overrides
     from pspctl.merge import MergeOptions
     from pspctl.merge import merge as run_merge
 
@@ -152,6 +160,7 @@ def merge(
         task=task,
         calib_samples=calib_samples,
         command=command_line(),
+        fan_in_axes=parse_overrides(fan_in_axis or []),
     )
     if policy is PolicySource.MEASURED:
         from dataclasses import replace

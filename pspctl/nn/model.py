@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pspctl.checkpoints import dtype_name
+from pspctl.architectures import axes_from_model
+from pspctl.checkpoints import dtype_name, find_ties
 from pspctl.contexts import Kind, make_contexts
 from pspctl.dtypes import torch_dtype
 from pspctl.errors import ContextError, MismatchError, PolicyError, TaskError, ValidationError
@@ -22,7 +23,7 @@ from pspctl.merge import MergeOptions, plan
 from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
 from pspctl.nn.tensors import Binding, Stacked, Superposed, initial_superposed, mix_contexts
 from pspctl.policy import SHAPE_RULES, Policy, Role, TensorInfo
-from pspctl.task import check_fits
+from pspctl.task import check_fits, model_ties
 
 __all__ = ["PSPModel", "load", "save", "superpose"]
 
@@ -48,6 +49,7 @@ class PSPModel(nn.Module):
         labels: Sequence[str],
         mixture: bool = False,
         base: dict[str, Any] | None = None,
+        tied: Mapping[str, str] | None = None,
     ):
         super().__init__()
         self.module = module
@@ -58,6 +60,7 @@ class PSPModel(nn.Module):
         self.labels = list(labels)
         self.mixture = mixture
         self.base = base  # the file's base record (format v2), kept when saved again
+        self.tied = dict(tied or {})  # alias -> name: one tensor under two names (format v2)
         self.set_context(0)
 
     @property
@@ -100,8 +103,10 @@ class PSPModel(nn.Module):
         """Context k's plain state_dict (retrieved weights in the original dtypes), like extract."""
         out = {}
         for name, b in self.tensors.items():
+            if name not in self.metas and name not in self.tied:
+                continue  # a key the model ties but the file never had (save_pretrained's)
             t = b.retrieve(k) if isinstance(b, Superposed) else b.get(k)
-            out[name] = t.detach().to(torch_dtype(self.metas[name].dtype)).clone()
+            out[name] = t.detach().to(torch_dtype(self.metas[self.tied.get(name, name)].dtype)).clone()
         return out
 
 
@@ -185,7 +190,13 @@ def superpose(
     model = copy.deepcopy(model)
     state = model.state_dict(keep_vars=True)
     trainable = _trainable(model)
-    infos = [TensorInfo(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in state.items()]
+    axes = axes_from_model(model)
+    ties = find_ties(state)
+    infos = [
+        TensorInfo(n, tuple(t.shape), dtype_name(t.dtype), axes.get(n))
+        for n, t in state.items()
+        if n not in ties
+    ]
     options = MergeOptions(
         kind=kind, seed=seed, policy=policy or SHAPE_RULES, max_rotation_fan_in=max_rotation_fan_in
     )
@@ -196,16 +207,21 @@ def superpose(
         if d.role is Role.SUPERPOSED:
             ctx = make_contexts(kind, num_contexts, d.fan_in, seed, info.name)
             ctx = mix_contexts(ctx) if mixture else ctx
-            tensors[info.name] = Superposed(ctx, initial_superposed(t, ctx))
+            axis = info.fan_in_axis
+            tensors[info.name] = Superposed(ctx, initial_superposed(t, ctx, axis), axis=axis)
             tensors[info.name].requires_grad_(info.name in trainable)
         else:
             tensors[info.name] = Stacked([_working(t)] * num_contexts, trainable=info.name in trainable)
-        metas[info.name] = TensorMeta(d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason)
+        metas[info.name] = TensorMeta(
+            d.role.value, info.dtype, list(info.shape), d.fan_in, d.reason, fan_in_axis=info.fan_in_axis
+        )
+    tensors.update({alias: tensors[name] for alias, name in ties.items()})
     labels = check_labels(labels if labels else [str(k) for k in range(num_contexts)], num_contexts)
     stored_kind = Kind.COMPLEX if mixture else kind
     return PSPModel(
-        _convert(model, tensors), tensors, metas, kind=stored_kind, seed=seed, labels=labels, mixture=mixture
-    )
+        _convert(model, tensors), tensors, metas, kind=stored_kind, seed=seed, labels=labels, mixture=mixture,
+        tied=ties,
+    )  # fmt: skip
 
 
 def _working(t: Tensor) -> Tensor:
@@ -232,7 +248,11 @@ def save(
     writer = SuperposedWriter(
         model.kind, model.num_contexts, linked=bool(model.base and model.base["linked"])
     )
+    written: set[int] = set()
     for name, b in model.tensors.items():
+        if name in model.tied or id(b) in written:
+            continue  # stored once, under the name it is tied to
+        written.add(id(b))
         meta = model.metas[name]
         value = b.value() if isinstance(b, Superposed) else b.stacked()
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
@@ -256,6 +276,7 @@ def save(
         task=task,
         history=[dict(h) for h in history],
         base=model.base,
+        tied=dict(model.tied),
     )
     writer.write(path, header, force=force)
 
@@ -276,11 +297,20 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
     tensors: dict[str, Binding] = {}
     for name in file.names():
         if file.header.tensors[name].role == Role.SUPERPOSED:
-            tensors[name] = Superposed(file.contexts(name), file.superposed(name), base=file.base(name))
+            axis = file.header.tensors[name].fan_in_axis
+            tensors[name] = Superposed(file.contexts(name), file.superposed(name), file.base(name), axis)
             tensors[name].requires_grad_(name in trainable)
         else:
             stack = _working(file.stacked(name))
             tensors[name] = Stacked(list(stack), trainable=name in trainable and stack.is_floating_point())
+    # A tied alias is the same binding: both modules use (and train) one tensor. The model's
+    # own ties cover a key saved once (save_pretrained drops a tied head).
+    tensors.update({alias: tensors[name] for alias, name in file.tied.items()})
+    for alias, name in model_ties(model).items():
+        have = name if name in tensors else alias if alias in tensors else None
+        if have is not None:
+            tensors.setdefault(alias, tensors[have])
+            tensors.setdefault(name, tensors[have])
     return PSPModel(
         _convert(model, tensors),
         tensors,
@@ -290,4 +320,5 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
         labels=file.labels,
         mixture=bool(file.header.recipe.get("mixture", False)),
         base=file.header.base,
+        tied=file.tied,
     )

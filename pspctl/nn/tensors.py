@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from pspctl.contexts import ContextSet, Kind
 from pspctl.kinds import OPS, parts
+from pspctl.superpose import as_matrix, from_matrix
 
 __all__ = ["Binding", "Stacked", "Superposed", "initial_superposed", "mix_contexts"]
 
@@ -40,15 +41,15 @@ def mix_contexts(ctx: ContextSet) -> ContextSet:
     return ContextSet(Kind.COMPLEX, K, ctx.fan_in, mixed.float())
 
 
-def initial_superposed(weight: Tensor, ctx: ContextSet) -> Tensor:
+def initial_superposed(weight: Tensor, ctx: ContextSet, axis: int | None = None) -> Tensor:
     """W = bind([weight, 0, …, 0]): context 0 retrieves `weight` exactly.
 
     Every other context then retrieves `weight` scrambled by its relative context (sign flips,
     phase shifts or a rotation of each row): an initialisation of the same scale.
     """
-    flat = weight.detach().reshape(weight.shape[0], -1).float()
+    flat = as_matrix(weight.detach(), axis).float()
     ops = OPS[ctx.kind]
-    return ops.bind(flat, ops.pick(ops.buffers(ctx, torch.float32), 0)).reshape(weight.shape)
+    return from_matrix(ops.bind(flat, ops.pick(ops.buffers(ctx, torch.float32), 0)), weight.shape, axis)
 
 
 class Superposed(nn.Module):
@@ -57,6 +58,8 @@ class Superposed(nn.Module):
     Args:
         ctx: the K contexts of this tensor (fan-in M).
         value: the superposed weight, real (binary, rotation) or complex (complex, onepower).
+        base: what a centred weight's deltas add to (format v2), or None.
+        axis: the fan-in axis the contexts act on (None: every dim but dim 0).
     """
 
     weight: nn.Parameter
@@ -65,9 +68,10 @@ class Superposed(nn.Module):
 
     base: Tensor | None
 
-    def __init__(self, ctx: ContextSet, value: Tensor, base: Tensor | None = None):
+    def __init__(self, ctx: ContextSet, value: Tensor, base: Tensor | None = None, axis: int | None = None):
         super().__init__()
         self.ctx = ctx
+        self.axis = axis
         self.ops = OPS[ctx.kind]
         self.shape = tuple(value.shape)
         # A centred tensor (format v2): W_k = B + Ŵ_k, where W holds the superposed deltas. The
@@ -87,13 +91,13 @@ class Superposed(nn.Module):
     def _parts(self) -> tuple[Tensor, Tensor | None]:
         """The superposed matrix [N, M]: (Re W, Im W) for complex kinds, (W, None) otherwise."""
         if self.ops.is_complex:
-            return self.real.reshape(self.shape[0], -1), self.imag.reshape(self.shape[0], -1)
-        return self.weight.reshape(self.shape[0], -1), None
+            return as_matrix(self.real, self.axis), as_matrix(self.imag, self.axis)
+        return as_matrix(self.weight, self.axis), None
 
     def retrieve(self, k: int) -> Tensor:
         """Ŵ_k in the weight's shape: differentiable, float32."""
         real, imag = self._parts()
-        out = self.ops.retrieve(real, imag, self.ops.pick(self, k)).reshape(self.shape)
+        out = from_matrix(self.ops.retrieve(real, imag, self.ops.pick(self, k)), self.shape, self.axis)
         return out if self.base is None else self.base + out
 
     def linear(self, x: Tensor, k: int) -> Tensor:
@@ -101,7 +105,10 @@ class Superposed(nn.Module):
 
         Costs O(B·M) per call for the diagonal kinds and O(B·M²) for rotation, rather than
         O(N·M) / O(N·M²) for building Ŵ_k: cheaper whenever the batch is smaller than N.
+        A weight bound on another axis than nn.Linear's fan-in is retrieved instead.
         """
+        if self.axis is not None:
+            return F.linear(x, self.retrieve(k))
         bound = self.ops.bind_input(x, self.ops.flip(self.ops.pick(self, k)))
         weights = parts(*self._parts())
         y = F.linear(bound[0], weights[0])

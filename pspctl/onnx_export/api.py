@@ -26,7 +26,7 @@ from pspctl.onnx_export.modules import MultiContextModel
 from pspctl.onnx_export.report import ExportReport
 from pspctl.onnx_export.validate import compare, session, torch_outputs
 from pspctl.outputs import staged_folder
-from pspctl.task import Task, check_fits, on_task_data
+from pspctl.task import Task, check_fits, load_state, on_task_data
 from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
 __all__ = ["export_contexts", "export_multi"]
@@ -48,8 +48,7 @@ def _fresh_model(task: Task, file: SuperposedFile) -> nn.Module:
 def _retrieved(task: Task, file: SuperposedFile, k: int) -> nn.Module:
     """The PyTorch reference: build_model() with context k's retrieved weights."""
     model = _fresh_model(task, file)
-    model.load_state_dict(file.state_dict(k))
-    return model
+    return load_state(model, file.state_dict(k), f"context {k} of {file.path}")
 
 
 def _as_inputs(obj: Any, what: str) -> tuple[Tensor, ...]:

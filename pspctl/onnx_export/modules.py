@@ -30,6 +30,7 @@ from pspctl.contexts import ContextSet
 from pspctl.fileformat import SuperposedFile
 from pspctl.kinds import OPS, parts
 from pspctl.policy import Role
+from pspctl.superpose import as_matrix, from_matrix
 
 __all__ = ["BoundLinear", "ContextSlot", "MultiContextModel", "Retriever", "StackedTensors"]
 
@@ -70,9 +71,11 @@ class _Contexts(nn.Module):
         return self.ops.pick(self, k)
 
 
-def _as_matrix(superposed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """([N, M] real part, [N, M] imaginary part or None), in `dtype`."""
-    flat = superposed.reshape(superposed.shape[0], -1)
+def _as_matrix(
+    superposed: Tensor, dtype: torch.dtype, axis: int | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """([N, M] real part, [N, M] imaginary part or None), in `dtype`, the fan-in `axis` last."""
+    flat = as_matrix(superposed, axis)
     if flat.is_complex():
         return flat.real.to(dtype).contiguous(), flat.imag.to(dtype).contiguous()
     return flat.to(dtype).contiguous(), None
@@ -92,22 +95,22 @@ class Retriever(nn.Module):
         dtype: torch.dtype,
         slot: ContextSlot,
         base: Tensor | None = None,
+        axis: int | None = None,
     ):
         super().__init__()
         self.shape = tuple(superposed.shape)
+        self.axis = axis  # the fan-in axis (Conv1D: 0); the graph computes on [N, M] and moves it back
         self.slot = slot
         self.contexts = _Contexts(ctx, dtype)
-        real, imag = _as_matrix(superposed, dtype)
+        real, imag = _as_matrix(superposed, dtype, axis)
         self.register_buffer("real", real)
         self.register_buffer("imag", imag)
-        self.register_buffer(
-            "base", None if base is None else base.to(dtype).reshape(real.shape).contiguous()
-        )
+        self.register_buffer("base", None if base is None else as_matrix(base.to(dtype), axis).contiguous())
 
     def forward(self) -> Tensor:
         c = self.contexts.pick(self.slot.get())
         out = self.contexts.ops.retrieve(self.real, self.imag, c)
-        return (out if self.base is None else self.base + out).reshape(self.shape)
+        return from_matrix(out if self.base is None else self.base + out, self.shape, self.axis)
 
 
 class BoundLinear(nn.Module):
@@ -202,14 +205,16 @@ class MultiContextModel(nn.Module):
             prefix, _, attr = name.rpartition(".")
             owner = model.get_submodule(prefix)
             base = file.base(name)
-            if prefix and type(owner) is nn.Linear and attr == "weight":
+            axis = file.metas[name].fan_in_axis
+            tied = name in file.tied.values()  # functional_call feeds its aliases the same tensor
+            if prefix and type(owner) is nn.Linear and attr == "weight" and axis is None and not tied:
                 # Exact type only: a subclass may use its weight in ways BoundLinear cannot see.
                 model.set_submodule(
                     prefix, BoundLinear(owner, file.superposed(name), file.contexts(name), self.slot, base)
                 )
             else:
                 retriever = Retriever(
-                    file.superposed(name), file.contexts(name), dtypes[name], self.slot, base
+                    file.superposed(name), file.contexts(name), dtypes[name], self.slot, base, axis
                 )
                 self.retrievers.add_module(key, retriever)
                 self._retrieved_names[name] = key
