@@ -16,6 +16,7 @@ from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output
 from pspctl.header import check_labels, safe_label
+from pspctl.hf import hf_paths, record_folder
 from pspctl.kinds import OPS
 from pspctl.outputs import refuse_inputs
 from pspctl.policy import (
@@ -50,6 +51,7 @@ class MergeOptions:
     command: str | None = None  # the command line, recorded in the recipe
     base: str = "auto"  # "auto", "mean", "none", or the path of the parent checkpoint
     link_base: bool = False  # record the parent's path and sha256 instead of storing its tensors
+    strip_prefix: str | None = None  # strip this key prefix (e.g. a LightningModule's "model.")
 
 
 @dataclass
@@ -187,11 +189,16 @@ def merge(
     check_output(output, force=options.force)
     labels = _labels(paths, options.labels)
     centres = _centres(options)
-    checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
+    checkpoints = [
+        open_checkpoint(p, trust_pickle=options.trust_pickle, strip_prefix=options.strip_prefix)
+        for p in paths
+    ]
     check_compatible(checkpoints)
     parent = None
     if "base" in centres:
-        parent = open_checkpoint(options.base, trust_pickle=options.trust_pickle)
+        parent = open_checkpoint(
+            options.base, trust_pickle=options.trust_pickle, strip_prefix=options.strip_prefix
+        )
         files += checkpoint_files(options.base)
         refuse_inputs(output, files)
         _check_base(parent, checkpoints[0])
@@ -217,6 +224,7 @@ def merge(
 
     # Pass 2: store each tensor as chosen.
     writer = SuperposedWriter(kind, K, linked=options.link_base)
+    hf = record_folder(paths[0], writer) if hf_paths(paths) else None
     stored: dict[str, int] = {}
     errors = [0.0] * K
     warnings = []
@@ -234,6 +242,13 @@ def merge(
         stored[info.name] = store_tensor(writer, info, d, checkpoints, options, base=base)
 
     notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes]
+    if hf is not None:
+        hf["predicted_error"] = [float(f"{e:.4g}") for e in errors]
+        kept = sum(f["stored"] for f in hf["files"])
+        notes.append(
+            f"Hugging Face folders: {kept} of {len(hf['files'])} non-weight files of {paths[0]} stored "
+            "for extract (config, tokenizer…)"
+        )
     header = Header(
         kind=kind.value,
         seed=options.seed,
@@ -247,6 +262,7 @@ def merge(
         recipe=_recipe(options),
         task=options.task,
         base=_base_record(decisions, options),
+        hf=hf,
     )
     writer.write(output, header, force=options.force, inputs=files)
     report = MergeReport(
@@ -436,4 +452,4 @@ def _recipe(options: MergeOptions) -> dict[str, Any]:
         "max_rotation_fan_in": options.max_rotation_fan_in,
         "allow_nonfinite": options.allow_nonfinite,
         "command": options.command,
-    }
+    } | ({"strip_prefix": options.strip_prefix} if options.strip_prefix else {})

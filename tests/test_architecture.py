@@ -19,7 +19,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "vocabulary and maths",
         ("pspctl", "types", "errors", "dtypes", "contexts", "kinds", "superpose", "policy"),
     ),
-    ("file format and checkpoints", ("outputs", "checkpoints", "header", "fileformat", "task", "plotting")),
+    (
+        "file format and checkpoints",
+        ("outputs", "checkpoints", "header", "fileformat", "task", "plotting", "hf"),
+    ),
     (
         "use cases",
         ("merge", "extract", "sources", "planning", "demo", "nn", "analysis", "training", "onnx_export"),
