@@ -243,7 +243,8 @@ class Header:
             raise MismatchError(f"{len(self.inputs)} input records whose labels are not the header's labels")
 
     def to_json(self) -> str:
-        return _ADAPTER.dump_json(self).decode()
+        # `hf` is written only when there is one: files of other inputs keep their bytes.
+        return _ADAPTER.dump_json(self, exclude={"hf"} if self.hf is None else None).decode()
 
 
 _ADAPTER = TypeAdapter(Header)

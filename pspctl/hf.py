@@ -72,15 +72,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def record_folder(
-    folder: Path, writer: SuperposedWriter, *, max_stored: int = MAX_STORED_FILE
-) -> dict[str, Any]:
+def record_folder(folder: Path, writer: SuperposedWriter, *, max_stored: int | None = None) -> dict[str, Any]:
     """Record `folder`'s non-weight files for the header's `hf` entry, storing the small ones
     in `writer`. Returns the record (its `predicted_error` is filled in by merge).
 
     Raises:
         InputError: a file cannot be read, or its name is not a safe file name.
     """
+    limit = MAX_STORED_FILE if max_stored is None else max_stored
     files = []
     for path in non_weight_files(folder):
         try:
@@ -88,7 +87,7 @@ def record_folder(
         except ValueError as e:
             raise InputError(f"{path}: cannot be carried to the extracted folders ({e})") from None
         size = path.stat().st_size
-        stored = size <= max_stored
+        stored = size <= limit
         if stored:
             data = path.read_bytes()
             writer.add_file(path.name, data)
