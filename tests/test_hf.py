@@ -255,3 +255,29 @@ def test_timm_pth_tar_is_read_safely(tmp_path):
     assert ckpt.names == list(state) and torch.equal(ckpt["lin.bias"], state["lin.bias"])
     assert any("state_dict_ema" in n for n in ckpt.notes)
     assert open_checkpoint(tmp_path).names == list(state)  # the directory's only checkpoint
+
+
+def test_the_readme_hugging_face_section_runs_as_written(finetunes, tmp_path, monkeypatch):
+    """README "Hugging Face models": its commands on four fine-tunes named a/ b/ c/ d/, then its
+    Python; the model loaded is the retrieved context 2, with its tokenizer."""
+    import re
+    import shlex
+    import shutil
+
+    from tests.test_readme import README
+
+    section = README.split("## Hugging Face models", 1)[1].split("\n## ", 1)[0]
+    [commands] = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    [snippet] = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    _, paths, models, x = finetunes
+    for name, path in zip("abcd", paths, strict=True):
+        shutil.copytree(path, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    for line in commands.splitlines():
+        result = run(*shlex.split(line.split("#")[0])[1:])
+        assert result.exit_code == 0, (line, result.output)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - our own README
+    measured = H.rel(H.outputs(scope["model"], x), H.outputs(models[2], x))
+    assert 0 < measured <= SuperposedFile("w.safetensors").header.hf["predicted_error"][2]
+    assert scope["tokenizer"]("w1 w2")["input_ids"] == [3, 4]
