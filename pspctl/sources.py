@@ -180,7 +180,12 @@ def require_task(sf: SuperposedFile, explicit: str | Path | None, *needs: str) -
         spec, _ = recorded_task(sf)  # a recorded path found nowhere: load_task names it
         if spec is None and sf.header.hf is not None:
             task = hf_task(sf)
-            task.require(*needs)
+            lacking = [n for n in needs if getattr(task, n, None) is None]
+            if lacking:
+                raise TaskError(
+                    f"{sf.path}: its Hugging Face model is built from config.json, which gives no "
+                    f"{lacking[0]}(); pass --task with one (docs/task-file.md)"
+                )
             return task
         if spec is None:
             raise TaskError(f"{sf.path} records no task file; pass --task")

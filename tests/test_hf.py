@@ -281,3 +281,11 @@ def test_the_readme_hugging_face_section_runs_as_written(finetunes, tmp_path, mo
     measured = H.rel(H.outputs(scope["model"], x), H.outputs(models[2], x))
     assert 0 < measured <= SuperposedFile("w.safetensors").header.hf["predicted_error"][2]
     assert scope["tokenizer"]("w1 w2")["input_ids"] == [3, 4]
+
+
+def test_tune_without_a_task_file_says_it_needs_one_with_data(finetunes, tmp_path):
+    folder, _, _, _ = finetunes
+    result = run("tune", folder / "w.safetensors", "--steps", "1", "-o", tmp_path / "t.safetensors")
+    assert result.exit_code == 9
+    assert "built from config.json, which gives no load_data(); pass --task" in result.output
+    assert not (tmp_path / "t.safetensors").exists()
