@@ -119,11 +119,17 @@ def file_bytes(sf: SuperposedFile, record: Mapping[str, Any]) -> bytes:
     """A recorded non-weight file's bytes: stored in `sf`, or read from the recorded input folder.
 
     Raises:
-        InputError: a large file whose input folder is gone, or whose sha256 changed.
+        InputError: a stored file that does not match its sha256; a large file whose input
+            folder is gone. MismatchError: a large file whose sha256 changed.
     """
     name = record["name"]
     if record["stored"]:
-        return sf.file(name)
+        data = sf.file(name)
+        if _sha256(data) != record["sha256"]:
+            raise InputError(
+                f"{sf.path}: stored file {name} does not match its recorded sha256: the file is corrupted"
+            )
+        return data
     folder = _source_folder(sf)
     path = None if folder is None else folder / name
     if path is None or not path.is_file():

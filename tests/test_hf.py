@@ -289,3 +289,22 @@ def test_tune_without_a_task_file_says_it_needs_one_with_data(finetunes, tmp_pat
     assert result.exit_code == 9
     assert "built from config.json, which gives no load_data(); pass --task" in result.output
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_dtype_is_restored_in_the_model_folder(tmp_path):
+    from safetensors import safe_open
+
+    build, _ = H.llama(tied=False)
+    paths = []
+    for k, model in enumerate(H.finetunes(build)):
+        paths.append(tmp_path / f"b{k}")
+        model.to(torch.bfloat16).save_pretrained(paths[-1])
+    merge(paths, tmp_path / "w.safetensors")
+    extract(tmp_path / "w.safetensors", 0, tmp_path / "out")
+    with (
+        safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f,
+        safe_open(str(paths[0] / "model.safetensors"), "pt") as g,
+    ):
+        assert sorted(f.keys()) == sorted(g.keys())
+        assert all(f.get_slice(n).get_dtype() == "BF16" for n in f.keys())
+        assert f.metadata() == {"format": "pt"}
