@@ -45,10 +45,12 @@ def extract(
     fmt: str | None = None,
     force: bool = False,
     base: str | Path | None = None,
+    max_shard_size: int | str | None = None,
 ) -> list[Path]:
     """Write model `context` (an index, a label, or "all") as a plain state_dict, or with
     `fmt="hf"` (the default for a merge of HF folders, see `default_format`) as a Hugging Face
-    model folder `output` (for "all": one folder per context in `output`).
+    model folder `output` (for "all": one folder per context in `output`), its weights sharded
+    above `max_shard_size` (default transformers' 50GB).
 
     With `context="all"`, `output` is a directory and one `<label>.<fmt>` file (or `<label>/`
     folder) is written per context, all or none: they are staged and moved into place only
@@ -66,7 +68,7 @@ def extract(
     sources = [file.path] + ([file.linked_base().path] if file.linked else [])
     fmt = fmt or default_format(file, context, output)
     if fmt == "hf":
-        return _extract_hf(file, context, output, force=force, sources=sources)
+        return _extract_hf(file, context, output, force=force, sources=sources, max_shard_size=max_shard_size)
     targets = plan_outputs(file, context, output, f".{fmt}")
     if str(context) != "all":
         [(k, target)] = targets
@@ -80,7 +82,13 @@ def extract(
 
 
 def _extract_hf(
-    file: SuperposedFile, context: int | str, output: Path, *, force: bool, sources: list[Path]
+    file: SuperposedFile,
+    context: int | str,
+    output: Path,
+    *,
+    force: bool,
+    sources: list[Path],
+    max_shard_size: int | str | None,
 ) -> list[Path]:
     """Write HF model folders (see `pspctl.hf.write_folder`), all or none."""
     if file.header.hf is None:
@@ -88,15 +96,17 @@ def _extract_hf(
             f"{file.path}: records no Hugging Face folder (its inputs were not HF model folders); "
             "use --format safetensors or pt"
         )
+    folder_names(file, max_shard_size)  # a bad size fails before any work
     digest = sha256_file(file.path)
     if str(context) != "all":
         k = file.resolve_context(context)
-        with staged_folder(output, folder_names(file), force=force, inputs=sources) as staging:
-            write_folder(file, k, staging, sha256=digest)
+        names = folder_names(file, max_shard_size)
+        with staged_folder(output, names, force=force, inputs=sources) as staging:
+            write_folder(file, k, staging, sha256=digest, max_shard_size=max_shard_size)
         return [output]
     targets = plan_outputs(file, context, output, "")
     with staged_folder(output, [t.name for _, t in targets], force=force, inputs=sources) as staging:
         for k, target in targets:
             (staging / target.name).mkdir()
-            write_folder(file, k, staging / target.name, sha256=digest)
+            write_folder(file, k, staging / target.name, sha256=digest, max_shard_size=max_shard_size)
     return [t for _, t in targets]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, MismatchError, PspctlError
 from pspctl.fileformat import SuperposedFile, SuperposedWriter
 from pspctl.header import check_label
@@ -30,11 +33,14 @@ from pspctl.task import Task
 
 __all__ = [
     "INSTALL_HINT",
+    "MAX_SHARD_SIZE",
     "MAX_STORED_FILE",
     "WEIGHTS",
     "hf_task",
     "is_hf_folder",
     "non_weight_files",
+    "parse_size",
+    "shard_plan",
     "record_folder",
     "require_transformers",
     "write_folder",
@@ -145,31 +151,88 @@ def file_bytes(sf: SuperposedFile, record: Mapping[str, Any]) -> bytes:
     return data
 
 
-def _write_weights(folder: Path, tensors: Mapping[str, Tensor], max_shard_size: int | None = None) -> None:
-    """The model's weights as transformers reads them: one `model.safetensors` for now.
-
-    `max_shard_size` is accepted for the sharded writer to come (outputs); it is not used yet.
-    """
-    del max_shard_size
-    write_safetensors(dict(tensors), folder / WEIGHTS, {"format": "pt"})
+MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
 
-def folder_names(sf: SuperposedFile) -> list[str]:
-    """The files `write_folder` writes, in order."""
-    return [f["name"] for f in (sf.header.hf or {}).get("files", [])] + [WEIGHTS, CARD]
-
-
-def write_folder(sf: SuperposedFile, k: int, folder: Path, *, sha256: str) -> None:
-    """Write model `k` of `sf` into the (empty, staged) `folder` as a Hugging Face model folder:
-    its weights, the first input folder's non-weight files, and a model card.
+def parse_size(size: int | str) -> int:
+    """Bytes from `5GB`, `500MB`, `2GiB` or a plain number (as transformers reads max_shard_size).
 
     Raises:
-        InputError, MismatchError: as `file_bytes`.
+        InputError: not a size.
+    """
+    if isinstance(size, int):
+        value = size
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        unit = found.group(2).upper() if found else ""
+        if found is None or unit not in _UNITS:
+            raise InputError(f"--max-shard-size {size!r}: expected a size such as 5GB, 500MB or 2GiB")
+        value = int(float(found.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise InputError(f"--max-shard-size {size!r}: must be at least 1 byte")
+    return value
+
+
+def shard_plan(sf: SuperposedFile, max_shard_size: int | str | None = None) -> dict[str, list[str]]:
+    """Weight file name -> the tensor names it holds: one `model.safetensors`, or shards of at
+    most `max_shard_size` bytes each (a larger tensor gets a shard of its own), named and
+    indexed as transformers names them."""
+    limit = parse_size(MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, meta in sf.metas.items():
+        nbytes = math.prod(meta.shape) * itemsize(meta.dtype)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        return {WEIGHTS: shards[0]}
+    n = len(shards)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": names for i, names in enumerate(shards)}
+
+
+def _write_weights(sf: SuperposedFile, k: int, folder: Path, plan: Mapping[str, list[str]]) -> None:
+    """Model `k`'s weights as transformers reads them, one shard in memory at a time (`shard_plan`);
+    with several shards, also their index."""
+    total = 0
+    for file, names in plan.items():
+        tensors = {name: sf.retrieve(name, k) for name in names}
+        total += sum(t.nbytes for t in tensors.values())
+        write_safetensors(tensors, folder / file, {"format": "pt"})
+    if len(plan) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: f for f, ns in plan.items() for n in ns},
+        }
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def folder_names(sf: SuperposedFile, max_shard_size: int | str | None = None) -> list[str]:
+    """The files `write_folder` writes, in order."""
+    plan = shard_plan(sf, max_shard_size)
+    index = [INDEX] if len(plan) > 1 else []
+    return [f["name"] for f in (sf.header.hf or {}).get("files", [])] + list(plan) + index + [CARD]
+
+
+def write_folder(
+    sf: SuperposedFile, k: int, folder: Path, *, sha256: str, max_shard_size: int | str | None = None
+) -> None:
+    """Write model `k` of `sf` into the (empty, staged) `folder` as a Hugging Face model folder:
+    its weights (sharded above `max_shard_size`, default transformers' 50GB), the first input
+    folder's non-weight files, and a model card.
+
+    Raises:
+        InputError, MismatchError: as `file_bytes`; a bad `max_shard_size`.
     """
     for record in (sf.header.hf or {}).get("files", []):
         data = file_bytes(sf, record)
         (folder / record["name"]).write_bytes(data)
-    _write_weights(folder, sf.state_dict(k))
+    _write_weights(sf, k, folder, shard_plan(sf, max_shard_size))
     (folder / CARD).write_text(model_card(sf, k, sha256))
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pspctl.checkpoints import open_checkpoint
@@ -308,3 +309,29 @@ def test_dtype_is_restored_in_the_model_folder(tmp_path):
         assert sorted(f.keys()) == sorted(g.keys())
         assert all(f.get_slice(n).get_dtype() == "BF16" for n in f.keys())
         assert f.metadata() == {"format": "pt"}
+
+
+def test_max_shard_size_shards_the_weights_with_an_index(finetunes, tmp_path):
+    import transformers
+
+    folder, _, _, _ = finetunes
+    result = run(
+        "extract", folder / "w.safetensors", "-c", "1", "-o", tmp_path / "m", "--max-shard-size", "40KB"
+    )
+    assert result.exit_code == 0, result.output
+    shards = sorted(p.name for p in (tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    for shard in shards:  # each at most 40 kB, unless it holds one larger tensor
+        size = sum(t.nbytes for t in load_file(tmp_path / "m" / shard).values())
+        assert size <= 40_000 or len([n for n, s in index["weight_map"].items() if s == shard]) == 1
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    sf = SuperposedFile(folder / "w.safetensors")
+    assert all(torch.equal(t, sf.retrieve(n, 1)) for n, t in model.state_dict().items())
+    result = run(
+        "extract", folder / "w.safetensors", "-c", "1", "-o", tmp_path / "n", "--max-shard-size", "big"
+    )
+    assert result.exit_code == 2 and "expected a size such as 5GB" in result.output

@@ -258,6 +258,12 @@ def extract(
             help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
         ),
     ] = None,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Hugging Face folders: shard the weights above this size (5GB, 500MB…; default 50GB)."
+        ),
+    ] = None,
 ) -> None:
     """Write one model (or all) back out as a plain state_dict, or as a Hugging Face model folder."""
     from pspctl.extract import extract as run_extract
@@ -268,7 +274,10 @@ def extract(
             "extracted" if context == "all" else f"context-{context}" + ("" if hf else ".safetensors")
         )
     fmt_name = None if fmt is None else fmt.value
-    for path in run_extract(file, context, output, fmt=fmt_name, force=force, base=base):
+    written = run_extract(
+        file, context, output, fmt=fmt_name, force=force, base=base, max_shard_size=max_shard_size
+    )
+    for path in written:
         console.print(f"wrote {path}")
 
 
