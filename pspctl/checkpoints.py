@@ -196,15 +196,17 @@ def _strip_prefixes(
             notes.append(f"dropped {len(dropped)} tensors without the prefix: {listed(dropped)}")
         return kept, notes
     if lightning and mapping:
+        # One attribute holding the network (`self.model = ...`): its name prefixes every key and
+        # names a module, not a tensor (so every key goes on deeper). Else, ambiguous: kept.
         heads = {k.split(".", 1)[0] for k in mapping}
-        if len(heads) == 1 and all("." in k for k in mapping):
+        if len(heads) == 1 and all(k.count(".") >= 2 for k in mapping):
             head = f"{heads.pop()}."
             mapping = {k[len(head) :]: v for k, v in mapping.items()}
             notes.append(f"stripped the LightningModule attribute prefix '{head}' (override: --strip-prefix)")
         else:
             notes.append(
-                f"Lightning keys carry several prefixes ({listed(sorted(h + '.' for h in heads))}): "
-                "kept as they are; pass --strip-prefix PREFIX to keep one submodule"
+                "a Lightning checkpoint whose keys share no one module prefix: kept as they are "
+                "(--strip-prefix PREFIX keeps one submodule)"
             )
     return mapping, notes
 

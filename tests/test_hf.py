@@ -216,7 +216,7 @@ def test_lightning_with_several_prefixes_says_so_and_strip_prefix_picks_one(tmp_
     state = {"model.lin.weight": torch.randn(4, 3), "loss.weight": torch.ones(4)}
     torch.save({"global_step": 9, "optimizer_states": [], "state_dict": state}, tmp_path / "a.ckpt")
     ckpt = open_checkpoint(tmp_path / "a.ckpt")
-    assert ckpt.names == list(state) and any("several prefixes" in n for n in ckpt.notes)
+    assert ckpt.names == list(state) and any("share no one module prefix" in n for n in ckpt.notes)
     ckpt = open_checkpoint(tmp_path / "a.ckpt", strip_prefix="model.")
     assert ckpt.names == ["lin.weight"] and any("dropped 1 tensors" in n for n in ckpt.notes)
     with pytest.raises(InputError, match="no tensor name starts with --strip-prefix 'x.'"):
@@ -226,6 +226,13 @@ def test_lightning_with_several_prefixes_says_so_and_strip_prefix_picks_one(tmp_
 def test_a_plain_state_dict_keeps_a_common_prefix(tmp_path):
     torch.save({f"model.{k}": v for k, v in _state().items()}, tmp_path / "a.pt")
     assert open_checkpoint(tmp_path / "a.pt").names == ["model.lin.weight", "model.lin.bias"]
+
+
+def test_a_lightning_module_holding_one_layer_directly_keeps_its_names(tmp_path):
+    """`self.lin = nn.Linear(...)`: `lin.` names the layer, not a wrapper; stripping it would
+    leave bare `weight`/`bias`."""
+    torch.save({"global_step": 1, "state_dict": _state()}, tmp_path / "a.ckpt")
+    assert open_checkpoint(tmp_path / "a.ckpt").names == ["lin.weight", "lin.bias"]
 
 
 def test_merge_strip_prefix_on_the_command_line(tmp_path):
