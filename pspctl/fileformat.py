@@ -366,7 +366,7 @@ class SuperposedFile(_Stored):
                     f"{found}: sha256 {digest}, but {self.path.name} was merged on a base with sha256 "
                     f"{record['sha256']}; pass the base it was merged on"
                 )
-            self._base = open_checkpoint(found)
+            self._base = open_checkpoint(found, strip_prefix=self.header.recipe.get("strip_prefix"))
         return self._base
 
     @property
