@@ -67,6 +67,15 @@ def test_merge_records_and_stores_the_first_folders_non_weight_files(finetunes):
     assert sf.header.hf["source"] == str(paths[0]) and len(sf.header.hf["predicted_error"]) == 4
 
 
+def test_info_shows_the_recorded_folder(finetunes):
+    folder, paths, _, _ = finetunes
+    result = run("info", folder / "w.safetensors")
+    assert result.exit_code == 0
+    assert f"Hugging Face folders: 4 non-weight files of {paths[0]} recorded, 4 stored" in " ".join(
+        result.output.split()
+    )
+
+
 def test_readme_flow_extract_context_loads_with_from_pretrained_and_its_tokenizer(finetunes, tmp_path):
     """The issue's "done means": merge four fine-tunes, extract --context 2 -o model2/, load it."""
     import transformers

@@ -312,6 +312,14 @@ def info(
         console.print(
             f"centred on {escape(where)}, {'linked' if h.base['linked'] else 'stored'}", highlight=False
         )
+    if h.hf:
+        files = h.hf["files"]
+        stored = sum(f["stored"] for f in files)
+        console.print(
+            f"Hugging Face folders: {len(files)} non-weight files of {escape(h.hf['source'])} recorded, "
+            f"{stored} stored ({escape(', '.join(f['name'] for f in files))})",
+            highlight=False,
+        )
     contexts = Table("context", "label", "input", "sha256", title="contexts")
     for k, label in enumerate(h.labels):
         src = h.inputs[k] if k < len(h.inputs) else {}
