@@ -12,6 +12,7 @@ shard holding each tensor. A directory stands for the checkpoint inside it (see 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import pickle
@@ -19,6 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,6 +47,14 @@ __all__ = [
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}  # of a plain (unsharded) checkpoint file
+TIMM_SUFFIX = ".pth.tar"  # timm's training checkpoints: a torch.save'd dict, despite the name
+# Keys of a Lightning checkpoint's top-level dict (besides state_dict): its state_dict's keys carry
+# the LightningModule's attribute prefix, e.g. `model.`.
+LIGHTNING_KEYS = ("pytorch-lightning_version", "optimizer_states", "lr_schedulers", "global_step")
+LIGHTNING = "unwrapped 'state_dict' of a Lightning checkpoint"  # a Checkpoint's note
+# Plain classes found in training checkpoints, safe to rebuild without running code: timm
+# saves its argparse arguments next to the weights.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 INDEX_SUFFIX = ".index.json"
 # What a directory holds, in the order they are looked for (the Hugging Face names).
 DIRECTORY_NAMES = (
@@ -76,7 +86,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _is_checkpoint_name(path: Path) -> bool:
-    return path.suffix in SUFFIXES or path.name.endswith(INDEX_SUFFIX)
+    return path.suffix in SUFFIXES or path.name.endswith((INDEX_SUFFIX, TIMM_SUFFIX))
 
 
 def resolve(path: str | Path) -> Path:
@@ -181,14 +191,46 @@ class Checkpoint:
         return sum(i.numel * itemsize(i.dtype) for i in self.infos.values())
 
 
-def _strip_prefixes(names: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Map stripped name -> stored name, removing DDP's `module.` and torch.compile's `_orig_mod.`."""
+def _strip_prefixes(
+    names: list[str], prefix: str | None = None, *, lightning: bool = False
+) -> tuple[dict[str, str], list[str]]:
+    """Map stripped name -> stored name, removing DDP's `module.` and torch.compile's `_orig_mod.`;
+    then `prefix` if given (keys without it are dropped, and the notes say so), else for a
+    Lightning checkpoint the LightningModule's attribute prefix when all keys share one.
+
+    Raises:
+        InputError: no key starts with `prefix`.
+    """
     notes = []
     mapping = {n: n for n in names}
-    for prefix in WRAPPER_PREFIXES:
-        if mapping and all(k.startswith(prefix) for k in mapping):
-            mapping = {k[len(prefix) :]: v for k, v in mapping.items()}
-            notes.append(f"stripped prefix '{prefix}'")
+    for wrapper in WRAPPER_PREFIXES:
+        if mapping and all(k.startswith(wrapper) for k in mapping):
+            mapping = {k[len(wrapper) :]: v for k, v in mapping.items()}
+            notes.append(f"stripped prefix '{wrapper}'")
+    if prefix:
+        kept = {k[len(prefix) :]: v for k, v in mapping.items() if k.startswith(prefix) and k != prefix}
+        if not kept:
+            raise InputError(
+                f"no tensor name starts with --strip-prefix {prefix!r} (first: {next(iter(mapping), '')!r})"
+            )
+        dropped = [k for k in mapping if not k.startswith(prefix) or k == prefix]
+        notes.append(f"stripped prefix '{prefix}' (--strip-prefix)")
+        if dropped:
+            notes.append(f"dropped {len(dropped)} tensors without the prefix: {listed(dropped)}")
+        return kept, notes
+    if lightning and mapping:
+        # One attribute holding the network (`self.model = ...`): its name prefixes every key and
+        # names a module, not a tensor (so every key goes on deeper). Else, ambiguous: kept.
+        heads = {k.split(".", 1)[0] for k in mapping}
+        if len(heads) == 1 and all(k.count(".") >= 2 for k in mapping):
+            head = f"{heads.pop()}."
+            mapping = {k[len(head) :]: v for k, v in mapping.items()}
+            notes.append(f"stripped the LightningModule attribute prefix '{head}' (override: --strip-prefix)")
+        else:
+            notes.append(
+                "a Lightning checkpoint whose keys share no one module prefix: kept as they are "
+                "(--strip-prefix PREFIX keeps one submodule)"
+            )
     return mapping, notes
 
 
@@ -223,7 +265,7 @@ def _read_safetensors(path: Path) -> Raw:
 
 
 def _read_pickle(path: Path, trust_pickle: bool) -> Raw:
-    if path.suffix not in PICKLE_SUFFIXES:
+    if path.suffix not in PICKLE_SUFFIXES and not path.name.endswith(TIMM_SUFFIX):
         raise InputError(f"{path}: unknown checkpoint type (expected .safetensors, .pt, .pth, .bin or .ckpt)")
     obj, pickled = _torch_load(path, trust_pickle)
     state, notes = _unwrap(obj, path)
@@ -253,8 +295,11 @@ def _unwrap(obj: object, path: Path) -> tuple[Mapping[str, Tensor], list[str]]:
     notes = []
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            lightning = key == "state_dict" and any(k in obj for k in LIGHTNING_KEYS)
+            if isinstance(obj.get("state_dict_ema"), Mapping):
+                notes.append("also holds 'state_dict_ema' (timm's EMA weights), not used")
             obj = obj[key]
-            notes.append(f"unwrapped '{key}'")
+            notes.append(LIGHTNING if lightning else f"unwrapped '{key}'")
             break
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
@@ -278,7 +323,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[object, bool]:
     if magic[:2] != b"PK" and magic[:1] != b"\x80":
         raise InputError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK"), False
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=magic[:2] == b"PK"), False
     except pickle.UnpicklingError as e:
         if not trust_pickle:
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
@@ -301,9 +347,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(
+    path: str | Path, *, trust_pickle: bool = False, strip_prefix: str | None = None
+) -> Checkpoint:
     """Open a state_dict checkpoint for reading: a file, a sharded checkpoint's index, or a
     directory holding either (see `resolve`).
+
+    Keys lose DDP's `module.` and torch.compile's `_orig_mod.`; then `strip_prefix` (keys
+    without it are dropped), or for a Lightning checkpoint its one common attribute prefix.
 
     Raises:
         InputError: missing, unreadable, truncated, or not a state_dict; a broken shard index.
@@ -315,7 +366,10 @@ def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
         raw, get, notes = _read_sharded(file, trust_pickle)
     else:
         raw, get, notes = _read_file(file, trust_pickle)
-    mapping, strip_notes = _strip_prefixes(list(raw))
+    try:
+        mapping, strip_notes = _strip_prefixes(list(raw), strip_prefix, lightning=LIGHTNING in notes)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
     infos = {n: TensorInfo(n, *raw[stored]) for n, stored in mapping.items()}
     # safetensors cannot share storage; a pickle (also a pickled shard) can.
     ties = {} if ".safetensors" in file.name else find_ties({n: get(s) for n, s in mapping.items()})

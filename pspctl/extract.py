@@ -1,14 +1,25 @@
-"""`extract`: models back out of a superposed file as plain state_dicts."""
+"""`extract`: models back out of a superposed file as plain state_dicts, or as Hugging Face
+model folders when the inputs were HF folders (see `pspctl.hf`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pspctl.checkpoints import save_state_dict
+from pspctl.checkpoints import SUFFIXES, save_state_dict, sha256_file
+from pspctl.errors import InputError
 from pspctl.fileformat import SuperposedFile
+from pspctl.hf import folder_names, write_folder
 from pspctl.outputs import staged_folder
 
-__all__ = ["extract", "plan_outputs"]
+__all__ = ["default_format", "extract", "plan_outputs"]
+
+
+def default_format(file: SuperposedFile, context: int | str, output: Path) -> str:
+    """`hf` for a merge of HF folders, unless one context goes to a state_dict file name
+    (`-o out.safetensors`, `-o out.pt`); `safetensors` otherwise."""
+    if file.header.hf is not None and (str(context) == "all" or output.suffix not in SUFFIXES):
+        return "hf"
+    return "safetensors"
 
 
 def plan_outputs(
@@ -31,15 +42,19 @@ def extract(
     context: int | str,
     output: str | Path,
     *,
-    fmt: str = "safetensors",
+    fmt: str | None = None,
     force: bool = False,
     base: str | Path | None = None,
+    max_shard_size: int | str | None = None,
 ) -> list[Path]:
-    """Write model `context` (an index, a label, or "all") as a plain state_dict.
+    """Write model `context` (an index, a label, or "all") as a plain state_dict, or with
+    `fmt="hf"` (the default for a merge of HF folders, see `default_format`) as a Hugging Face
+    model folder `output` (for "all": one folder per context in `output`), its weights sharded
+    above `max_shard_size` (default transformers' 50GB).
 
-    With `context="all"`, `output` is a directory and one `<label>.<fmt>` file is written per
-    context, all or none: they are staged and moved into place only when every one is written.
-    Returns the paths written.
+    With `context="all"`, `output` is a directory and one `<label>.<fmt>` file (or `<label>/`
+    folder) is written per context, all or none: they are staged and moved into place only
+    when every one is written. Returns the paths written.
 
     Raises:
         ContextError: unknown label or index out of range.
@@ -51,6 +66,9 @@ def extract(
     file = SuperposedFile(path, base=base)
     output = Path(output)
     sources = [file.path] + ([file.linked_base().path] if file.linked else [])
+    fmt = fmt or default_format(file, context, output)
+    if fmt == "hf":
+        return _extract_hf(file, context, output, force=force, sources=sources, max_shard_size=max_shard_size)
     targets = plan_outputs(file, context, output, f".{fmt}")
     if str(context) != "all":
         [(k, target)] = targets
@@ -60,4 +78,35 @@ def extract(
     with staged_folder(output, names, force=force, inputs=sources) as staging:
         for k, target in targets:
             save_state_dict(file.state_dict(k), staging / target.name)
+    return [t for _, t in targets]
+
+
+def _extract_hf(
+    file: SuperposedFile,
+    context: int | str,
+    output: Path,
+    *,
+    force: bool,
+    sources: list[Path],
+    max_shard_size: int | str | None,
+) -> list[Path]:
+    """Write HF model folders (see `pspctl.hf.write_folder`), all or none."""
+    if file.header.hf is None:
+        raise InputError(
+            f"{file.path}: records no Hugging Face folder (its inputs were not HF model folders); "
+            "use --format safetensors or pt"
+        )
+    folder_names(file, max_shard_size)  # a bad size fails before any work
+    digest = sha256_file(file.path)
+    if str(context) != "all":
+        k = file.resolve_context(context)
+        names = folder_names(file, max_shard_size)
+        with staged_folder(output, names, force=force, inputs=sources) as staging:
+            write_folder(file, k, staging, sha256=digest, max_shard_size=max_shard_size)
+        return [output]
+    targets = plan_outputs(file, context, output, "")
+    with staged_folder(output, [t.name for _, t in targets], force=force, inputs=sources) as staging:
+        for k, target in targets:
+            (staging / target.name).mkdir()
+            write_folder(file, k, staging / target.name, sha256=digest, max_shard_size=max_shard_size)
     return [t for _, t in targets]

@@ -24,6 +24,7 @@ from pspctl.errors import ContextError, FormatError, InputError, MismatchError, 
 from pspctl.header import (
     BASE,
     CONTEXTS,
+    FILES,
     FORMAT_VERSION,
     SHARED,
     STACKED,
@@ -259,6 +260,12 @@ class SuperposedWriter(_Stored):
         """Store a tensor equal in every input once; returns its bytes."""
         return self._add(name, meta, {SHARED + name: tensor.contiguous()})
 
+    def add_file(self, name: str, data: bytes) -> None:
+        """Store a small non-weight file (an HF folder's config, tokenizer…) as `files/<name>`;
+        the header's `hf.files` must list it."""
+        empty = torch.zeros(0, dtype=torch.uint8)
+        self.tensors[FILES + name] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else empty
+
     def _add(self, name: str, meta: TensorMeta, tensors: dict[str, Tensor]) -> int:
         self.metas[name] = meta
         self.tensors.update(tensors)
@@ -364,7 +371,7 @@ class SuperposedFile(_Stored):
                     f"{found}: sha256 {digest}, but {self.path.name} was merged on a base with sha256 "
                     f"{record['sha256']}; pass the base it was merged on"
                 )
-            self._base = open_checkpoint(found)
+            self._base = open_checkpoint(found, strip_prefix=self.header.recipe.get("strip_prefix"))
         return self._base
 
     @property
@@ -402,6 +409,10 @@ class SuperposedFile(_Stored):
                 )
             self._verified.add(stored_name)
         return tensor
+
+    def file(self, name: str) -> bytes:
+        """A non-weight file stored with the model (`hf.files`, `stored`), its checksum verified."""
+        return self._raw(FILES + name).numpy().tobytes()
 
     def state_dict(self, context: int | str) -> dict[str, Tensor]:
         """Model `context` as a plain state_dict with the inputs' keys, shapes and dtypes."""

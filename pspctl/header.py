@@ -42,6 +42,7 @@ __all__ = [
 FORMAT_VERSION = 2  # this pspctl writes version 2 and reads 1 and 2
 SUPERPOSED, STACKED, CONTEXTS = "superposed/", "stacked/", "contexts/"
 BASE, SHARED = "base/", "shared/"
+FILES = "files/"  # v2: a Hugging Face folder's small non-weight files, as uint8 bytes (see `hf`)
 MAX_CONTEXTS = 4096
 MAX_LABEL = 100
 
@@ -173,6 +174,40 @@ def _base_record(record: dict[str, Any]) -> dict[str, Any]:
 _BASE = TypeAdapter(BaseRecord)
 
 
+class FileRecord(TypedDict):
+    """One non-weight file of the first input folder (format v2, `hf.files`): stored as
+    `files/<name>` (uint8) when `stored`, else only recorded and copied from `hf.source`."""
+
+    __pydantic_config__ = _CONFIG  # type: ignore[misc]
+
+    name: Label
+    size: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    stored: bool
+
+
+class HFRecord(TypedDict):
+    """The inputs were Hugging Face model folders (format v2): the first one's path, its
+    non-weight files, and the merge's predicted output error per context (for the model card)."""
+
+    __pydantic_config__ = _CONFIG  # type: ignore[misc]
+
+    source: str
+    files: list[FileRecord]
+    predicted_error: list[float]
+
+
+def _hf_record(record: dict[str, Any]) -> dict[str, Any]:
+    record = dict(_HF.validate_python(record, strict=True))
+    names = [f["name"] for f in record["files"]]
+    if len(set(names)) != len(names):
+        raise ValueError("hf.files names a file twice")
+    return record
+
+
+_HF = TypeAdapter(HFRecord)
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class TensorMeta:
     role: RoleName
@@ -202,6 +237,7 @@ class Header:
     pspctl_version: str = ""
     base: Annotated[dict[str, Any], AfterValidator(_base_record)] | None = None  # v2
     tied: dict[str, str] = field(default_factory=dict)  # v2: alias -> the stored tensor it shares
+    hf: Annotated[dict[str, Any], AfterValidator(_hf_record)] | None = None  # v2: HF folder inputs
 
     def __post_init__(self) -> None:
         check_labels(self.labels, self.num_contexts)
@@ -214,6 +250,8 @@ class Header:
         exclude: dict[str, Any] = {
             "tensors": {n: {"fan_in_axis"} for n, m in self.tensors.items() if m.fan_in_axis is None}
         }
+        if self.hf is None:  # written only when there is one: other files keep their bytes
+            exclude["hf"] = True
         if not self.tied:
             exclude["tied"] = True
         return _ADAPTER.dump_json(self, exclude=exclude).decode()
@@ -273,6 +311,9 @@ def expected_tensors(header: Header) -> dict[str, tuple[list[int], tuple[str, ..
             "onepower": ([M], ("float32",)),
             "rotation": ([K, M, M], ("float32",)),
         }[header.kind]
+    for record in (header.hf or {}).get("files", []):
+        if record["stored"]:
+            out[FILES + record["name"]] = ([record["size"]], ("uint8",))
     return out
 
 
@@ -298,6 +339,8 @@ def check_header(header: Header, metadata_version: str) -> None:
             raise FormatError(
                 f"corrupt pspctl header: tied {alias} -> {name}: not an alias of a stored tensor"
             )
+    if v1 and header.hf is not None:
+        raise FormatError("corrupt pspctl header: format version 1 records no Hugging Face folder")
     for name, meta in header.tensors.items():
         if meta.fan_in_axis is not None and meta.fan_in_axis >= len(meta.shape):
             raise FormatError(

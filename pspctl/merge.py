@@ -25,6 +25,7 @@ from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import InputError, MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output
 from pspctl.header import check_labels, safe_label
+from pspctl.hf import hf_paths, record_folder
 from pspctl.kinds import OPS
 from pspctl.outputs import refuse_inputs
 from pspctl.policy import (
@@ -73,6 +74,7 @@ class MergeOptions:
         CALIB_SAMPLES  # with a task that has load_data: inputs per model to measure η on; 0: prior
     )
     fan_in_axes: tuple[tuple[str, int | None], ...] = ()  # --fan-in-axis GLOB=AXIS, later ones win
+    strip_prefix: str | None = None  # strip this key prefix (e.g. a LightningModule's "model.")
 
 
 @dataclass
@@ -143,7 +145,10 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
 def open_inputs(paths: Sequence[str | Path], options: MergeOptions) -> list[Checkpoint]:
     """The K checkpoints, checked compatible, with each tensor's fan-in axis resolved
     (`resolve_fan_in_axes`) and only the ties all K share kept tied."""
-    checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
+    checkpoints = [
+        open_checkpoint(p, trust_pickle=options.trust_pickle, strip_prefix=options.strip_prefix)
+        for p in paths
+    ]
     common = {a: n for a, n in checkpoints[0].ties.items() if all(c.ties.get(a) == n for c in checkpoints)}
     for c in checkpoints:
         c.untie([a for a in c.ties if a not in common])
@@ -255,7 +260,9 @@ def merge(
     checkpoints = open_inputs(paths, options)
     parent = None
     if "base" in centres:
-        parent = open_checkpoint(options.base, trust_pickle=options.trust_pickle)
+        parent = open_checkpoint(
+            options.base, trust_pickle=options.trust_pickle, strip_prefix=options.strip_prefix
+        )
         files += checkpoint_files(options.base)
         refuse_inputs(output, files)
         # The base is read under the inputs' names: its ties follow theirs.
@@ -294,6 +301,7 @@ def merge(
 
     # Pass 2: store each tensor as chosen.
     writer = SuperposedWriter(kind, K, linked=options.link_base)
+    hf = record_folder(paths[0], writer) if hf_paths(paths) else None
     stored: dict[str, int] = {}
     errors = [0.0] * K
     warnings = []
@@ -311,6 +319,13 @@ def merge(
         stored[info.name] = store_tensor(writer, info, d, checkpoints, options, base=base)
 
     notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes] + eta_notes
+    if hf is not None:
+        hf["predicted_error"] = [float(f"{e:.4g}") for e in errors]
+        kept = sum(f["stored"] for f in hf["files"])
+        notes.append(
+            f"Hugging Face folders: {kept} of {len(hf['files'])} non-weight files of {paths[0]} stored "
+            "for extract (config, tokenizer…)"
+        )
     header = Header(
         kind=kind.value,
         seed=options.seed,
@@ -325,6 +340,7 @@ def merge(
         task=options.task,
         base=_base_record(decisions, options),
         tied=ties,
+        hf=hf,
     )
     writer.write(output, header, force=options.force, inputs=files)
     report = MergeReport(
@@ -544,15 +560,19 @@ def _finite(ckpt: Checkpoint, name: str, allow: bool) -> torch.Tensor:
 
 def _recipe(options: MergeOptions) -> dict[str, Any]:
     axes = {"fan_in_axes": [f"{g}={'rest' if a is None else a}" for g, a in options.fan_in_axes]}
-    return (axes if options.fan_in_axes else {}) | {
-        "kind": Kind(options.kind).value,
-        "seed": options.seed,
-        "max_interference": options.policy.max_interference,
-        "min_share": options.policy.min_share,
-        "keep": list(options.policy.keep),
-        "superpose": list(options.policy.superpose),
-        "dtype": options.dtype,
-        "max_rotation_fan_in": options.max_rotation_fan_in,
-        "allow_nonfinite": options.allow_nonfinite,
-        "command": options.command,
-    }
+    return (
+        (axes if options.fan_in_axes else {})
+        | {
+            "kind": Kind(options.kind).value,
+            "seed": options.seed,
+            "max_interference": options.policy.max_interference,
+            "min_share": options.policy.min_share,
+            "keep": list(options.policy.keep),
+            "superpose": list(options.policy.superpose),
+            "dtype": options.dtype,
+            "max_rotation_fan_in": options.max_rotation_fan_in,
+            "allow_nonfinite": options.allow_nonfinite,
+            "command": options.command,
+        }
+        | ({"strip_prefix": options.strip_prefix} if options.strip_prefix else {})
+    )

@@ -127,6 +127,16 @@ def _publish(tmp: Path, path: Path, *, force: bool) -> None:
         os.unlink(tmp)
 
 
+def _publish_folder(tmp: Path, path: Path) -> None:
+    """Give the folder `tmp` the name `path`, which must not exist (not even with --force):
+    claimed by an exclusive mkdir, then replaced by the rename."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        raise _appeared(path) from None
+    os.replace(tmp, path)
+
+
 def _check_target(path: Path, *, force: bool, inputs: Sequence[str | Path]) -> None:
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
@@ -195,7 +205,10 @@ def staged_folder(
         for item in sorted(staging.iterdir()):  # check all before moving any
             _check_target(folder / item.name, force=force, inputs=inputs)
         for item in sorted(staging.iterdir()):
-            _publish(item, folder / item.name, force=force)
+            if item.is_dir():  # a folder of files (an HF model folder per context): claim, then move
+                _publish_folder(item, folder / item.name)
+            else:
+                _publish(item, folder / item.name, force=force)
     except OSError as e:  # name the one output, or the folder of several
         raise _write_error(folder / names[0] if len(names) == 1 else folder, e) from e
     finally:

@@ -19,12 +19,14 @@ from pathlib import Path
 from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_checkpoint
 from pspctl.errors import MismatchError, TaskError, listed
 from pspctl.fileformat import SuperposedFile
+from pspctl.hf import hf_task
 from pspctl.task import Task, load_task
 
 __all__ = [
     "Located",
     "candidates",
     "find_originals",
+    "hf_task",
     "locate_originals",
     "open_originals",
     "recorded_task",
@@ -74,14 +76,17 @@ def locate_originals(sf: SuperposedFile) -> Located:
     return out
 
 
-def open_originals(paths: Sequence[Path], *, trust_pickle: bool = False) -> list[Checkpoint]:
-    """Open located originals; `trust_pickle` as for merge (pickled modules run their code).
+def open_originals(
+    paths: Sequence[Path], *, trust_pickle: bool = False, strip_prefix: str | None = None
+) -> list[Checkpoint]:
+    """Open located originals; `trust_pickle` as for merge (pickled modules run their code),
+    `strip_prefix` as merge recorded it (`recipe.strip_prefix`).
 
     Raises:
         UnsafeCheckpointError: a pickled module without `trust_pickle`.
         InputError: unreadable.
     """
-    return [open_checkpoint(p, trust_pickle=trust_pickle) for p in paths]
+    return [open_checkpoint(p, trust_pickle=trust_pickle, strip_prefix=strip_prefix) for p in paths]
 
 
 def _check_shapes(sf: SuperposedFile, ckpt: Checkpoint, k: int) -> None:
@@ -114,7 +119,8 @@ def find_originals(
     if explicit is not None:
         if len(explicit) != sf.num_contexts:
             raise MismatchError(f"{len(explicit)} originals given for a file of {sf.num_contexts} contexts")
-        ckpts = [open_checkpoint(p, trust_pickle=trust_pickle) for p in explicit]
+        prefix = sf.header.recipe.get("strip_prefix")
+        ckpts = [open_checkpoint(p, trust_pickle=trust_pickle, strip_prefix=prefix) for p in explicit]
         for k, ckpt in enumerate(ckpts):
             want = recorded[k].get("sha256") if k < len(recorded) else None
             if want and sha256_checkpoint(ckpt.path) != want:
@@ -135,7 +141,9 @@ def find_originals(
             None,
             f"originals changed since the merge (sha256 differs: {changed}): weight-space error skipped",
         )
-    ckpts = open_originals(located.paths, trust_pickle=trust_pickle)
+    ckpts = open_originals(
+        located.paths, trust_pickle=trust_pickle, strip_prefix=sf.header.recipe.get("strip_prefix")
+    )
     for k, ckpt in enumerate(ckpts):
         _check_shapes(sf, ckpt, k)
     return ckpts, None
@@ -158,16 +166,27 @@ def recorded_task(sf: SuperposedFile) -> tuple[str | None, bool]:
 
 
 def require_task(sf: SuperposedFile, explicit: str | Path | None, *needs: str) -> Task:
-    """Load `explicit`, or the task the file records (resolved as in `recorded_task`), and
-    check it defines the optional functions `needs`.
+    """Load `explicit`, or the task the file records (resolved as in `recorded_task`), or for a
+    merge of Hugging Face folders without one the task built from its config.json (`hf_task`);
+    and check it defines the optional functions `needs`.
 
     Raises:
         TaskError: the file records no task and none is given; the task lacks one of `needs`,
             or fails to import.
         InputError: the task file does not exist (where it was recorded, nor beside the file).
+        PspctlError: an HF merge without a task file, and transformers is not installed.
     """
     if explicit is None:
         spec, _ = recorded_task(sf)  # a recorded path found nowhere: load_task names it
+        if spec is None and sf.header.hf is not None:
+            task = hf_task(sf)
+            lacking = [n for n in needs if getattr(task, n, None) is None]
+            if lacking:
+                raise TaskError(
+                    f"{sf.path}: its Hugging Face model is built from config.json, which gives no "
+                    f"{lacking[0]}(); pass --task with one (docs/task-file.md)"
+                )
+            return task
         if spec is None:
             raise TaskError(f"{sf.path} records no task file; pass --task")
         explicit = spec

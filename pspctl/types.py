@@ -82,6 +82,7 @@ class StateDictFormat(str, Enum):
 
     SAFETENSORS = "safetensors"
     PT = "pt"
+    HF = "hf"  # a Hugging Face model folder (weights, config, tokenizer, model card)
 
 
 class PolicySource(str, Enum):

@@ -19,7 +19,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "vocabulary and maths",
         ("pspctl", "types", "errors", "dtypes", "contexts", "kinds", "superpose", "policy", "architectures"),
     ),
-    ("file format and checkpoints", ("outputs", "checkpoints", "header", "fileformat", "task", "plotting")),
+    (
+        "file format and checkpoints",
+        ("outputs", "checkpoints", "header", "fileformat", "task", "plotting", "hf"),
+    ),
     (
         "use cases",
         (

@@ -191,6 +191,11 @@ def _find_task(sf: SuperposedFile, spec: str | Path | Task | None) -> tuple[Task
     """
     if spec is None:
         recorded, found = sources.recorded_task(sf)
+        if recorded is None and sf.header.hf is not None:
+            return sources.hf_task(sf), (
+                "no task file: the model is built from the recorded config.json (transformers); function-space "
+                "error on random inputs made from the config; metrics need a task file (--task)"
+            )
         if recorded is None:
             return (
                 None,

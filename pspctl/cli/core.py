@@ -134,6 +134,13 @@ def merge(
             help="Allow pickled modules: runs code from the file. Only for files you trust.",
         ),
     ] = False,
+    strip_prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="Strip this prefix from every tensor name (e.g. a LightningModule's 'model.'); names "
+            "without it are dropped. Default: DDP's 'module.' and a Lightning checkpoint's one common prefix."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[
@@ -156,6 +163,7 @@ def merge(
         max_rotation_fan_in=max_rotation_fan_in,
         allow_nonfinite=allow_nonfinite,
         trust_pickle=trust_pickle,
+        strip_prefix=strip_prefix,
         force=force,
         task=task,
         calib_samples=calib_samples,
@@ -247,11 +255,20 @@ def extract(
     context: Annotated[str, typer.Option("--context", "-c", help="0-based index, label, or 'all'.")] = ...,  # type: ignore[assignment]
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="out.safetensors or out.pt; a directory with --context all."),
+        typer.Option(
+            "-o",
+            "--output",
+            help="out.safetensors or out.pt; a folder for a Hugging Face model; a directory with --context all.",
+        ),
     ] = None,
     fmt: Annotated[
-        StateDictFormat, typer.Option("--format", help="File type per context with --context all.")
-    ] = StateDictFormat.SAFETENSORS,
+        StateDictFormat | None,
+        typer.Option(
+            "--format",
+            help="safetensors or pt (file type per context with --context all), or hf (a Hugging Face model "
+            "folder; the default for a merge of HF folders, unless -o names a .safetensors/.pt file).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     base: Annotated[
         Path | None,
@@ -259,13 +276,26 @@ def extract(
             help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
         ),
     ] = None,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Hugging Face folders: shard the weights above this size (5GB, 500MB…; default 50GB)."
+        ),
+    ] = None,
 ) -> None:
-    """Write one model (or all) back out as a plain state_dict."""
+    """Write one model (or all) back out as a plain state_dict, or as a Hugging Face model folder."""
     from pspctl.extract import extract as run_extract
 
     if output is None:
-        output = Path("extracted") if context == "all" else Path(f"context-{context}.safetensors")
-    for path in run_extract(file, context, output, fmt=fmt.value, force=force, base=base):
+        hf = fmt is StateDictFormat.HF
+        output = Path(
+            "extracted" if context == "all" else f"context-{context}" + ("" if hf else ".safetensors")
+        )
+    fmt_name = None if fmt is None else fmt.value
+    written = run_extract(
+        file, context, output, fmt=fmt_name, force=force, base=base, max_shard_size=max_shard_size
+    )
+    for path in written:
         console.print(f"wrote {path}")
 
 
@@ -299,6 +329,14 @@ def info(
         )
         console.print(
             f"centred on {escape(where)}, {'linked' if h.base['linked'] else 'stored'}", highlight=False
+        )
+    if h.hf:
+        files = h.hf["files"]
+        stored = sum(f["stored"] for f in files)
+        console.print(
+            f"Hugging Face folders: {len(files)} non-weight files of {escape(h.hf['source'])} recorded, "
+            f"{stored} stored ({escape(', '.join(f['name'] for f in files))})",
+            highlight=False,
         )
     contexts = Table("context", "label", "input", "sha256", title="contexts")
     for k, label in enumerate(h.labels):

@@ -185,7 +185,7 @@ def tune_command(
     from pspctl.training.common import write_json
 
     sf = SuperposedFile(superposed_path(file), base=base)
-    loaded = require_task(sf, task)
+    loaded = require_task(sf, task, "load_data")
     output = output or default_output(file)
     if metrics is not None:
         refuse_existing(metrics, force=force)

@@ -1,0 +1,362 @@
+"""Hugging Face model folders: what `merge` records of them, what `extract` writes back, and the
+task `analyze`, `export` and `tune` use for them when there is no task file.
+
+An HF folder is a directory with a `config.json` beside its weights. `merge` records the first
+input folder's non-weight files (config, generation config, tokenizer files, chat template…)
+by name, size and sha256, and stores each one up to `MAX_STORED_FILE` bytes in the superposed
+file (`files/<name>`, uint8), so extraction does not need the input folders. A larger file is
+only recorded: extraction copies it from the recorded folder if its sha256 still matches and
+fails otherwise (an incomplete model folder is worse than none).
+
+transformers (`pip install 'pspctl[hf]'`) is imported only where a model is built from a config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pspctl.dtypes import itemsize
+from pspctl.errors import InputError, MismatchError, PspctlError
+from pspctl.fileformat import SuperposedFile, SuperposedWriter
+from pspctl.header import check_label
+from pspctl.outputs import write_safetensors
+from pspctl.task import Task
+
+__all__ = [
+    "INSTALL_HINT",
+    "MAX_SHARD_SIZE",
+    "MAX_STORED_FILE",
+    "WEIGHTS",
+    "hf_task",
+    "is_hf_folder",
+    "non_weight_files",
+    "parse_size",
+    "shard_plan",
+    "record_folder",
+    "require_transformers",
+    "write_folder",
+]
+
+MAX_STORED_FILE = 10 * 2**20  # bytes: a non-weight file up to this is stored in the superposed file
+WEIGHTS = "model.safetensors"
+CARD = "README.md"  # written by extract; the input's own model card is not carried over
+INSTALL_HINT = "building a Hugging Face model from config.json needs transformers: pip install 'pspctl[hf]'"
+# Files that hold weights (any format) or their index: never copied as non-weight files.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_WEIGHT_ENDINGS = (".index.json", ".pth.tar")
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a `config.json` (a Hugging Face model folder)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def non_weight_files(folder: Path) -> list[Path]:
+    """The files of `folder` to carry to every extracted model, sorted by name: everything at its
+    top level but weights, weight indexes, hidden files and its model card (README.md)."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        name = p.name
+        if not p.is_file() or name.startswith(".") or name == CARD:
+            continue
+        if name.endswith(_WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_ENDINGS):
+            continue
+        out.append(p)
+    return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_folder(folder: Path, writer: SuperposedWriter, *, max_stored: int | None = None) -> dict[str, Any]:
+    """Record `folder`'s non-weight files for the header's `hf` entry, storing the small ones
+    in `writer`. Returns the record (its `predicted_error` is filled in by merge).
+
+    Raises:
+        InputError: a file cannot be read, or its name is not a safe file name.
+    """
+    limit = MAX_STORED_FILE if max_stored is None else max_stored
+    files = []
+    for path in non_weight_files(folder):
+        try:
+            check_label(path.name)
+        except ValueError as e:
+            raise InputError(f"{path}: cannot be carried to the extracted folders ({e})") from None
+        size = path.stat().st_size
+        stored = size <= limit
+        if stored:
+            data = path.read_bytes()
+            writer.add_file(path.name, data)
+            digest = _sha256(data)
+        else:
+            digest = _file_sha256(path)
+        files.append({"name": path.name, "size": size, "sha256": digest, "stored": stored})
+    return {"source": str(folder), "files": files, "predicted_error": []}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_folder(sf: SuperposedFile) -> Path | None:
+    """The recorded first input folder: as recorded, else beside the superposed file."""
+    recorded = Path((sf.header.hf or {})["source"])
+    for p in (recorded, sf.path.parent / recorded, sf.path.parent / recorded.name):
+        if p.is_dir():
+            return p
+    return None
+
+
+def file_bytes(sf: SuperposedFile, record: Mapping[str, Any]) -> bytes:
+    """A recorded non-weight file's bytes: stored in `sf`, or read from the recorded input folder.
+
+    Raises:
+        InputError: a stored file that does not match its sha256; a large file whose input
+            folder is gone. MismatchError: a large file whose sha256 changed.
+    """
+    name = record["name"]
+    if record["stored"]:
+        data = sf.file(name)
+        if _sha256(data) != record["sha256"]:
+            raise InputError(
+                f"{sf.path}: stored file {name} does not match its recorded sha256: the file is corrupted"
+            )
+        return data
+    folder = _source_folder(sf)
+    path = None if folder is None else folder / name
+    if path is None or not path.is_file():
+        raise InputError(
+            f"{sf.path}: {name} ({record['size']} bytes, over the {MAX_STORED_FILE >> 20} MiB stored in the file) "
+            f"is not in the input folder {sf.header.hf['source']} any more; put it back there"  # type: ignore[index]
+        )
+    data = path.read_bytes()
+    if _sha256(data) != record["sha256"]:
+        raise MismatchError(
+            f"{path}: changed since the merge (sha256 differs); extraction needs the original"
+        )
+    return data
+
+
+MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from `5GB`, `500MB`, `2GiB` or a plain number (as transformers reads max_shard_size).
+
+    Raises:
+        InputError: not a size.
+    """
+    if isinstance(size, int):
+        value = size
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        unit = found.group(2).upper() if found else ""
+        if found is None or unit not in _UNITS:
+            raise InputError(f"--max-shard-size {size!r}: expected a size such as 5GB, 500MB or 2GiB")
+        value = int(float(found.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise InputError(f"--max-shard-size {size!r}: must be at least 1 byte")
+    return value
+
+
+def shard_plan(sf: SuperposedFile, max_shard_size: int | str | None = None) -> dict[str, list[str]]:
+    """Weight file name -> the tensor names it holds: one `model.safetensors`, or shards of at
+    most `max_shard_size` bytes each (a larger tensor gets a shard of its own), named and
+    indexed as transformers names them."""
+    limit = parse_size(MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, meta in sf.metas.items():
+        nbytes = math.prod(meta.shape) * itemsize(meta.dtype)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        return {WEIGHTS: shards[0]}
+    n = len(shards)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": names for i, names in enumerate(shards)}
+
+
+def _write_weights(sf: SuperposedFile, k: int, folder: Path, plan: Mapping[str, list[str]]) -> None:
+    """Model `k`'s weights as transformers reads them, one shard in memory at a time (`shard_plan`);
+    with several shards, also their index."""
+    total = 0
+    for file, names in plan.items():
+        tensors = {name: sf.retrieve(name, k) for name in names}
+        total += sum(t.nbytes for t in tensors.values())
+        write_safetensors(tensors, folder / file, {"format": "pt"})
+    if len(plan) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: f for f, ns in plan.items() for n in ns},
+        }
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def folder_names(sf: SuperposedFile, max_shard_size: int | str | None = None) -> list[str]:
+    """The files `write_folder` writes, in order."""
+    plan = shard_plan(sf, max_shard_size)
+    index = [INDEX] if len(plan) > 1 else []
+    return [f["name"] for f in (sf.header.hf or {}).get("files", [])] + list(plan) + index + [CARD]
+
+
+def write_folder(
+    sf: SuperposedFile, k: int, folder: Path, *, sha256: str, max_shard_size: int | str | None = None
+) -> None:
+    """Write model `k` of `sf` into the (empty, staged) `folder` as a Hugging Face model folder:
+    its weights (sharded above `max_shard_size`, default transformers' 50GB), the first input
+    folder's non-weight files, and a model card.
+
+    Raises:
+        InputError, MismatchError: as `file_bytes`; a bad `max_shard_size`.
+    """
+    for record in (sf.header.hf or {}).get("files", []):
+        data = file_bytes(sf, record)
+        (folder / record["name"]).write_bytes(data)
+    _write_weights(sf, k, folder, shard_plan(sf, max_shard_size))
+    (folder / CARD).write_text(model_card(sf, k, sha256))
+
+
+def model_card(sf: SuperposedFile, k: int, sha256: str) -> str:
+    """A short README.md saying where model `k` came from."""
+    from pspctl import __version__
+
+    h = sf.header
+    errors = (h.hf or {}).get("predicted_error") or []
+    error = f"{errors[k]:.4g}" if k < len(errors) else "not recorded"
+    source = h.inputs[k]["path"] if k < len(h.inputs) else "not recorded"
+    return (
+        f"# {h.labels[k]}\n\n"
+        f"Context {k} (`{h.labels[k]}`) of {h.num_contexts}, extracted by pspctl {__version__} from a "
+        "parameter superposition (Cheung et al., 2019). Its weights are a retrieval: close to the original "
+        "model, not equal to it.\n\n"
+        "| | |\n|---|---|\n"
+        f"| superposed file | `{sf.path.name}` |\n"
+        f"| its sha256 | `{sha256}` |\n"
+        f"| context | {k} (`{h.labels[k]}`) |\n"
+        f"| kind | {h.kind} |\n"
+        f"| predicted relative output error (at merge) | {error} |\n"
+        f"| original model | `{source}` |\n"
+        f"| pspctl | {__version__} (made by {h.pspctl_version or 'unknown'}) |\n"
+    )
+
+
+# --- HF models without a task file -------------------------------------------------------------
+
+
+def require_transformers() -> Any:
+    """The transformers module.
+
+    Raises:
+        PspctlError: it is not installed; the message names the extra.
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise PspctlError(INSTALL_HINT) from None
+    return transformers
+
+
+def config_dict(sf: SuperposedFile) -> dict[str, Any]:
+    """The recorded config.json of an HF merge.
+
+    Raises:
+        InputError: the file records no config.json, or it is not JSON.
+    """
+    record = next((f for f in (sf.header.hf or {}).get("files", []) if f["name"] == "config.json"), None)
+    if record is None:
+        raise InputError(f"{sf.path}: records no config.json")
+    try:
+        config = json.loads(file_bytes(sf, record))
+    except ValueError as e:
+        raise InputError(f"{sf.path}: its config.json is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{sf.path}: its config.json is not an object")
+    return config
+
+
+# The Auto class by the suffix of the config's architecture name, first match wins.
+_AUTO = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForImageClassification", "AutoModelForImageClassification"),
+)
+
+
+def auto_class_name(config: Mapping[str, Any]) -> str:
+    """The transformers Auto class for `config`'s `architectures` (AutoModel if none fits)."""
+    for arch in config.get("architectures") or []:
+        for suffix, auto in _AUTO:
+            if str(arch).endswith(suffix):
+                return auto
+    return "AutoModel"
+
+
+def example_inputs(config: Mapping[str, Any], batch: int = 2, seq: int = 16) -> tuple[Tensor, ...]:
+    """Inputs a model of `config` takes: pixel values for vision, token ids below vocab_size otherwise.
+
+    Seeded: the same config gives the same inputs.
+    """
+    gen = torch.Generator().manual_seed(0)
+    vision = config.get("vision_config") or config
+    if "image_size" in vision or "num_channels" in vision:
+        size = vision.get("image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (torch.randn(batch, vision.get("num_channels", 3), h, w, generator=gen),)
+    vocab = int(config.get("vocab_size") or 2)
+    limit = config.get("max_position_embeddings") or config.get("n_positions") or seq
+    return (torch.randint(0, vocab, (batch, min(seq, int(limit))), generator=gen),)
+
+
+def hf_task(sf: SuperposedFile) -> Task:
+    """A Task for an HF merge without a task file: `build_model` makes the model from the
+    recorded config.json with transformers' Auto class for its `architectures`; `example_inputs`
+    are made from the config. It has no data, so no metrics.
+
+    Raises:
+        PspctlError: transformers is missing. InputError: no readable config.json.
+    """
+    require_transformers()
+    config = config_dict(sf)
+    auto = auto_class_name(config)
+
+    def build_model() -> nn.Module:
+        transformers = require_transformers()
+        model_type = config.get("model_type")
+        if model_type not in transformers.CONFIG_MAPPING:
+            raise InputError(f"{sf.path}: config.json has model_type {model_type!r}, unknown to transformers")
+        cfg = transformers.CONFIG_MAPPING[model_type].from_dict(config)
+        cfg.use_cache = False  # logits only: a KV cache in the outputs is no tensor for export/analyze
+        return getattr(transformers, auto).from_config(cfg).eval()
+
+    def inputs() -> tuple[Tensor, ...]:
+        return example_inputs(config)
+
+    return Task(
+        source=f"config.json of {sf.path.name} ({auto})", build_model=build_model, example_inputs=inputs
+    )
+
+
+def hf_paths(paths: Sequence[Path]) -> bool:
+    """Whether every input is a Hugging Face folder (then merge records the first one's files)."""
+    return bool(paths) and all(is_hf_folder(p) for p in paths)

@@ -1,0 +1,353 @@
+"""Hugging Face folders in and out (pspctl.hf): what merge records, the folders extract writes,
+HF models without a task file, and the other containers (Lightning, timm)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pspctl.checkpoints import open_checkpoint
+from pspctl.cli import app
+from pspctl.errors import InputError, MismatchError, PspctlError
+from pspctl.extract import extract
+from pspctl.fileformat import SuperposedFile
+from pspctl.merge import merge
+from tests import hf_models as H
+
+pytest.importorskip("transformers")
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def finetunes(tmp_path_factory):
+    """Four HF fine-tunes of a tiny Llama, each a save_pretrained folder with its tokenizer."""
+    folder = tmp_path_factory.mktemp("hf")
+    build, x = H.llama(tied=False)
+    models = H.finetunes(build)
+    tok = H.tokenizer()
+    paths = []
+    for k, model in enumerate(models):
+        path = folder / f"ft{k}"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        (path / "README.md").write_text("the input's own card")
+        paths.append(path)
+    merge(paths, folder / "w.safetensors")
+    return folder, paths, models, x
+
+
+def test_merge_records_and_stores_the_first_folders_non_weight_files(finetunes):
+    folder, paths, _, _ = finetunes
+    sf = SuperposedFile(folder / "w.safetensors")
+    records = {f["name"]: f for f in sf.header.hf["files"]}
+    expected = sorted(
+        p.name for p in paths[0].iterdir() if p.suffix != ".safetensors" and p.name != "README.md"
+    )
+    assert sorted(records) == expected and "config.json" in records and "tokenizer.json" in records
+    for name, record in records.items():
+        data = (paths[0] / name).read_bytes()
+        assert record == {
+            "name": name,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "stored": True,
+        }
+        assert sf.file(name) == data
+    assert sf.header.hf["source"] == str(paths[0]) and len(sf.header.hf["predicted_error"]) == 4
+
+
+def test_info_shows_the_recorded_folder(finetunes):
+    folder, paths, _, _ = finetunes
+    result = run("info", folder / "w.safetensors")
+    assert result.exit_code == 0
+    assert f"Hugging Face folders: 4 non-weight files of {paths[0]} recorded, 4 stored" in " ".join(
+        result.output.split()
+    )
+
+
+def test_readme_flow_extract_context_loads_with_from_pretrained_and_its_tokenizer(finetunes, tmp_path):
+    """The issue's "done means": merge four fine-tunes, extract --context 2 -o model2/, load it."""
+    import transformers
+
+    folder, paths, models, x = finetunes
+    result = run("extract", folder / "w.safetensors", "--context", "2", "-o", tmp_path / "model2")
+    assert result.exit_code == 0, result.output
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model2", output_loading_info=True
+    )
+    assert all(not v for v in info.values()), info  # no missing, unexpected or mismatched keys
+    sf = SuperposedFile(folder / "w.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, sf.retrieve(name, 2)), name
+    measured = H.rel(H.outputs(model, x), H.outputs(models[2], x))
+    assert 0 < measured <= sf.header.hf["predicted_error"][2]  # the merge's prediction bounds it
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "model2")
+    assert tok("w1 w2")["input_ids"] == [3, 4]
+    card = (tmp_path / "model2" / "README.md").read_text()
+    digest = hashlib.sha256((folder / "w.safetensors").read_bytes()).hexdigest()
+    assert digest in card and "Context 2 (`ft2`)" in card and "| kind | binary |" in card
+    assert f"{sf.header.hf['predicted_error'][2]:.4g}" in card
+    assert json.loads((tmp_path / "model2" / "config.json").read_text()) == json.loads(
+        (paths[0] / "config.json").read_text()
+    )
+
+
+def test_extract_all_writes_one_folder_per_context_or_none(finetunes, tmp_path):
+    folder, _, _, _ = finetunes
+    out = tmp_path / "all"
+    written = extract(folder / "w.safetensors", "all", out)
+    assert [p.name for p in written] == ["ft0", "ft1", "ft2", "ft3"]
+    for p in written:
+        assert sorted(f.name for f in p.iterdir()) == [
+            "README.md", "config.json", "generation_config.json", "model.safetensors",
+            "tokenizer.json", "tokenizer_config.json",
+        ]  # fmt: skip
+    with pytest.raises(PspctlError, match="is a directory"):
+        extract(folder / "w.safetensors", "all", out)
+    assert sorted(p.name for p in out.iterdir()) == ["ft0", "ft1", "ft2", "ft3"]
+
+
+def test_a_state_dict_name_or_format_still_gives_a_state_dict(finetunes, tmp_path):
+    folder, _, _, _ = finetunes
+    [path] = extract(folder / "w.safetensors", 1, tmp_path / "one.safetensors")
+    assert path.is_file()
+    assert [p.name for p in extract(folder / "w.safetensors", "all", tmp_path / "sd", fmt="pt")][
+        0
+    ] == "ft0.pt"
+
+
+def test_format_hf_needs_hf_inputs(mlp_paths, tmp_path):
+    merge(mlp_paths, tmp_path / "m.safetensors")
+    result = run("extract", tmp_path / "m.safetensors", "-c", "0", "--format", "hf", "-o", tmp_path / "x")
+    assert result.exit_code == 2 and "records no Hugging Face folder" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_large_file_is_recorded_and_copied_while_its_sha256_matches(finetunes, tmp_path, monkeypatch):
+    import pspctl.hf
+
+    _, paths, _, _ = finetunes
+    inputs = []
+    for p in paths:  # copies: this test changes the first folder
+        inputs.append(tmp_path / p.name)
+        inputs[-1].mkdir()
+        for f in p.iterdir():
+            (inputs[-1] / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(pspctl.hf, "MAX_STORED_FILE", 1000)
+    merge(inputs, tmp_path / "w.safetensors")
+    records = {f["name"]: f for f in SuperposedFile(tmp_path / "w.safetensors").header.hf["files"]}
+    assert records["tokenizer.json"]["stored"] is False and records["config.json"]["stored"] is True
+    extract(tmp_path / "w.safetensors", 0, tmp_path / "a")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (inputs[0] / "tokenizer.json").read_bytes()
+    (inputs[0] / "tokenizer.json").write_text("{}")
+    with pytest.raises(MismatchError, match="changed since the merge"):
+        extract(tmp_path / "w.safetensors", 0, tmp_path / "b")
+    (inputs[0] / "tokenizer.json").unlink()
+    with pytest.raises(InputError, match="tokenizer.json .* is not in the input folder"):
+        extract(tmp_path / "w.safetensors", 0, tmp_path / "b")
+    assert not (tmp_path / "b").exists()  # all or nothing
+
+
+# --- HF models without a task file ---------------------------------------------------------------
+
+
+def test_analyze_builds_the_model_from_config_json(finetunes):
+    from pspctl.analysis import analyze
+
+    folder, _, _, _ = finetunes
+    report = analyze(folder / "w.safetensors", max_samples=8, sparsities=[0.5])
+    assert any(
+        "built from the recorded config.json" in n and "metrics need a task file" in n for n in report.notes
+    )
+    assert report.task.endswith("(AutoModelForCausalLM)")
+    errors = [c.output_error for c in report.contexts]
+    assert all(e is not None and e > 0 for e in errors)
+    assert all(c.retrieved_metric is None for c in report.contexts)
+
+
+def test_hf_task_picks_the_auto_class_and_makes_inputs_from_the_config():
+    from pspctl.hf import auto_class_name, example_inputs
+
+    assert auto_class_name({"architectures": ["GPT2LMHeadModel"]}) == "AutoModelForCausalLM"
+    assert auto_class_name({"architectures": ["BertForSequenceClassification"]}) == (
+        "AutoModelForSequenceClassification"
+    )
+    assert (
+        auto_class_name({"architectures": ["ViTForImageClassification"]}) == "AutoModelForImageClassification"
+    )
+    assert auto_class_name({}) == "AutoModel"
+    (ids,) = example_inputs({"vocab_size": 7, "max_position_embeddings": 8})
+    assert ids.shape == (2, 8) and int(ids.max()) < 7 and ids.dtype == torch.int64
+    (pixels,) = example_inputs({"image_size": 16, "num_channels": 3})
+    assert pixels.shape == (2, 3, 16, 16)
+
+
+def test_without_transformers_one_line_names_the_extra(finetunes, monkeypatch):
+    folder, _, _, _ = finetunes
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    result = run("export", folder / "w.safetensors", "-c", "0", "-o", folder / "m.onnx")
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: building a Hugging Face model from config.json needs transformers: pip install 'pspctl[hf]'"
+    )
+
+
+# --- other containers ----------------------------------------------------------------------------
+
+
+def _state():
+    return {"lin.weight": torch.randn(4, 3), "lin.bias": torch.randn(4)}
+
+
+def test_lightning_prefix_is_stripped_when_unambiguous(tmp_path):
+    state = _state()
+    torch.save(
+        {"epoch": 1, "global_step": 9, "state_dict": {f"model.{k}": v for k, v in state.items()}},
+        tmp_path / "a.ckpt",
+    )
+    ckpt = open_checkpoint(tmp_path / "a.ckpt")
+    assert ckpt.names == ["lin.weight", "lin.bias"] and torch.equal(ckpt["lin.weight"], state["lin.weight"])
+    assert any("LightningModule attribute prefix 'model.'" in n for n in ckpt.notes)
+
+
+def test_lightning_with_several_prefixes_says_so_and_strip_prefix_picks_one(tmp_path):
+    state = {"model.lin.weight": torch.randn(4, 3), "loss.weight": torch.ones(4)}
+    torch.save({"global_step": 9, "optimizer_states": [], "state_dict": state}, tmp_path / "a.ckpt")
+    ckpt = open_checkpoint(tmp_path / "a.ckpt")
+    assert ckpt.names == list(state) and any("share no one module prefix" in n for n in ckpt.notes)
+    ckpt = open_checkpoint(tmp_path / "a.ckpt", strip_prefix="model.")
+    assert ckpt.names == ["lin.weight"] and any("dropped 1 tensors" in n for n in ckpt.notes)
+    with pytest.raises(InputError, match="no tensor name starts with --strip-prefix 'x.'"):
+        open_checkpoint(tmp_path / "a.ckpt", strip_prefix="x.")
+
+
+def test_a_plain_state_dict_keeps_a_common_prefix(tmp_path):
+    torch.save({f"model.{k}": v for k, v in _state().items()}, tmp_path / "a.pt")
+    assert open_checkpoint(tmp_path / "a.pt").names == ["model.lin.weight", "model.lin.bias"]
+
+
+def test_a_lightning_module_holding_one_layer_directly_keeps_its_names(tmp_path):
+    """`self.lin = nn.Linear(...)`: `lin.` names the layer, not a wrapper; stripping it would
+    leave bare `weight`/`bias`."""
+    torch.save({"global_step": 1, "state_dict": _state()}, tmp_path / "a.ckpt")
+    assert open_checkpoint(tmp_path / "a.ckpt").names == ["lin.weight", "lin.bias"]
+
+
+def test_merge_strip_prefix_on_the_command_line(tmp_path):
+    for i in range(2):
+        torch.save({f"net.{k}": v for k, v in _state().items()}, tmp_path / f"m{i}.pt")
+    result = run(
+        "merge",
+        tmp_path / "m0.pt",
+        tmp_path / "m1.pt",
+        "-o",
+        tmp_path / "w.safetensors",
+        "--strip-prefix",
+        "net.",
+    )
+    assert result.exit_code == 0, result.output
+    sf = SuperposedFile(tmp_path / "w.safetensors")
+    assert sf.names() == ["lin.weight", "lin.bias"] and sf.header.recipe["strip_prefix"] == "net."
+
+
+def test_timm_pth_tar_is_read_safely(tmp_path):
+    state = _state()
+    torch.save(
+        {"epoch": 7, "arch": "resnet18", "state_dict": state, "state_dict_ema": _state(), "version": 2,
+         "args": argparse.Namespace(model="resnet18", lr=0.1)},
+        tmp_path / "model_best.pth.tar",
+    )  # fmt: skip
+    ckpt = open_checkpoint(tmp_path / "model_best.pth.tar")
+    assert ckpt.names == list(state) and torch.equal(ckpt["lin.bias"], state["lin.bias"])
+    assert any("state_dict_ema" in n for n in ckpt.notes)
+    assert open_checkpoint(tmp_path).names == list(state)  # the directory's only checkpoint
+
+
+def test_the_readme_hugging_face_section_runs_as_written(finetunes, tmp_path, monkeypatch):
+    """README "Hugging Face models": its commands on four fine-tunes named a/ b/ c/ d/, then its
+    Python; the model loaded is the retrieved context 2, with its tokenizer."""
+    import re
+    import shlex
+    import shutil
+
+    from tests.test_readme import README
+
+    section = README.split("## Hugging Face models", 1)[1].split("\n## ", 1)[0]
+    [commands] = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    [snippet] = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    _, paths, models, x = finetunes
+    for name, path in zip("abcd", paths, strict=True):
+        shutil.copytree(path, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    for line in commands.splitlines():
+        result = run(*shlex.split(line.split("#")[0])[1:])
+        assert result.exit_code == 0, (line, result.output)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - our own README
+    measured = H.rel(H.outputs(scope["model"], x), H.outputs(models[2], x))
+    assert 0 < measured <= SuperposedFile("w.safetensors").header.hf["predicted_error"][2]
+    assert scope["tokenizer"]("w1 w2")["input_ids"] == [3, 4]
+
+
+def test_tune_without_a_task_file_says_it_needs_one_with_data(finetunes, tmp_path):
+    folder, _, _, _ = finetunes
+    result = run("tune", folder / "w.safetensors", "--steps", "1", "-o", tmp_path / "t.safetensors")
+    assert result.exit_code == 9
+    assert "built from config.json, which gives no load_data(); pass --task" in result.output
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_dtype_is_restored_in_the_model_folder(tmp_path):
+    from safetensors import safe_open
+
+    build, _ = H.llama(tied=False)
+    paths = []
+    for k, model in enumerate(H.finetunes(build)):
+        paths.append(tmp_path / f"b{k}")
+        model.to(torch.bfloat16).save_pretrained(paths[-1])
+    merge(paths, tmp_path / "w.safetensors")
+    extract(tmp_path / "w.safetensors", 0, tmp_path / "out")
+    with (
+        safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f,
+        safe_open(str(paths[0] / "model.safetensors"), "pt") as g,
+    ):
+        assert sorted(f.keys()) == sorted(g.keys())
+        assert all(f.get_slice(n).get_dtype() == "BF16" for n in f.keys())
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_max_shard_size_shards_the_weights_with_an_index(finetunes, tmp_path):
+    import transformers
+
+    folder, _, _, _ = finetunes
+    result = run(
+        "extract", folder / "w.safetensors", "-c", "1", "-o", tmp_path / "m", "--max-shard-size", "40KB"
+    )
+    assert result.exit_code == 0, result.output
+    shards = sorted(p.name for p in (tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    for shard in shards:  # each at most 40 kB, unless it holds one larger tensor
+        size = sum(t.nbytes for t in load_file(tmp_path / "m" / shard).values())
+        assert size <= 40_000 or len([n for n, s in index["weight_map"].items() if s == shard]) == 1
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    sf = SuperposedFile(folder / "w.safetensors")
+    assert all(torch.equal(t, sf.retrieve(n, 1)) for n, t in model.state_dict().items())
+    result = run(
+        "extract", folder / "w.safetensors", "-c", "1", "-o", tmp_path / "n", "--max-shard-size", "big"
+    )
+    assert result.exit_code == 2 and "expected a size such as 5GB" in result.output
