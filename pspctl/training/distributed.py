@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from pspctl.errors import InputError, PspctlError
+from pspctl.errors import InputError, PspctlError, one_line
 
 __all__ = ["DEFAULT_TIMEOUT_S", "RankFailed", "World", "launch", "under_torchrun"]
 
@@ -100,7 +100,8 @@ class World:
             import torch.distributed as dist
 
             value = value.clone()
-            dist.all_reduce(value)
+            with _collective("a training step"):
+                dist.all_reduce(value)
             value = value / self.size
         return float(value)
 
@@ -122,7 +123,8 @@ class World:
             news: list[Any] = [None]
             if failure is not None:
                 news = [(str(failure), getattr(failure, "exit_code", 1))]
-            dist.broadcast_object_list(news, src=0)
+            with _collective("waiting for rank 0"):
+                dist.broadcast_object_list(news, src=0)
             if news[0] is not None and not self.main:
                 message, code = news[0]
                 raise RankFailed(f"rank 0 failed: {message}", code)
@@ -169,6 +171,15 @@ def launch(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
         yield World(rank, size, device)
     finally:
         dist.destroy_process_group()
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """A collective that fails because another rank died or went silent: one clear line."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo and nccl raise plain RuntimeErrors (or DistErrors, subclasses)
+        raise RankFailed(f"another process failed or stopped answering ({what}): {one_line(exc)}", 1) from exc
 
 
 def _rows(batch: Any) -> int:
