@@ -109,10 +109,6 @@ def test_train_and_tune_under_torchrun_match_one_process(tmp_path):
     tuned = SuperposedFile(tmp_path / "tuned2.safetensors").state_dict(0)["2.weight"]
     assert not torch.allclose(tuned, SuperposedFile(tmp_path / "one.safetensors").state_dict(0)["2.weight"])
 
-    # A failure on rank 0 (the output exists) stops both ranks at once with its exit code (8).
-    run = torchrun(tmp_path, *tune, "-o", "tuned2.safetensors", "-q", "--dist-timeout", "60")
-    assert run.returncode != 0
-    assert "tuned2.safetensors: already exists" in run.stderr and "rank 0 failed" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
 
 
