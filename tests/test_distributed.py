@@ -22,7 +22,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from pspctl.cli import app
-from pspctl.errors import OutputError
+from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.nn import PSPModel, save, superpose
 from pspctl.policy import Policy
@@ -207,3 +207,23 @@ def test_nn_models_under_ddp_and_fsdp2_match_one_process(tmp_path):
         assert_same_file(tmp_path / f"one-{kind}.safetensors", tmp_path / f"fsdp-{kind}.safetensors")
     assert ranks[0]["failed"] == ["disk full", 8]
     assert ranks[1]["failed"] == ["rank 0 failed: disk full", 8]
+
+
+def test_share_splits_one_global_batch_and_the_loss_is_its_mean():
+    x, y = torch.arange(33.0).reshape(11, 3), torch.arange(11) % 3
+    shares = [World(rank, 2).share(({"x": x}, y)) for rank in range(2)]
+    assert [s[1] for s in shares] == [11, 11]
+    assert torch.equal(torch.cat([s[0][0]["x"] for s in shares]), x)  # contiguous, 6 + 5 rows
+    assert [len(s[0][1]) for s in shares] == [6, 5]
+    logits = torch.randn(11, 3, generator=torch.Generator().manual_seed(0))
+    parts = [task_loss(logits[:6], y[:6], World(0, 2), 11), task_loss(logits[6:], y[6:], World(1, 2), 11)]
+    # DDP averages over the ranks: the average is the mean over all 11 rows, not of the two means
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, task_loss(logits, y))
+    targets = torch.randn(11, 3)
+    parts = [
+        task_loss(logits[:6], targets[:6], World(0, 2), 11),
+        task_loss(logits[6:], targets[6:], World(1, 2), 11),
+    ]
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, task_loss(logits, targets))
+    with pytest.raises(InputError, match="batch of 1 rows cannot be split over 2 processes"):
+        World(0, 2).share((x[:1], y[:1]))

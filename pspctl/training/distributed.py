@@ -62,27 +62,34 @@ class World:
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model to step: `model` itself in one process, else DDP around it.
 
-        find_unused_parameters: only the active context's per-context copies get a gradient;
-        the others stay at None on every rank (DDP leaves globally unused gradients alone),
-        so Adam skips them as in one process. No buffer sync per forward: the contexts are the
-        same on every rank by construction, and rank 0's norm statistics are the ones written.
+        find_unused_parameters when the model has per-context copies: only the active
+        context's get a gradient; the others stay at None on every rank (DDP leaves globally
+        unused gradients alone), so Adam skips them as in one process. No buffer sync per
+        forward: the contexts are the same on every rank by construction (and rotation
+        matrices are large), and rank 0's norm statistics are the ones written.
         """
         if not self.grouped:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
+        from pspctl.nn import Stacked
+
+        unused = any(isinstance(m, Stacked) and m.trainable and len(m.items) > 1 for m in model.modules())
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(
-            model, device_ids=ids, find_unused_parameters=True, forward_sync_buffers=False
+            model, device_ids=ids, find_unused_parameters=unused, forward_sync_buffers=False
         )
 
     def share(self, batch: Any) -> tuple[Any, int]:
-        """This rank's contiguous share of `batch` (a tensor or a tuple/list of tensors), on
-        this rank's device, and the global number of rows.
+        """This rank's contiguous share of `batch` (a tensor, or tuples, lists and dicts of
+        tensors), on this rank's device, and the global number of rows (0 in one process on
+        CPU, where the batch is returned as it is).
 
         Raises:
             InputError: the batch has fewer rows than there are ranks.
         """
+        if not self.grouped and self.device.type == "cpu":
+            return batch, 0
         rows = _rows(batch)
         if rows < self.size:
             raise InputError(
@@ -183,10 +190,17 @@ def _collective(what: str) -> Iterator[None]:
 
 
 def _rows(batch: Any) -> int:
-    return int(batch.shape[0]) if isinstance(batch, Tensor) else _rows(batch[0])
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return _rows(first)
 
 
 def _map(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(batch, Tensor):
         return fn(batch)
-    return type(batch)(_map(b, fn) for b in batch)
+    if isinstance(batch, dict):
+        return {key: _map(value, fn) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map(b, fn) for b in batch)
+    return batch  # not a tensor: the same on every rank
