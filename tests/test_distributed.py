@@ -168,7 +168,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
                     fully_shard(layer)
             fully_shard(psp)
             found[f"fsdp-{kind}-sharded"] = all(hasattr(p, "full_tensor") for p in psp.parameters())
-            steps(psp, psp, world)
+            optimizer = steps(psp, psp, world)
+            found[f"fsdp-{kind}-untouched"] = sum(
+                p.grad is None and p not in optimizer.state for p in psp.parameters()
+            )
             save(psp, out / f"fsdp-{kind}.safetensors")  # every rank gathers; rank 0 writes
         try:
             world.on_main(lambda: (_ for _ in ()).throw(OutputError("disk full")))
@@ -203,6 +206,7 @@ def test_nn_models_under_ddp_and_fsdp2_match_one_process(tmp_path):
         # context 2's per-context copies: no gradient and no optimizer state, as in one process
         untouched = sum(p.grad is None and p not in optimizer.state for p in psp.parameters())
         assert untouched > 0 and ranks[0][f"ddp-{kind}-untouched"] == untouched
+        assert ranks[0][f"fsdp-{kind}-untouched"] == untouched
         assert ranks[0][f"fsdp-{kind}-sharded"] and ranks[1][f"fsdp-{kind}-sharded"]
         assert_same_file(tmp_path / f"one-{kind}.safetensors", tmp_path / f"fsdp-{kind}.safetensors")
     assert ranks[0]["failed"] == ["disk full", 8]
