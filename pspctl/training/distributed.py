@@ -153,7 +153,8 @@ def launch(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
     of waiting forever. The group is destroyed on the way out, error or not.
 
     Raises:
-        InputError: RANK/WORLD_SIZE are malformed, or the timeout is not positive.
+        InputError: RANK/WORLD_SIZE are malformed, MASTER_ADDR/MASTER_PORT missing, or the
+            timeout is not positive.
     """
     if not under_torchrun():
         yield World()
@@ -167,6 +168,9 @@ def launch(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
         local = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
         raise InputError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise InputError(f"RANK and WORLD_SIZE are set but {missing[0]} is not: launch with torchrun")
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
