@@ -25,6 +25,16 @@ TaskOpt = Annotated[
 ]
 
 
+DistTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--dist-timeout",
+        help="Under torchrun: seconds a rank waits for the others before failing (not forever).",
+    ),
+]
+DIST_TIMEOUT_S = 1800.0  # torch's default; pspctl.training.distributed.DEFAULT_TIMEOUT_S
+
+
 def _fmt(rows: list[dict[str, float]] | None, k: int, metric: str) -> str:
     return "–" if rows is None else f"{rows[k][metric]:.2f}"
 
@@ -73,13 +83,18 @@ def train_command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    dist_timeout: DistTimeoutOpt = DIST_TIMEOUT_S,
 ) -> None:
-    """Train K tasks one after another in superposition (or --baseline without), as in the paper."""
+    """Train K tasks one after another in superposition (or --baseline without), as in the paper.
+
+    Runs under torchrun too (torchrun --nproc_per_node N -m pspctl train ...): see docs/training.md.
+    """
     from pspctl.checkpoints import refuse_existing
     from pspctl.errors import MismatchError
     from pspctl.plotting import require_matplotlib
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
+    from pspctl.training.distributed import launch
     from pspctl.training.plot import plot_first_task
 
     label_list = tuple(labels.split(",")) if labels else None
@@ -107,8 +122,15 @@ def train_command(
         command=command_line(),
     )
     loaded = load_task(task)
-    with progress_bar("training", quiet=quiet or json_out) as update:
-        report = train(loaded, output, options, metrics_path=metrics, force=force, progress=update)
+    with (
+        launch(dist_timeout) as world,
+        progress_bar("training", quiet=quiet or json_out or not world.main) as update,
+    ):
+        report = train(
+            loaded, output, options, metrics_path=metrics, force=force, progress=update, world=world
+        )
+    if not world.main:  # rank 0 plots and prints
+        return
     if plot is not None:
         name = "standard" if baseline else f"psp {options.kind}"
         plot_first_task({name: report.evaluations}, plot, metric=report.metric, block=steps)
@@ -176,13 +198,18 @@ def tune_command(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    dist_timeout: DistTimeoutOpt = DIST_TIMEOUT_S,
 ) -> None:
-    """Heal a post-hoc merge: fine-tune the superposed weights, one context at a time."""
+    """Heal a post-hoc merge: fine-tune the superposed weights, one context at a time.
+
+    Runs under torchrun too (torchrun --nproc_per_node N -m pspctl tune ...): see docs/training.md.
+    """
     from pspctl.checkpoints import refuse_existing
     from pspctl.fileformat import SuperposedFile
     from pspctl.sources import require_task
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
+    from pspctl.training.distributed import launch
 
     sf = SuperposedFile(superposed_path(file), base=base)
     loaded = require_task(sf, task, "load_data")
@@ -198,8 +225,15 @@ def tune_command(
         task_spec=task or sf.header.task,
         command=command_line(),
     )
-    with progress_bar("tuning", quiet=quiet or json_out) as update:
-        report = tune(sf, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
+    with (
+        launch(dist_timeout) as world,
+        progress_bar("tuning", quiet=quiet or json_out or not world.main) as update,
+    ):
+        report = tune(
+            sf, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update, world=world
+        )
+    if not world.main:  # rank 0 writes the metrics and prints
+        return
     data = {"command": "tune", **report.to_dict()}
     if metrics is not None:
         write_json(data, metrics)

@@ -241,6 +241,10 @@ def save(
 ) -> None:
     """Write `model` as an ordinary pspctl superposed file, atomically.
 
+    Under DDP call it on rank 0 (every rank holds the whole model). A model sharded with
+    FSDP2 (`fully_shard`) is gathered tensor by tensor, a collective: call `save` on every
+    rank; only rank 0 writes.
+
     Raises:
         ValidationError: a tensor holds NaN/Inf (a broken file is never written).
         OutputError: `path` exists without `force`, or its directory does not exist.
@@ -249,6 +253,7 @@ def save(
         model.kind, model.num_contexts, linked=bool(model.base and model.base["linked"])
     )
     written: set[int] = set()
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
     for name, b in model.tensors.items():
         if name in model.tied or id(b) in written:
             continue  # stored once, under the name it is tied to
@@ -278,6 +283,8 @@ def save(
         base=model.base,
         tied=dict(model.tied),
     )
+    if sharded and torch.distributed.get_rank() != 0:
+        return  # the whole tensors were gathered on every rank; rank 0 writes them
     writer.write(path, header, force=force)
 
 

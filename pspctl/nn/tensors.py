@@ -19,7 +19,7 @@ from pspctl.contexts import ContextSet, Kind
 from pspctl.kinds import OPS, parts
 from pspctl.superpose import as_matrix, from_matrix
 
-__all__ = ["Binding", "Stacked", "Superposed", "initial_superposed", "mix_contexts"]
+__all__ = ["Binding", "Stacked", "Superposed", "full", "initial_superposed", "mix_contexts"]
 
 
 def mix_contexts(ctx: ContextSet) -> ContextSet:
@@ -119,8 +119,8 @@ class Superposed(nn.Module):
     def value(self) -> Tensor:
         """The superposed weight to store: complex64 for complex kinds, else float32."""
         if self.ops.is_complex:
-            return torch.complex(self.real.detach(), self.imag.detach())
-        return self.weight.detach().clone()
+            return torch.complex(full(self.real.detach()), full(self.imag.detach()))
+        return full(self.weight.detach()).clone()
 
 
 class Stacked(nn.Module):
@@ -149,8 +149,15 @@ class Stacked(nn.Module):
     def stacked(self) -> Tensor:
         """The K copies stacked on a new dim 0, detached."""
         if self.trainable:
-            return torch.stack([p.detach() for p in self.items])
-        return self.stack.detach().clone()
+            return torch.stack([full(p.detach()) for p in self.items])
+        return full(self.stack.detach()).clone()
+
+
+def full(t: Tensor) -> Tensor:
+    """`t` itself, or the whole tensor of a DTensor sharded by FSDP2 (a collective: every rank
+    must call it, in the same order)."""
+    gather = getattr(t, "full_tensor", None)
+    return t if gather is None else gather()  # type: ignore[no-any-return]
 
 
 Binding = Superposed | Stacked  # how a PSP model holds one tensor

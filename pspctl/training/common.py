@@ -16,6 +16,7 @@ from pspctl.checkpoints import atomic_path
 from pspctl.errors import InputError, ValidationError
 from pspctl.nn import PSPModel
 from pspctl.task import Task, primary_metric
+from pspctl.training.distributed import World
 from pspctl.types import Progress
 
 __all__ = [
@@ -24,8 +25,10 @@ __all__ = [
     "batch_stream",
     "check_steps",
     "evaluate_all",
+    "global_mean",
     "guard",
     "mean_primary",
+    "mse",
     "task_loss",
     "write_json",
 ]
@@ -50,16 +53,44 @@ def batch_stream(task: Task, context: int, split: str, seed: int) -> Iterator[tu
             yield batches[i]
 
 
-def task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy for integer class targets, mean squared error otherwise."""
+def task_loss(outputs: Tensor, targets: Tensor, world: World = World(), rows: int = 0) -> Tensor:
+    """Cross-entropy for integer class targets, mean squared error otherwise.
+
+    Over several ranks, `outputs` and `targets` are this rank's share of a global batch of
+    `rows` rows: see `global_mean`.
+    """
     if not targets.is_floating_point():
-        return F.cross_entropy(outputs, targets)
-    return F.mse_loss(outputs, targets.to(outputs.dtype))
+        if not world.grouped:
+            return F.cross_entropy(outputs, targets)
+        return global_mean(F.cross_entropy(outputs, targets, reduction="sum"), rows, world)
+    return mse(outputs, targets.to(outputs.dtype), world, rows)
 
 
-def guard(loss: Tensor, step: int, context: int, kept: str) -> None:
-    """Raise Diverged when the loss is NaN/Inf; `kept` says what is left on disk."""
-    value = float(loss.detach())
+def mse(outputs: Tensor, reference: Tensor, world: World = World(), rows: int = 0) -> Tensor:
+    """Mean squared error, over the global batch of `rows` rows when there are several ranks."""
+    if not world.grouped:
+        return F.mse_loss(outputs, reference)
+    per_row = reference.numel() // max(reference.shape[0], 1)
+    return global_mean(F.mse_loss(outputs, reference, reduction="sum"), rows * per_row, world)
+
+
+def global_mean(local_sum: Tensor, count: int, world: World) -> Tensor:
+    """This rank's part of the mean over `count` items of the global batch, times the world size.
+
+    DDP averages the ranks' gradients, so the ranks' mean of these is the gradient of the
+    global mean: 2 ranks with B/2 rows each step exactly as 1 process with B rows, also when
+    the rows do not split evenly.
+    """
+    return local_sum * (world.size / count)
+
+
+def guard(loss: Tensor | float, step: int, context: int, kept: str) -> None:
+    """Raise Diverged when the loss is NaN/Inf; `kept` says what is left on disk.
+
+    Over several ranks pass `World.global_loss(loss)`, the same on every rank, so that all of
+    them stop together.
+    """
+    value = float(loss.detach()) if isinstance(loss, Tensor) else loss
     if not math.isfinite(value):
         raise Diverged(f"training diverged: loss is {value} at step {step} (context {context}); {kept}")
 

@@ -33,6 +33,7 @@ from pspctl.training.common import (
     task_loss,
     write_json,
 )
+from pspctl.training.distributed import World
 
 __all__ = ["TrainOptions", "TrainReport", "make_optimizer", "train"]
 
@@ -110,12 +111,17 @@ def train(
     metrics_path: str | Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    world: World = World(),
 ) -> TrainReport:
     """Train K contexts in sequence and write the result; see the module docstring.
 
     The output (a pspctl file, or with `baseline` a plain state_dict) and the metrics JSON
     are rewritten at the end of every block, so an interrupted or diverged run leaves the
     last good pair behind. With `output=None` nothing is written (library use, benchmarks).
+
+    Under torchrun pass `pspctl.training.distributed.launch()`'s world: every rank steps its
+    share of each batch (DDP averages the gradients), and only rank 0 evaluates and writes;
+    the other ranks' reports hold no evaluations.
 
     Raises:
         InputError: steps, cycles or contexts < 1.
@@ -128,25 +134,35 @@ def train(
     check_steps(options.num_contexts, "--contexts")
     task.require("load_data")
     output = None if output is None else Path(output)
-    if output is not None and not options.baseline:
-        check_output(output, force=force)  # a superposed file; the baseline writes a plain state_dict
-    for path in (output, metrics_path):
-        if path is not None:
-            refuse_existing(path, force=force)
+
+    def check_outputs() -> None:
+        if output is not None and not options.baseline:
+            check_output(output, force=force)  # a superposed file; the baseline writes a plain state_dict
+        for path in (output, metrics_path):
+            if path is not None:
+                refuse_existing(path, force=force)
+
+    world.on_main(check_outputs)  # only rank 0 writes (its file system may be its own)
     K = options.num_contexts
-    model = _build(task, options)
+    model = _build(task, options).to(world.device)
+    stepper = world.wrap(model)
     streams = [batch_stream(task, k, "train", options.seed) for k in range(K)]
-    optimizer = make_optimizer(model.parameters(), options.optimizer, options.lr)
+    optimizer = make_optimizer(stepper.parameters(), options.optimizer, options.lr)
     total = options.steps * options.cycles * K
     recorded = {**asdict(options), "kind": Kind(options.kind).value, "policy": asdict(options.policy)}
     report = TrainReport(str(output or ""), "", [], [], 0, 0.0, recorded)
     start = time.perf_counter()
 
     def evaluate(step: int, context: int) -> None:
-        rows = evaluate_all(task, model, K)
-        report.metric = report.metric or primary_metric(rows[0])[0]
-        report.evaluations.append({"step": step, "context": context, "metrics": rows})
-        report.final, report.steps = rows, step
+        report.steps = step
+
+        def run() -> None:
+            rows = evaluate_all(task, world.on_cpu(model), K)
+            report.metric = report.metric or primary_metric(rows[0])[0]
+            report.evaluations.append({"step": step, "context": context, "metrics": rows})
+            report.final = rows
+
+        world.on_main(run)
 
     kept = "nothing written (no block had finished)"
     evaluate(0, 0)
@@ -157,11 +173,11 @@ def train(
             if isinstance(model, PSPModel):
                 model.set_context(k)
             for _ in range(options.steps):
-                inputs, targets = next(streams[k])
+                (inputs, targets), rows = world.share(next(streams[k]))
                 with on_task_data(task.source, f"load_data({k}, 'train')"):
-                    loss = task_loss(model(inputs), targets)
+                    loss = task_loss(stepper(inputs), targets, world, rows)
                 step += 1
-                guard(loss, step, k, kept)
+                guard(world.global_loss(loss), step, k, kept)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -174,7 +190,7 @@ def train(
             model.train()
             report.wall_s = time.perf_counter() - start
             if output is not None:
-                _write(model, output, report, metrics_path, options)
+                world.on_main(lambda: _write(world.on_cpu(model), output, report, metrics_path, options))
                 kept = f"kept the last good file {output} (step {step})"
     return report
 

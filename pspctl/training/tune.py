@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from pspctl.checkpoints import sha256_file
 from pspctl.errors import InputError, OutputError
@@ -30,8 +29,10 @@ from pspctl.training.common import (
     evaluate_all,
     guard,
     mean_primary,
+    mse,
     task_loss,
 )
+from pspctl.training.distributed import World
 from pspctl.training.online import make_optimizer
 from pspctl.types import Objective
 
@@ -113,11 +114,16 @@ def tune(
     force: bool = False,
     trust_pickle: bool = False,
     progress: Progress | None = None,
+    world: World = World(),
 ) -> TuneReport:
     """Fine-tune a superposed file and write the result to `output` (never to `path`).
 
     `trust_pickle` lets the original checkpoints (the distillation teachers) be pickled
     modules, as merge's option of that name: loading them runs code from the files.
+
+    Under torchrun pass `pspctl.training.distributed.launch()`'s world: every rank steps its
+    share of each batch (DDP averages the gradients); rank 0 evaluates and writes, and the
+    other ranks' reports hold no metrics.
 
     Raises:
         InputError: steps < 1, unknown objective, distill without the originals.
@@ -132,9 +138,13 @@ def tune(
         raise InputError(f"--objective {options.objective}: expected {', '.join(OBJECTIVES)}")
     file = open_superposed(path)
     output = Path(output)
-    if output.exists() and os.path.samefile(output, file.path):  # also through a link
-        raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
-    check_output(output, force=force)
+
+    def check_outputs() -> None:
+        if output.exists() and os.path.samefile(output, file.path):  # also through a link
+            raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
+        check_output(output, force=force)
+
+    world.on_main(check_outputs)  # only rank 0 writes (its file system may be its own)
     task.require("load_data")
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
@@ -144,57 +154,72 @@ def tune(
     teachers = _teachers(file, task, options.objective, trust_pickle)
     objective = "distill" if teachers else "task"
     K = file.num_contexts
-    before = evaluate_all(task, psp, K)
-    originals = [task.metric(teachers[k], k) for k in range(K)] if teachers else None
-    report = TuneReport(
-        str(file.path), str(output), objective, primary_metric(before[0])[0], before, [], originals
-    )
-    report.curve.append({"step": 0, "metrics": before})
+    report = TuneReport(str(file.path), str(output), objective, "", [], [], None)
+
+    def evaluate(step: int) -> list[dict[str, float]] | None:
+        rows = world.on_main(lambda: evaluate_all(task, world.on_cpu(psp), K))
+        if rows is not None:
+            report.curve.append({"step": step, "metrics": rows})
+        return rows
+
+    def evaluate_originals() -> None:
+        report.metric = primary_metric(report.before[0])[0]
+        report.originals = [task.metric(teachers[k], k) for k in range(K)] if teachers else None
+
+    report.before = evaluate(0) or []
+    world.on_main(evaluate_originals)
+    psp.to(world.device)
+    stepper = world.wrap(psp)
+    for teacher in teachers or []:
+        teacher.to(world.device)
     streams = [batch_stream(task, k, "train", options.seed) for k in range(K)]
-    optimizer = make_optimizer(psp.parameters(), options.optimizer, options.lr)
+    optimizer = make_optimizer(stepper.parameters(), options.optimizer, options.lr)
     start = time.perf_counter()
     psp.train()
     for step in range(1, options.steps + 1):
         k = (step - 1) % K
         psp.set_context(k)
-        inputs, targets = next(streams[k])
+        (inputs, targets), rows = world.share(next(streams[k]))
         with on_task_data(task.source, f"load_data({k}, 'train')"):
-            outputs = psp(inputs)
+            outputs = stepper(inputs)
             if teachers:
                 with torch.no_grad():
                     reference = teachers[k](inputs)
-                loss = F.mse_loss(outputs, reference)
+                loss = mse(outputs, reference, world, rows)
             else:
-                loss = task_loss(outputs, targets)
-        guard(loss, step, k, f"nothing written; {file.path} is unchanged")
+                loss = task_loss(outputs, targets, world, rows)
+        guard(world.global_loss(loss), step, k, f"nothing written; {file.path} is unchanged")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if progress:
             progress(step, options.steps, f"context {k}")
         if options.eval_every and step % options.eval_every == 0 and step != options.steps:
-            report.curve.append({"step": step, "metrics": evaluate_all(task, psp, K)})
+            evaluate(step)
             psp.train()
     report.wall_s = time.perf_counter() - start
-    report.after, report.steps = evaluate_all(task, psp, K), options.steps
-    report.curve.append({"step": options.steps, "metrics": report.after})
-    record = {
-        "step": "tune",
-        "input": str(file.path),
-        "input_sha256": sha256_file(file.path),
-        **asdict(options),
-        "objective": objective,
-        "mean_before": mean_primary(before),
-        "mean_after": mean_primary(report.after),
-        "wall_s": round(report.wall_s, 3),
-    }
-    save(
-        psp,
-        output,
-        force=force,
-        recipe=file.header.recipe,
-        task=file.header.task or options.task_spec,
-        inputs=file.header.inputs,
-        history=[*file.header.history, record],
-    )
+    report.after, report.steps = evaluate(options.steps) or [], options.steps
+
+    def write() -> None:
+        record = {
+            "step": "tune",
+            "input": str(file.path),
+            "input_sha256": sha256_file(file.path),
+            **asdict(options),
+            "objective": objective,
+            "mean_before": mean_primary(report.before),
+            "mean_after": mean_primary(report.after),
+            "wall_s": round(report.wall_s, 3),
+        }
+        save(
+            world.on_cpu(psp),
+            output,
+            force=force,
+            recipe=file.header.recipe,
+            task=file.header.task or options.task_spec,
+            inputs=file.header.inputs,
+            history=[*file.header.history, record],
+        )
+
+    world.on_main(write)
     return report
