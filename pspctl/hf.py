@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pspctl.checkpoints import sha256_file
 from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, MismatchError, PspctlError
 from pspctl.fileformat import SuperposedFile, SuperposedWriter
@@ -92,24 +93,17 @@ def record_folder(folder: Path, writer: SuperposedWriter, *, max_stored: int | N
             check_label(path.name)
         except ValueError as e:
             raise InputError(f"{path}: cannot be carried to the extracted folders ({e})") from None
-        size = path.stat().st_size
-        stored = size <= limit
+        try:
+            size = path.stat().st_size
+            stored = size <= limit
+            data = path.read_bytes() if stored else b""
+            digest = _sha256(data) if stored else sha256_file(path)
+        except OSError as e:
+            raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
         if stored:
-            data = path.read_bytes()
             writer.add_file(path.name, data)
-            digest = _sha256(data)
-        else:
-            digest = _file_sha256(path)
         files.append({"name": path.name, "size": size, "sha256": digest, "stored": stored})
     return {"source": str(folder), "files": files, "predicted_error": []}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _source_folder(sf: SuperposedFile) -> Path | None:
