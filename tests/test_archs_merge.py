@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pspctl.extract import extract
+from pspctl.fileformat import SuperposedFile
 from pspctl.merge import merge
 from tests import hf_models as H
 from tests.archs import mobilenet_v3_small, resnet18
@@ -97,13 +98,10 @@ def _hf_roundtrip(tmp_path, build, x, models, *, save=None, auto: str, tight: bo
 def test_gpt2_hf_folders(tmp_path):
     build, x = H.gpt2()
     models = H.finetunes(build)
-    report, retrieved, errors = _hf_roundtrip(
-        tmp_path, build, x, models, auto="AutoModelForCausalLM", tight=False
-    )
-    # TODO(axis): GPT-2's Conv1D weights are [in, out]; until the per-tensor fan-in axis lands,
-    # pspctl binds their fan-out and Proposition 2's prediction does not describe them. Then
-    # assert `tight` here as for the other architectures.
-    assert all(e < 1 for e in errors)
+    report, retrieved, errors = _hf_roundtrip(tmp_path, build, x, models, auto="AutoModelForCausalLM")
+    # config.json says gpt2: its Conv1D weights are [in, out] and are bound on dim 0.
+    header = SuperposedFile(tmp_path / "w.safetensors").header
+    assert header.tensors["transformer.h.0.attn.c_attn.weight"].fan_in_axis == 0
     assert retrieved[0].config.n_embd == 32
 
 
@@ -124,9 +122,15 @@ def test_llama_untied_sharded_folders(tmp_path):
 def test_llama_tied_folders_come_back_tied(tmp_path):
     build, x = H.llama(tied=True)
     models = H.finetunes(build)
-    _, retrieved, _ = _hf_roundtrip(tmp_path, build, x, models, auto="AutoModelForCausalLM")
+    _, retrieved, errors = _hf_roundtrip(tmp_path, build, x, models, auto="AutoModelForCausalLM")
     for model in retrieved:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # save_pretrained kept one copy (no lm_head.weight): analyze builds the tied model from
+    # config.json, loads it, and measures what extract gave back.
+    from pspctl.analysis import analyze
+
+    report = analyze(tmp_path / "w.safetensors", max_samples=8, sparsities=[0.5])
+    assert all(c.output_error is not None and c.output_error > 0 for c in report.contexts)
 
 
 @pytest.mark.slow
