@@ -92,7 +92,9 @@ def row(table: Tensor, k: Tensor) -> Tensor:
 
 class _Trig(nn.Module):
     """[cos φ_k, −sin φ_k] of a complex context as one [2M] row: the complex kinds' input side
-    in one Mul with [x, x], instead of Gather, Cos, Sin, Neg, two Muls and a Concat.
+    in one Mul with [x, x], instead of Gather, Cos, Sin, Neg, two Muls and a Concat. For a
+    centred weight the row is [1, cos φ_k, −sin φ_k] against [x, x, x]: [B | Re S | Im S]
+    in one Concat, one Mul and one Gemm.
 
     complex stores the table [K, 2M] (a Gather per call); onepower keeps its one phase vector
     and computes cos(k·[φ, φ] + [0, π/2]), since cos(t + π/2) = −sin t: still one number per
@@ -103,19 +105,23 @@ class _Trig(nn.Module):
     offset: Tensor
     table: Tensor
 
-    def __init__(self, ctx: ContextSet, dtype: torch.dtype):
+    def __init__(self, ctx: ContextSet, dtype: torch.dtype, *, centred: bool = False):
         super().__init__()
         self.used = ctx.kind.is_complex
         self.onepower = ctx.kind is Kind.ONEPOWER
+        self.copies = 3 if centred else 2
         if not self.used:
             return
         phases = ctx.data.double()
+        zeros = torch.zeros_like(phases)
         if self.onepower:
-            self.register_buffer("phases", torch.cat([phases, phases]).float())
-            half_pi = torch.full_like(phases, math.pi / 2)
-            self.register_buffer("offset", torch.cat([torch.zeros_like(phases), half_pi]).float())
+            # centred: a leading block of phase 0 gives cos 0 = 1 exactly, the base's part of [x, x, x]
+            self.register_buffer("phases", torch.cat([zeros] * centred + [phases, phases], -1).float())
+            offset = [zeros] * centred + [zeros, torch.full_like(phases, math.pi / 2)]
+            self.register_buffer("offset", torch.cat(offset, -1).float())
         else:
-            table = torch.cat([torch.cos(phases), -torch.sin(phases)], dim=-1)
+            ones = [torch.ones_like(phases)] * centred
+            table = torch.cat([*ones, torch.cos(phases), -torch.sin(phases)], dim=-1)
             self.register_buffer("table", table.to(dtype).contiguous())
 
     def forward(self, k: Tensor) -> Tensor:
@@ -191,7 +197,7 @@ class BoundLinear(nn.Module):
         self.centred = base is not None
         dtype = linear.weight.dtype
         self.contexts = _Contexts(ctx, dtype, input_side=True)
-        self.trig = _Trig(ctx, dtype)
+        self.trig = _Trig(ctx, dtype, centred=self.centred)
         # A centred weight (format v2) is B + Ŵ_k: y = [B | S] [x ; c_k ⊙ x], still one GEMM.
         weights = ([base.to(dtype)] if base is not None else []) + parts(*_as_matrix(superposed, dtype))
         self.register_buffer("bound_weight", torch.cat(weights, dim=1).contiguous())
@@ -199,11 +205,11 @@ class BoundLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.slot.get()
-        if self.trig.used:
-            bound = [torch.cat([x, x], dim=-1) * self.trig(k)]  # [cos φ_k ⊙ x, −sin φ_k ⊙ x]
+        if self.trig.used:  # [(x,) cos φ_k ⊙ x, −sin φ_k ⊙ x]
+            bound = [torch.cat([x] * self.trig.copies, dim=-1) * self.trig(k)]
         else:
             bound = self.contexts.ops.bind_input(x, self.contexts.pick(k))
-        bound = [x, *bound] if self.centred else bound
+            bound = [x, *bound] if self.centred else bound
         return F.linear(
             bound[0] if len(bound) == 1 else torch.cat(bound, dim=-1), self.bound_weight, self.bias
         )
@@ -249,7 +255,7 @@ class BoundConv(nn.Module):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         dtype = conv.weight.dtype
         self.contexts = _Contexts(ctx, dtype, input_side=True)
-        self.trig = _Trig(ctx, dtype)
+        self.trig = _Trig(ctx, dtype, centred=self.centred)
         n = superposed.shape[0]
         flat = [base.to(dtype).reshape(n, -1)] if base is not None else []
         weights = flat + parts(*_as_matrix(superposed, dtype))
@@ -275,14 +281,14 @@ class BoundConv(nn.Module):
         spatial = (1,) * self.dims
         if self.trig.used:
             t = self.trig(k)
-            bound = [torch.cat([x, x], dim=1) * t.reshape(-1, *spatial)]
-        elif self.contexts.ops is OPS[Kind.ROTATION]:
-            c = self.contexts.pick(k)  # C_kᵀ: channels last, rows times C_kᵀ, channels back
-            bound = [(x.movedim(1, -1) @ c).movedim(-1, 1)]
+            bound = [torch.cat([x] * self.trig.copies, dim=1) * t.reshape(-1, *spatial)]
         else:
             c = self.contexts.pick(k)
-            bound = [x * c.reshape(-1, *spatial)]
-        bound = [x, *bound] if self.centred else bound
+            if self.contexts.ops is OPS[Kind.ROTATION]:  # C_kᵀ: channels last, times C_kᵀ, back
+                bound = [(x.movedim(1, -1) @ c).movedim(-1, 1)]
+            else:
+                bound = [x * c.reshape(-1, *spatial)]
+            bound = [x, *bound] if self.centred else bound
         inputs = bound[0] if len(bound) == 1 else torch.cat(bound, dim=1)
         return self.conv(inputs, self.bound_weight, self.bias, self.stride, self.padding, self.dilation)
 
