@@ -294,6 +294,9 @@ def test_latency_benchmark_runs(capsys):
     ]
     assert all(r["ratio"] > 0 and r["multi_bytes"] < r["per_context_total_bytes"] for r in rows)
     assert all(r["floor_ratio"] > 0 for r in rows)  # the floor graph ran (and matched context 1's graph)
+    assert all(r["extra_nodes"] > 0 and r["dispatch_ratio"] > 0 for r in rows)
+    assert all(r["pass"] == (r["ratio"] <= 1.15 * r["bound"]) for r in rows)
+    assert rows[0]["bound"] == 1.0 and rows[2]["bound"] == rows[2]["weights_read_ratio"] > 1  # none, mean
     # binary reads W once plus 256 signs: (85002 + 256) / 85002 weights
     assert rows[0]["weights_read_ratio"] == pytest.approx((85002 + 256) / 85002)
     assert "| digits | binary | none | 64 |" in capsys.readouterr().out
