@@ -284,6 +284,55 @@ def load_task(spec: str | Path) -> Task:
     return Task(source=source, build_model=build_model, **functions)
 
 
+def _neighbours(folder: Path) -> set[str]:
+    """Top-level module names a file in `folder` can import from it: x.py and package folders."""
+    names = {p.stem for p in folder.glob("*.py")}
+    names |= {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    return {n for n in names if n.isidentifier()}
+
+
+def _inside(module: ModuleType | None, folder: Path) -> bool:
+    file = getattr(module, "__file__", None)
+    return file is not None and Path(file).resolve().is_relative_to(folder)
+
+
+@contextmanager
+def beside(folder: Path) -> Iterator[None]:
+    """Import with `folder` first on sys.path, as `python folder/task.py` sees its neighbours.
+
+    Afterwards sys.path and sys.modules are as before, except for what the import added from
+    elsewhere: the neighbour modules it imported (``model.py`` beside the task file) are dropped
+    from sys.modules again (the task module keeps its references), and a module of the same name
+    imported earlier (another task folder's ``model.py``) is hidden during the import and put
+    back after it. So two task files in two folders, each with its own ``model.py``, each get
+    their own. Standard-library names are never hidden.
+    """
+    mine = _neighbours(folder) - set(sys.stdlib_module_names)
+
+    def clashes(key: str) -> bool:
+        return key.split(".", 1)[0] in mine
+
+    hidden = {
+        key: module
+        for key, module in list(sys.modules.items())
+        if clashes(key) and not _inside(module, folder)
+    }
+    for key in hidden:
+        del sys.modules[key]
+    before = set(sys.modules)
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry in sys.path:  # the first occurrence: ours, unless the task file moved it
+            sys.path.remove(entry)
+        for key, module in list(sys.modules.items()):
+            if key not in before and clashes(key) and _inside(module, folder):
+                del sys.modules[key]
+        sys.modules.update(hidden)
+
+
 def _looks_like_path(spec: str | Path) -> bool:
     text = str(spec)
     return isinstance(spec, Path) or text.endswith(".py") or "/" in text or "\\" in text
@@ -303,7 +352,8 @@ def _import(spec: str | Path) -> ModuleType:
         # Registered before exec so dataclasses and pickling inside the file can find it.
         sys.modules[name] = module
         try:
-            module_spec.loader.exec_module(module)
+            with beside(path.resolve().parent):
+                module_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[name]
             raise TaskError(f"task file {path} failed to import: {one_line(exc)}") from exc

@@ -93,6 +93,7 @@ def test_failed_validation_exits_10_and_writes_nothing(workdir, monkeypatch):
     [
         (["--multi", "--context", "0"], 2, "pass exactly one of --context K|LABEL|all and --multi"),
         (["--multi", "--atol", "-1"], 2, "--atol -1 / --rtol 0.001: tolerances cannot be negative"),
+        (["--multi", "--batch", "0"], 2, "batch 0: the batch size to tune for must be at least 1"),
         (["--context", "d"], 6, "unknown context 'd'; labels are a, b, c"),
         (["--context", "7"], 6, "context 7 out of range: this file holds contexts 0..2"),
         (["--multi", "--task", "no_inputs.py"], 9, "task file no_inputs.py has no example_inputs() function"),
@@ -115,3 +116,25 @@ def test_no_recorded_task(workdir):
     result = run("export", "plain.safetensors", "--multi", "-o", "m.onnx")
     assert result.exit_code == 9
     assert result.output.strip() == "error: plain.safetensors records no task file; pass --task"
+
+
+def test_multi_json_says_how_each_tensor_is_served(workdir):
+    """--superpose '*': every weight bound on the input side, the biases gathered."""
+    result = run("export", "--multi", "-o", "m.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.output)["layers"]
+    assert layers == {f"{i}.weight": "input side" for i in (0, 2, 4)} | {
+        f"{i}.bias": "gather" for i in (0, 2, 4)
+    }
+
+
+def test_a_task_file_importing_its_neighbour(workdir):
+    """`--task sub/task.py` whose file does `from net import build` (sub/net.py) works from any cwd."""
+    sub = workdir / "sub"
+    sub.mkdir()
+    (sub / "net.py").write_text("from tests.conftest import mlp\n\ndef build():\n    return mlp(0)\n")
+    (sub / "task.py").write_text(TASK.replace("from tests.conftest import mlp", "from net import build as mlp_0")
+                                 .replace("return mlp(0)", "return mlp_0()"))  # fmt: skip
+    result = run("export", "--multi", "--task", "sub/task.py", "-o", "n.onnx")
+    assert result.exit_code == 0, result.output
+    assert (workdir / "n.onnx").is_file()

@@ -42,10 +42,13 @@ def task_of(build, shape, load_data=None) -> SimpleNamespace:
     )
 
 
-def merged(tmp_path: Path, models: list[nn.Module], kind: str, name: str = "w") -> Path:
+def merged(
+    tmp_path: Path, models: list[nn.Module], kind: str, name: str = "w", base: str = "none", policy=None
+) -> Path:
     paths = save_models(models, tmp_path)
     out = tmp_path / f"{name}.safetensors"
-    merge(paths, out, MergeOptions(base="none", kind=kind, seed=1, policy=Policy(superpose=("*",))))
+    policy = policy or Policy(superpose=("*",))
+    merge(paths, out, MergeOptions(base=base, kind=kind, seed=1, policy=policy))
     return out
 
 
@@ -71,26 +74,29 @@ BUILDERS = {"mlp": (mlp, MLP_IN), "cnn": (cnn, CNN_IN)}
 @pytest.fixture(scope="module")
 def multi_graphs(tmp_path_factory):
     """(superposed file, multi-context graph, report) per (model, kind), exported once per module."""
-    cache: dict[tuple[str, str], tuple[Path, Path, object]] = {}
+    cache: dict[tuple[str, str, str], tuple[Path, Path, object]] = {}
 
-    def get(model: str, kind: str):
-        if (model, kind) not in cache:
+    def get(model: str, kind: str, base: str = "none"):
+        if (model, kind, base) not in cache:
             build, shape = BUILDERS[model]
-            folder = tmp_path_factory.mktemp(f"{model}-{kind}")
-            file = merged(folder, [build(i) for i in range(3)], kind)
+            folder = tmp_path_factory.mktemp(f"{model}-{kind}-{base}")
+            file = merged(folder, [build(i) for i in range(3)], kind, base=base)
             out = folder / "multi.onnx"
             report = export_multi(file, task_of(lambda: build(0), shape), out, measure_per_context=False)
-            cache[model, kind] = (file, out, report)
-        return cache[model, kind]
+            cache[model, kind, base] = (file, out, report)
+        return cache[model, kind, base]
 
     return get
 
 
+@pytest.mark.parametrize("base", ["none", "mean"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_multi_context_graph_matches_torch_for_every_context(multi_graphs, model, kind):
+def test_multi_context_graph_matches_torch_for_every_context(multi_graphs, model, kind, base):
     build, shape = BUILDERS[model]
-    file, out, report = multi_graphs(model, kind)
+    file, out, report = multi_graphs(model, kind, base)
+    if base == "mean":  # a based file: y = [B | S][x ; c_k ⊙ x], B stored once
+        assert any(SuperposedFile(file).base(n) is not None for n in SuperposedFile(file).names())
     assert report.passed and [c.context for c in report.checks] == [0, 1, 2]
     assert report.files == {str(out): out.stat().st_size}
 
@@ -119,9 +125,11 @@ def test_multi_graph_binds_linear_on_the_input_side(multi_graphs, kind):
     weights = [s for name, s in shapes.items() if ".contexts." not in name]
     assert max(int(np.prod(s)) for s in weights) < 3 * 48 * 48
     ops = {n.op_type for n in graph.node}
-    if kind == "onepower":  # one phase per weight; cos(kφ), sin(kφ) computed from the integer input
-        assert shapes["model.2.contexts.phases"] == [48]
-        assert {"Cast", "Cos", "Sin"} <= ops
+    if kind == "onepower":  # one phase per weight; cos(k[φ, φ] + [0, π/2]) from the integer input
+        assert shapes["model.2.trig.phases"] == [2 * 48]
+        assert {"Cast", "Cos"} <= ops and "Sin" not in ops
+    if kind == "complex":  # [cos φ_k, −sin φ_k] stored as one table: no trig per call
+        assert shapes["model.2.trig.table"] == [3, 2 * 48] and not {"Cos", "Sin"} & ops
     if kind == "binary":
         assert shapes["model.2.contexts.signs"] == [3, 48] and not {"Cos", "Sin"} & ops
     if kind == "rotation":  # C_kᵀ gathered and multiplied with no Transpose per call
@@ -281,12 +289,17 @@ def test_latency_benchmark_runs(capsys):
     from benchmarks import export_latency
 
     rows = export_latency.main(["--models", "digits", "--kinds", "binary", "--runs", "3", "--warmup", "1"])
-    assert [(r["model"], r["batch"]) for r in rows] == [("digits", 1), ("digits", 64)]
+    assert [(r["model"], r["base"], r["batch"]) for r in rows] == [
+        ("digits", b, n) for b in ("none", "mean") for n in (1, 64)
+    ]
     assert all(r["ratio"] > 0 and r["multi_bytes"] < r["per_context_total_bytes"] for r in rows)
     assert all(r["floor_ratio"] > 0 for r in rows)  # the floor graph ran (and matched context 1's graph)
+    assert all(r["extra_nodes"] > 0 and r["dispatch_ratio"] > 0 for r in rows)
+    assert all(r["pass"] == (r["ratio"] <= 1.15 * r["bound"]) for r in rows)
+    assert rows[0]["bound"] == 1.0 and rows[2]["bound"] == rows[2]["weights_read_ratio"] > 1  # none, mean
     # binary reads W once plus 256 signs: (85002 + 256) / 85002 weights
     assert rows[0]["weights_read_ratio"] == pytest.approx((85002 + 256) / 85002)
-    assert "| digits | binary | 64 |" in capsys.readouterr().out
+    assert "| digits | binary | none | 64 |" in capsys.readouterr().out
 
 
 def test_weights_read_counts_both_parts_of_complex_weights(tmp_path):
@@ -338,3 +351,72 @@ def test_several_inputs_and_outputs_with_a_batch_of_one(tmp_path):
     got = sess.run(None, {"context": np.array(1), "input_0": x.numpy(), "input_1": y.numpy()})
     for g, w in zip(got[:2], want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("batch", "variant"), [(1, "all-K Gemm"), (64, "gather")])
+def test_small_per_context_linears_run_as_one_gemm_over_all_contexts(tmp_path, batch, variant):
+    """K = 3 at batch 1: the first and last Linears (kept per context) are one Gemm over the K
+    copies with k's slice selected; tuned for batch 64, they are gathered. Both exact."""
+    file = merged(tmp_path, [mlp(i) for i in range(3)], "binary", policy=HIDDEN)
+    out = tmp_path / "multi.onnx"
+    report = export_multi(file, task_of(lambda: mlp(0), MLP_IN), out, batch=batch, measure_per_context=False)
+    assert report.passed and [c.context for c in report.checks] == [0, 1, 2]
+    assert report.layers["2.weight"] == "input side"
+    served = {n: v for n, v in report.layers.items() if n.startswith(("0", "4"))}
+    if variant == "all-K Gemm":
+        assert served == {"0": variant, "4": variant}
+        shapes = {i.name: list(i.dims) for i in onnx.load(str(out)).graph.initializer}
+        assert shapes["model.0.weight_all"] == [3 * 48, 16] and shapes["model.4.weight_all"] == [3 * 4, 48]
+    else:
+        assert served == {f"{i}.{p}": variant for i in (0, 4) for p in ("weight", "bias")}
+    sess = session(out)
+    for x in fresh_inputs(MLP_IN):
+        for k in range(3):
+            got, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
+            np.testing.assert_allclose(got, reference(lambda: mlp(0), file, k, x), atol=1e-5, rtol=1e-4)
+            assert bool(valid)
+
+
+class PointwiseNet(nn.Module):
+    """A 1×1 conv (stride 2, zero padding 1: exact on the input side), a 3×3 conv (eq. 8's
+    context varies over the window: retrieved), a Linear subclass that keeps Linear's forward
+    and one that does not."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Plain(nn.Linear):
+        pass
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.point = nn.Conv2d(3, 8, 1, stride=2, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.plain = PointwiseNet.Plain(8 * 3 * 3, 16)
+        self.scaled = PointwiseNet.Scaled(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.point(x))))
+        return self.scaled(torch.relu(self.plain(x.flatten(1))))
+
+
+@pytest.mark.parametrize("base", ["none", "mean"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pointwise_convs_and_plain_linear_subclasses_bind_on_the_input_side(tmp_path, kind, base):
+    file = merged(tmp_path, [PointwiseNet(i) for i in range(3)], kind, base=base)
+    out = tmp_path / "multi.onnx"
+    task = task_of(lambda: PointwiseNet(0), (3, 4, 4))
+    report = export_multi(file, task, out, measure_per_context=False)
+    assert report.passed and [c.context for c in report.checks] == [0, 1, 2]
+    layers = report.layers
+    assert layers["point.weight"] == layers["plain.weight"] == "input side"
+    assert layers["conv.weight"] == layers["scaled.weight"] == "weight side"
+    sess = session(out)
+    for x in fresh_inputs((3, 4, 4)):
+        for k in range(3):
+            got, _ = sess.run(None, {"context": np.array(k), "input": x.numpy()})
+            np.testing.assert_allclose(
+                got, reference(lambda: PointwiseNet(0), file, k, x), atol=1e-5, rtol=1e-4
+            )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,52 @@ def test_replace_names_the_new_source() -> None:
     with pytest.raises(TaskError, match=r"^task file b.py: build_model\(\) returned int"):
         other.build_model()
     assert other.build_model.__wrapped__ is task.build_model.__wrapped__
+
+
+def test_task_file_imports_its_neighbours(tmp_path: Path) -> None:
+    """`from model import Net` works as under `python task.py`, and sys.path is restored."""
+    path_before, modules_before = list(sys.path), set(sys.modules)
+    tasks = []
+    for width in (3, 5):
+        folder = tmp_path / f"t{width}"
+        folder.mkdir()
+        write_task(folder, f"import torch\nclass Net(torch.nn.Linear):\n    WIDTH = {width}\n", "model.py")
+        write_task(
+            folder,
+            """
+            from model import Net
+
+            def build_model():
+                return Net(2, Net.WIDTH)
+            """,
+        )
+        tasks.append(load_task(folder / "task.py"))
+    # each task got its own model.py, though both are called `model`
+    assert [t.build_model().out_features for t in tasks] == [3, 5]
+    assert sys.path == path_before
+    assert "model" not in sys.modules
+    assert {m for m in set(sys.modules) - modules_before if not m.startswith("_pspctl_task_")} == set()
+
+
+def test_neighbour_import_restores_sys_path_on_failure(tmp_path: Path) -> None:
+    path_before = list(sys.path)
+    write_task(tmp_path, "from model import Net\n")
+    with pytest.raises(TaskError, match="failed to import: ModuleNotFoundError: No module named 'model'"):
+        load_task(tmp_path / "task.py")
+    assert sys.path == path_before
+
+
+def test_a_module_imported_earlier_is_hidden_then_put_back(tmp_path: Path) -> None:
+    """A cached module named like a neighbour does not shadow it, and comes back afterwards."""
+    other = types.ModuleType("model")
+    sys.modules["model"] = other
+    try:
+        write_task(tmp_path, "VALUE = 7\n", "model.py")
+        write_task(
+            tmp_path, "import model\nbuild_model = lambda: torch.nn.Linear(1, model.VALUE)\nimport torch\n"
+        )
+        task = load_task(tmp_path / "task.py")
+        assert task.build_model().out_features == 7
+        assert sys.modules["model"] is other
+    finally:
+        del sys.modules["model"]

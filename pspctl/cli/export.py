@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -44,6 +45,13 @@ def export(
     ] = DEFAULT_RTOL,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the validation report as JSON.")] = False,
+    batch: Annotated[
+        int,
+        typer.Option(
+            help="--multi: the batch size to tune the graph for (per-context Linears as one Gemm over "
+            "all contexts or a Gather); any batch runs."
+        ),
+    ] = 1,
     base: Annotated[
         Path | None,
         typer.Option(
@@ -67,7 +75,7 @@ def export(
     loaded = require_task(sf, task, "example_inputs")
     if multi:
         report = export_multi(
-            sf, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False
+            sf, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False, batch=batch
         )
     else:
         report = export_contexts(
@@ -96,6 +104,9 @@ def _render(report: ExportReport, json_out: bool) -> None:
         return
     for path, size in report.files.items():
         console.print(f"wrote {path} ({human_bytes(size)})")
+    if report.layers:
+        counts = Counter(report.layers.values())
+        console.print("served: " + ", ".join(f"{n} {variant}" for variant, n in sorted(counts.items())))
     if report.per_context_bytes:
         ratio = report.per_context_bytes / max(report.total_bytes, 1)
         console.print(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pspctl.errors import TaskError, ValidationError
+from pspctl.errors import InputError, TaskError, ValidationError
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile, open_superposed
 from pspctl.onnx_export.convert import io_names, to_onnx
@@ -199,6 +199,7 @@ def export_multi(
     force: bool = False,
     measure_per_context: bool = True,
     strict: bool = True,
+    batch: int = 1,
 ) -> ExportReport:
     """Export one graph serving all K contexts: inputs (context: int64 scalar, *task inputs).
 
@@ -206,6 +207,9 @@ def export_multi(
     clamped to 0..K−1 and flagged false. Every context is validated against PyTorch's
     retrieved model, and −1 and K must be flagged. With `measure_per_context`, one per-context
     graph is also exported (not kept) to report K × its size beside the multi-context file.
+    `batch` is the batch size each per-context Linear's storage is chosen for (one Gemm over
+    all K copies, or a Gather; see modules.all_k_pays); the graph runs at any batch.
+    `report.layers` says, per tensor, how it is served.
 
     Raises:
         As export_contexts; ValidationError if the out-of-range flag misbehaves.
@@ -217,7 +221,10 @@ def export_multi(
     staged = _staging([output], force=force, directory=None, source=file.path)
     with _unless_strict(report, strict), staged as staging:
         graph = staging / output.name
-        wrapper = MultiContextModel(_fresh_model(task, file), file)
+        if batch < 1:
+            raise InputError(f"batch {batch}: the batch size to tune for must be at least 1")
+        wrapper = MultiContextModel(_fresh_model(task, file), file, batch=batch)
+        report.layers = dict(wrapper.layers)
         example = _tracing_inputs(task)
         n_out = len(_outputs(task, _retrieved(task, file, 0), example, "example_inputs()"))
         names = io_names("output", n_out)

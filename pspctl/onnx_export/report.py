@@ -25,6 +25,9 @@ class ExportReport:
     files: dict[str, int] = field(default_factory=dict)  # graph path -> bytes, external data included
     checks: list[Check] = field(default_factory=list)
     per_context_bytes: int | None = None  # multi only: K × the size of one per-context graph
+    # multi only: how the graph serves each tensor (modules.INPUT_SIDE, ALL_K, GATHER, ...),
+    # by tensor name, or by layer name for an all-K Linear (its weight and bias)
+    layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
