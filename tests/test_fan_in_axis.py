@@ -278,6 +278,8 @@ def test_cli_fan_in_axis(tmp_path: Path):
     sf = SuperposedFile(out)
     assert (sf.metas["w"].fan_in_axis, sf.metas["w"].fan_in) == (0, 6)
     assert sf.header.recipe["fan_in_axes"] == ["w=0"]
+    info = CliRunner().invoke(app, ["info", str(out)], env={"COLUMNS": "200"})
+    assert info.exit_code == 0 and "6 (dim 0)" in info.output
     originals = [torch.load(p)["w"] for p in paths]
     for k in range(2):  # K=2 binary, retrieved on dim 0: W_k ± the other model, column-signed
         ctx = sf.contexts("w").vector(k)

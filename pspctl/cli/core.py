@@ -347,9 +347,11 @@ def info(
     for name, m in h.tensors.items():
         tensors.add_row(
             escape(name), m.role, "centred" if m.centred else "", m.dtype, "×".join(map(str, m.shape)) or "scalar",
-            str(m.fan_in), escape(m.reason),
+            str(m.fan_in) + ("" if m.fan_in_axis is None else f" (dim {m.fan_in_axis})"), escape(m.reason),
         )  # fmt: skip
     console.print(tensors)
+    for alias, name in h.tied.items():
+        console.print(f"tied: {escape(alias)} is {escape(name)}")
     if h.task:
         console.print(f"task: {escape(h.task)}")
     if h.recipe.get("command"):
