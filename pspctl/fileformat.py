@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -86,16 +87,19 @@ def write_superposed(
     *,
     force: bool = False,
     inputs: Sequence[str | Path] = (),
+    crcs: Mapping[str, str] | None = None,
 ) -> None:
     """Write tensors (already named superposed/…, stacked/…, contexts/…) and header atomically.
 
     The same tensors and header give the same bytes. `inputs` are files the output must not be.
+    `crcs`: the tensors' CRC-32s if already computed (`crc32` of each), else computed here.
     """
     from pspctl import __version__
 
     header.pspctl_version = header.pspctl_version or __version__
     text = header.to_json()
-    checksums = {"header": _crc_text(text), "tensors": {n: crc32(t) for n, t in sorted(tensors.items())}}
+    sums = {n: crc32(t) if crcs is None else crcs[n] for n, t in sorted(tensors.items())}
+    checksums = {"header": _crc_text(text), "tensors": sums}
     metadata = {
         "format": FORMAT_NAME,
         "pspctl.format_version": str(FORMAT_VERSION),
@@ -105,9 +109,10 @@ def write_superposed(
     _check_name(path)  # atomic_path refuses an existing file
     with atomic_path(path, force=force, inputs=inputs) as tmp:
         write_safetensors(tensors, tmp, metadata)
-        written = SuperposedFile(tmp)  # write, then verify: header, tensors and checksums
-        for name in tensors:
-            written.raw(name)
+        # Write, then verify the header, the records and the tensor list, as any reader will. The
+        # tensors' bytes are not read back: their CRCs were taken from the very buffers written
+        # (a re-read would come from the page cache, not the disk), and every read checks them.
+        SuperposedFile(tmp)
 
 
 def _crc_text(text: str) -> str:
@@ -223,6 +228,10 @@ class SuperposedWriter(_Stored):
         self.linked = linked
         self.metas = {}
         self.tensors: dict[str, Tensor] = {}
+        # CRC-32s are taken in a thread as tensors arrive (zlib releases the GIL), overlapping
+        # the reading and binding of the next tensor instead of adding a pass at the end.
+        self._crcs: dict[str, Future[str]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pspctl-crc")
 
     def raw(self, stored_name: str) -> Tensor:
         return self.tensors[stored_name]
@@ -258,6 +267,7 @@ class SuperposedWriter(_Stored):
     def _add(self, name: str, meta: TensorMeta, tensors: dict[str, Tensor]) -> int:
         self.metas[name] = meta
         self.tensors.update(tensors)
+        self._crcs.update({n: self._pool.submit(crc32, t) for n, t in tensors.items()})
         self._last = None
         return sum(t.nbytes for t in tensors.values())
 
@@ -267,7 +277,8 @@ class SuperposedWriter(_Stored):
         """Write the file: `header` as given, with this writer's tensor records."""
         header.tensors = dict(self.metas)
         stored = {n: t for n, t in self.tensors.items() if not (self.linked and n.startswith(BASE))}
-        write_superposed(Path(path), stored, header, force=force, inputs=inputs)
+        crcs = {n: self._crcs[n].result() for n in stored}
+        write_superposed(Path(path), stored, header, force=force, inputs=inputs, crcs=crcs)
 
 
 class SuperposedFile(_Stored):
