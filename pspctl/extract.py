@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from pspctl.checkpoints import save_state_dict
+from torch import Tensor
+
+from pspctl.checkpoints import checkpoint_files, save_state_dict
+from pspctl.errors import OutputError
 from pspctl.fileformat import SuperposedFile
-from pspctl.outputs import staged_folder
+from pspctl.outputs import staged_folder, write_safetensors_sharded
 
 __all__ = ["extract", "plan_outputs"]
 
@@ -34,12 +38,14 @@ def extract(
     fmt: str = "safetensors",
     force: bool = False,
     base: str | Path | None = None,
+    max_shard_size: int | str | None = None,
 ) -> list[Path]:
     """Write model `context` (an index, a label, or "all") as a plain state_dict.
 
     With `context="all"`, `output` is a directory and one `<label>.<fmt>` file is written per
     context, all or none: they are staged and moved into place only when every one is written.
-    Returns the paths written.
+    Returns the paths written. With `max_shard_size` (safetensors only), each model is written
+    as shards of at most that size and their index, the Hugging Face layout.
 
     Raises:
         ContextError: unknown label or index out of range.
@@ -50,14 +56,36 @@ def extract(
     """
     file = SuperposedFile(path, base=base)
     output = Path(output)
-    sources = [file.path] + ([file.linked_base().path] if file.linked else [])
+    if max_shard_size is not None and fmt != "safetensors":
+        raise OutputError(f"--max-shard-size writes safetensors shards, not {fmt}")
+    sources = [*file.files] + (checkpoint_files(file.linked_base().path) if file.linked else [])
     targets = plan_outputs(file, context, output, f".{fmt}")
     if str(context) != "all":
         [(k, target)] = targets
-        save_state_dict(file.state_dict(k), target, force=force, inputs=sources)
-        return [target]
+        return _save(file.state_dict(k), target, max_shard_size, force=force, inputs=sources)
     names = [t.name for _, t in targets]
+    written = []
     with staged_folder(output, names, force=force, inputs=sources) as staging:
         for k, target in targets:
-            save_state_dict(file.state_dict(k), staging / target.name)
-    return [t for _, t in targets]
+            files = _save(file.state_dict(k), staging / target.name, max_shard_size)
+            written += [output / f.name for f in files]
+    return written
+
+
+def _save(
+    state: dict[str, Tensor],
+    path: Path,
+    max_shard_size: int | str | None,
+    *,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+) -> list[Path]:
+    """Write one model: one file, or shards and their index; returns the files written."""
+    if max_shard_size is None:
+        save_state_dict(state, path, force=force, inputs=inputs)
+        return [path]
+    if path.suffix != ".safetensors":
+        raise OutputError(f"{path}: --max-shard-size writes safetensors shards; name it *.safetensors")
+    return write_safetensors_sharded(
+        state, path, {"format": "pt"}, max_shard_size=max_shard_size, force=force, inputs=inputs
+    )

@@ -51,6 +51,7 @@ class MergeOptions:
     command: str | None = None  # the command line, recorded in the recipe
     base: str = "auto"  # "auto", "mean", "none", or the path of the parent checkpoint
     link_base: bool = False  # record the parent's path and sha256 instead of storing its tensors
+    max_shard_size: int | str | None = None  # write shards of at most this size and an index
 
 
 @dataclass
@@ -185,7 +186,7 @@ def merge(
     output = Path(output)
     kind = Kind(options.kind)
     paths, files = _resolve_inputs(inputs, output)
-    check_output(output, force=options.force)
+    check_output(output, force=options.force, sharded=options.max_shard_size is not None)
     labels = _labels(paths, options.labels)
     centres = _centres(options)
     checkpoints = [open_checkpoint(p, trust_pickle=options.trust_pickle) for p in paths]
@@ -263,16 +264,18 @@ def merge(
         task=options.task,
         base=_base_record(decisions, options),
     )
-    writer.write(output, header, force=options.force, inputs=files)
+    written = writer.write(
+        output, header, force=options.force, inputs=files, max_shard_size=options.max_shard_size
+    )
     report = MergeReport(
-        output=str(output),
+        output=str(written[-1]),
         kind=kind.value,
         num_contexts=K,
         labels=labels,
         decisions=decisions,
         stored_bytes=stored,
         input_bytes=sum(c.nbytes() for c in checkpoints),
-        output_bytes=output.stat().st_size,
+        output_bytes=sum(f.stat().st_size for f in written),
         notes=notes,
         predicted_error=errors,
         warnings=warnings,

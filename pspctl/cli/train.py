@@ -13,6 +13,7 @@ from pspctl.cli.core import (
     DEFAULT_FILE,
     KeepOpt,
     MaxInterferenceOpt,
+    MaxShardSizeOpt,
     MinShareOpt,
     SuperposeOpt,
     policy_from_flags,
@@ -174,12 +175,14 @@ def tune_command(
             help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
         ),
     ] = None,
+    max_shard_size: MaxShardSizeOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Heal a post-hoc merge: fine-tune the superposed weights, one context at a time."""
     from pspctl.checkpoints import refuse_existing
     from pspctl.fileformat import SuperposedFile
+    from pspctl.outputs import parse_size
     from pspctl.sources import require_task
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
@@ -199,7 +202,10 @@ def tune_command(
         command=command_line(),
     )
     with progress_bar("tuning", quiet=quiet or json_out) as update:
-        report = tune(sf, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update)
+        report = tune(
+            sf, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update,
+            max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
+        )  # fmt: skip
     data = {"command": "tune", **report.to_dict()}
     if metrics is not None:
         write_json(data, metrics)

@@ -222,8 +222,10 @@ def save(
     task: str | None = None,
     inputs: Sequence[Mapping[str, Any]] = (),
     history: Sequence[Mapping[str, Any]] = (),
+    max_shard_size: int | str | None = None,
 ) -> None:
-    """Write `model` as an ordinary pspctl superposed file, atomically.
+    """Write `model` as an ordinary pspctl superposed file, atomically (with `max_shard_size`:
+    as shards of at most that size and their index).
 
     Raises:
         ValidationError: a tensor holds NaN/Inf (a broken file is never written).
@@ -257,7 +259,7 @@ def save(
         history=[dict(h) for h in history],
         base=model.base,
     )
-    writer.write(path, header, force=force)
+    writer.write(path, header, force=force, max_shard_size=max_shard_size)
 
 
 def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:

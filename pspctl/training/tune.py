@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pspctl.checkpoints import sha256_file
+from pspctl.checkpoints import sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
@@ -113,6 +113,7 @@ def tune(
     force: bool = False,
     trust_pickle: bool = False,
     progress: Progress | None = None,
+    max_shard_size: int | str | None = None,
 ) -> TuneReport:
     """Fine-tune a superposed file and write the result to `output` (never to `path`).
 
@@ -134,7 +135,7 @@ def tune(
     output = Path(output)
     if output.exists() and os.path.samefile(output, file.path):  # also through a link
         raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
-    check_output(output, force=force)
+    check_output(output, force=force, sharded=max_shard_size is not None)
     task.require("load_data")
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
@@ -181,7 +182,7 @@ def tune(
     record = {
         "step": "tune",
         "input": str(file.path),
-        "input_sha256": sha256_file(file.path),
+        "input_sha256": sha256_checkpoint(file.path),
         **asdict(options),
         "objective": objective,
         "mean_before": mean_primary(before),
@@ -196,5 +197,6 @@ def tune(
         task=file.header.task or options.task_spec,
         inputs=file.header.inputs,
         history=[*file.header.history, record],
+        max_shard_size=max_shard_size,
     )
     return report
