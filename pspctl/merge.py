@@ -348,12 +348,14 @@ def _measure(
             equal = torch.equal(first, w)
         norm = None
         if candidate:
-            norm = float(torch.linalg.vector_norm(w.float()))
+            wide = w.float()  # converted once (bf16 → fp32 is slow on CPUs without bf16 units)
+            norm = float(torch.linalg.vector_norm(wide))
             w_sq.append(norm**2)
             if "mean" in centres:
-                total = w.double() if total is None else total.add_(w)
+                total = wide.to(_sum_dtype(w.dtype), copy=True) if total is None else total.add_(wide)
             if p is not None:
-                to_parent.append(float(torch.linalg.vector_norm(w.float() - p)) ** 2)
+                to_parent.append(float(torch.linalg.vector_norm(wide - p)) ** 2)
+            del wide
         check(k, w, norm)
     if first is None or (equal and first.numel()) or not candidate:
         return first is not None and equal and bool(first.numel()), [], None
@@ -378,6 +380,13 @@ def _measure(
         extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
         out.append(Option(centre, max(errs), values + extra, tuple(errs)))
     return False, out, stored_mean
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where K copies of a tensor are summed for their mean: float64 for float32/float64, whose
+    mean must not lose their last bits; float32 for 16-bit floats, whose 8 or 11 significant
+    bits it sums exactly unless their exponents differ by more than ~12 (and much faster)."""
+    return torch.float32 if dtype.itemsize < 4 else torch.float64
 
 
 def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -438,8 +447,8 @@ def store_tensor(
         raise ValueError(f"{info.name}: centred on a base that was not given")
     # Round the base to the stored dtype first: the deltas then carry what rounding lost.
     base = base.to(torch_dtype(info.dtype))
-    wide = torch.promote_types(base.dtype, torch.float32)
-    deltas = (w.to(wide) - base.to(wide) for w in weights)
+    wide = base.to(torch.promote_types(base.dtype, torch.float32))  # converted once, not K times
+    deltas = (w.to(wide.dtype) - wide for w in weights)
     return writer.add_superposed(info.name, meta, bind(deltas, ctx), ctx, dtype, base=base)
 
 
