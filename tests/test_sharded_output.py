@@ -8,13 +8,14 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from pspctl.checkpoints import open_checkpoint
+from pspctl.checkpoints import open_checkpoint, sha256_checkpoint
 from pspctl.cli import app
 from pspctl.errors import InputError, OutputError
 from pspctl.extract import extract
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge
 from pspctl.outputs import TMP_SUFFIX, parse_size, write_safetensors_sharded
+from pspctl.policy import Role
 from tests.conftest import mlp
 
 runner = CliRunner()
@@ -184,3 +185,29 @@ def test_nn_load_reads_a_sharded_file(merged):
         model.set_context(k)
         reference.set_context(k)
         assert torch.equal(model(x), reference(x))
+
+
+def test_tune_reads_and_writes_sharded_files(tmp_path, monkeypatch):
+    from tests.test_training import _all, make_originals, write_task
+
+    monkeypatch.chdir(tmp_path)
+    task = write_task(tmp_path)
+    paths = make_originals(tmp_path, task)
+    (tmp_path / "in").mkdir()
+    merge(
+        paths,
+        "in/w.safetensors",
+        MergeOptions(base="none", task=str(task), policy=_all(), max_shard_size=2000),
+    )
+    args = ["tune", "in", "--steps", "2", "-o", "out/t.safetensors", "--max-shard-size", "200", "-q"]
+    (tmp_path / "out").mkdir()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    tuned, merged = SuperposedFile("out"), SuperposedFile("in")
+    assert len(tuned.files) > 2 and tuned.header.history[-1]["step"] == "tune"
+    assert tuned.header.history[-1]["input_sha256"] == sha256_checkpoint(merged.path)
+    assert tuned.header.tensors.keys() == merged.header.tensors.keys()
+    changed = [n for n in tuned.names() if not torch.equal(tuned.stacked(n) if n not in tuned.names(
+        Role.SUPERPOSED) else tuned.superposed(n), merged.stacked(n) if n not in merged.names(Role.SUPERPOSED)
+        else merged.superposed(n))]  # fmt: skip
+    assert changed  # it trained
