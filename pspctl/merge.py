@@ -341,6 +341,7 @@ def _measure(
     first, equal, w_sq, to_parent = None, True, [], []
     p = None if parent is None else parent.float()
     total = None
+    buf = torch.empty(info.shape) if candidate and info.dtype != "float32" else None
     for k, w in enumerate(read()):
         if first is None:
             first = w
@@ -348,11 +349,12 @@ def _measure(
             equal = torch.equal(first, w)
         norm = None
         if candidate:
-            wide = w.float()  # converted once (bf16 → fp32 is slow on CPUs without bf16 units)
+            wide = _widen(w, buf)
             norm = float(torch.linalg.vector_norm(wide))
             w_sq.append(norm**2)
             if "mean" in centres:
-                total = wide.to(_sum_dtype(w.dtype), copy=True) if total is None else total.add_(wide)
+                term = w if w.dtype == torch.float64 else wide
+                total = term.to(_sum_dtype(w.dtype), copy=True) if total is None else total.add_(term)
             if p is not None:
                 to_parent.append(float(torch.linalg.vector_norm(wide - p)) ** 2)
             del wide
@@ -373,13 +375,26 @@ def _measure(
             stored_mean = total.to(torch_dtype(info.dtype))
             mean = total.float()
             del total
-            d_sq = [float(torch.linalg.vector_norm(w.float() - mean)) ** 2 for w in read()]
+            deltas = torch.empty_like(mean)  # one buffer for the K deltas: no fresh pages per input
+            d_sq = [float(torch.linalg.vector_norm(_delta(w, mean, deltas))) ** 2 for w in read()]
+            del deltas
         else:
             d_sq = to_parent
         errs = predicted_errors(kind, d.fan_in, options.policy.eta, w_sq, d_sq, lookup=is_lookup(info.name))
         extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
         out.append(Option(centre, max(errs), values + extra, tuple(errs)))
     return False, out, stored_mean
+
+
+def _widen(w: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """`w` in float32, converted into `buf` when given: filling a buffer that is already mapped
+    costs a third of converting into fresh memory (bf16 → fp32 on a CPU without bf16 units)."""
+    return w.float() if buf is None or w.dtype == torch.float32 else buf.copy_(w)
+
+
+def _delta(w: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`w - base` in `out` (base's dtype): widened first, since a mixed-dtype op is slow."""
+    return torch.sub(w, base, out=out) if w.dtype == base.dtype else out.copy_(w).sub_(base)
 
 
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -448,7 +463,9 @@ def store_tensor(
     # Round the base to the stored dtype first: the deltas then carry what rounding lost.
     base = base.to(torch_dtype(info.dtype))
     wide = base.to(torch.promote_types(base.dtype, torch.float32))  # converted once, not K times
-    deltas = (w.to(wide.dtype) - wide for w in weights)
+    # One buffer for the K deltas: bind is done with each before the next is made.
+    buf = torch.empty_like(wide)
+    deltas = (_delta(w, wide, buf) for w in weights)
     return writer.add_superposed(info.name, meta, bind(deltas, ctx), ctx, dtype, base=base)
 
 
