@@ -75,21 +75,33 @@ def make_inputs(workdir: Path) -> list[Path]:
 
 
 def child_rss(cmd: list[str]) -> tuple[float, int]:
-    """Run `cmd` in a fresh benchmark process so that its ru_maxrss is its own."""
+    """Run `cmd` in a fresh benchmark process so that its ru_maxrss is its own. A leading
+    `PYTHONPATH=…` item runs it with that pspctl checkout first on the path."""
+    env = dict(os.environ)
+    if cmd[0].startswith("PYTHONPATH="):
+        env["PYTHONPATH"] = cmd[0].split("=", 1)[1]
+        cmd = cmd[1:]
     code = (
         "import resource, subprocess, sys, time\n"
         "s = time.perf_counter(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
         "print(time.perf_counter() - s, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *cmd], check=True, capture_output=True, text=True, env=env, cwd="/"
+    )  # not from a checkout: `python -m` would put it before PYTHONPATH
     wall, rss = out.stdout.split()
     return float(wall), int(rss)
 
 
-def compare(title: str, floor: list[str], ours: list[str], repeats: int, cleanup) -> None:
-    rows: dict[str, list[tuple[float, int]]] = {"floor": [], "pspctl": []}
+def compare(
+    title: str, floor: list[str], ours: list[str], repeats: int, cleanup, baseline: str | None
+) -> None:
+    runs = [("floor", floor), ("pspctl", ours)]
+    if baseline:
+        runs.append(("baseline", [f"PYTHONPATH={baseline}", *ours]))
+    rows: dict[str, list[tuple[float, int]]] = {label: [] for label, _ in runs}
     for _ in range(repeats):
-        for label, cmd in (("floor", floor), ("pspctl", ours)):
+        for label, cmd in runs:
             cleanup()
             rows[label].append(child_rss(cmd))
     mib = 1 << 20
@@ -108,8 +120,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=["merge", "extract"], default=None)
     parser.add_argument("--keep", action="store_true", help="keep the inputs for the next run")
+    parser.add_argument(
+        "--baseline", help="also run the pspctl of this checkout (e.g. /work/main), interleaved"
+    )
     args = parser.parse_args()
-    work = args.workdir
+    work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     paths = [str(p) for p in make_inputs(work)]
     py = sys.executable
@@ -138,6 +153,7 @@ def main() -> None:
             merge,
             args.repeats,
             rm(floor_out),
+            args.baseline,
         )
     if args.only in (None, "extract"):
         one, out_dir, floor_dir = work / "one.safetensors", work / "all", work / "floor-all"
@@ -148,6 +164,7 @@ def main() -> None:
             [py, "-m", "pspctl", "extract", str(merged), "-c", "0", "-o", str(one), "--force"],
             args.repeats,
             rm(one),
+            args.baseline,
         )
         compare(
             f"extract --context all ({K} outputs)",
@@ -155,6 +172,7 @@ def main() -> None:
             [py, "-m", "pspctl", "extract", str(merged), "-c", "all", "-o", str(out_dir), "--force"],
             args.repeats,
             rm(out_dir),
+            args.baseline,
         )
     print(f"\nmachine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (shared)")
     if not args.keep:
