@@ -91,7 +91,7 @@ def _is_checkpoint_name(path: Path) -> bool:
 
 def resolve(path: str | Path) -> Path:
     """The file a checkpoint path names: the path itself, or for a directory the first of
-    DIRECTORY_NAMES in it, else its only checkpoint file.
+    DIRECTORY_NAMES in it, else its only shard index, else its only checkpoint file.
 
     Raises:
         InputError: no such path, or a directory with no checkpoint or several.
@@ -102,8 +102,9 @@ def resolve(path: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         found = sorted(p.name for p in path.iterdir() if p.is_file() and _is_checkpoint_name(p))
-        if len(found) == 1:
-            return path / found[0]
+        indexes = [n for n in found if n.endswith(INDEX_SUFFIX)]  # e.g. `--max-shard-size` output
+        if len(found) == 1 or len(indexes) == 1:
+            return path / (indexes or found)[0]
         what = f"several checkpoints ({listed(found)})" if found else "no checkpoint"
         raise InputError(f"{path}: a directory with {what}; name the file")
     if not path.is_file():

@@ -3,13 +3,16 @@ model folders when the inputs were HF folders (see `pspctl.hf`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from pspctl.checkpoints import SUFFIXES, save_state_dict, sha256_file
-from pspctl.errors import InputError
+from torch import Tensor
+
+from pspctl.checkpoints import SUFFIXES, checkpoint_files, save_state_dict, sha256_file
+from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.hf import folder_names, write_folder
-from pspctl.outputs import staged_folder
+from pspctl.outputs import staged_folder, write_safetensors_sharded
 
 __all__ = ["default_format", "extract", "plan_outputs"]
 
@@ -54,7 +57,9 @@ def extract(
 
     With `context="all"`, `output` is a directory and one `<label>.<fmt>` file (or `<label>/`
     folder) is written per context, all or none: they are staged and moved into place only
-    when every one is written. Returns the paths written.
+    when every one is written. Returns the paths written. With `max_shard_size` and a
+    state_dict format (safetensors only), each model is written as shards of at most that size
+    and their index, the Hugging Face layout.
 
     Raises:
         ContextError: unknown label or index out of range.
@@ -65,20 +70,23 @@ def extract(
     """
     file = SuperposedFile(path, base=base)
     output = Path(output)
-    sources = [file.path] + ([file.linked_base().path] if file.linked else [])
+    sources = [*file.files] + (checkpoint_files(file.linked_base().path) if file.linked else [])
     fmt = fmt or default_format(file, context, output)
     if fmt == "hf":
         return _extract_hf(file, context, output, force=force, sources=sources, max_shard_size=max_shard_size)
+    if max_shard_size is not None and fmt != "safetensors":
+        raise OutputError(f"--max-shard-size writes safetensors shards, not {fmt}")
     targets = plan_outputs(file, context, output, f".{fmt}")
     if str(context) != "all":
         [(k, target)] = targets
-        save_state_dict(file.state_dict(k), target, force=force, inputs=sources)
-        return [target]
+        return _save(file.state_dict(k), target, max_shard_size, force=force, inputs=sources)
     names = [t.name for _, t in targets]
+    written = []
     with staged_folder(output, names, force=force, inputs=sources) as staging:
         for k, target in targets:
-            save_state_dict(file.state_dict(k), staging / target.name)
-    return [t for _, t in targets]
+            files = _save(file.state_dict(k), staging / target.name, max_shard_size)
+            written += [output / f.name for f in files]
+    return written
 
 
 def _extract_hf(
@@ -110,3 +118,22 @@ def _extract_hf(
             (staging / target.name).mkdir()
             write_folder(file, k, staging / target.name, sha256=digest, max_shard_size=max_shard_size)
     return [t for _, t in targets]
+
+
+def _save(
+    state: dict[str, Tensor],
+    path: Path,
+    max_shard_size: int | str | None,
+    *,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+) -> list[Path]:
+    """Write one model: one file, or shards and their index; returns the files written."""
+    if max_shard_size is None:
+        save_state_dict(state, path, force=force, inputs=inputs)
+        return [path]
+    if path.suffix != ".safetensors":
+        raise OutputError(f"{path}: --max-shard-size writes safetensors shards; name it *.safetensors")
+    return write_safetensors_sharded(
+        state, path, {"format": "pt"}, max_shard_size=max_shard_size, force=force, inputs=inputs
+    )

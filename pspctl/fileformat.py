@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,7 +37,15 @@ from pspctl.header import (
     parse_header,
     stored_names,
 )
-from pspctl.outputs import atomic_path, crc32, refuse_existing, write_safetensors
+from pspctl.outputs import (
+    INDEX_SUFFIX,
+    atomic_path,
+    crc32,
+    index_path,
+    refuse_existing,
+    write_safetensors,
+    write_safetensors_sharded,
+)
 from pspctl.policy import Role
 from pspctl.superpose import unbind
 
@@ -65,14 +74,15 @@ def pack(superposed: Tensor, dtype: torch.dtype) -> Tensor:
     return superposed.to(dtype).contiguous()
 
 
-def check_output(path: str | Path, *, force: bool) -> None:
+def check_output(path: str | Path, *, force: bool, sharded: bool = False) -> None:
     """Refuse, before any work, an output path a superposed file must not be written to.
 
     Raises:
-        OutputError: the name does not end in .safetensors, or the file exists without `force`.
+        OutputError: the name does not end in .safetensors, or the file (for `sharded`, its
+            index) exists without `force`.
     """
     _check_name(Path(path))
-    refuse_existing(path, force=force)
+    refuse_existing(index_path(path) if sharded else path, force=force)
 
 
 def _check_name(path: Path) -> None:
@@ -87,28 +97,42 @@ def write_superposed(
     *,
     force: bool = False,
     inputs: Sequence[str | Path] = (),
-) -> None:
+    crcs: Mapping[str, str] | None = None,
+    max_shard_size: int | str | None = None,
+) -> list[Path]:
     """Write tensors (already named superposed/…, stacked/…, contexts/…) and header atomically.
 
     The same tensors and header give the same bytes. `inputs` are files the output must not be.
+    `crcs`: the tensors' CRC-32s if already computed (`crc32` of each), else computed here.
+    `max_shard_size`: write shards of at most this size and their index (the Hugging Face
+    layout, `outputs.write_safetensors_sharded`); each shard carries the header and the
+    checksums of its own tensors, the index the header. Returns the files written.
     """
     from pspctl import __version__
 
     header.pspctl_version = header.pspctl_version or __version__
     text = header.to_json()
-    checksums = {"header": _crc_text(text), "tensors": {n: crc32(t) for n, t in sorted(tensors.items())}}
-    metadata = {
-        "format": FORMAT_NAME,
-        "pspctl.format_version": str(FORMAT_VERSION),
-        "pspctl.header": text,
-        CHECKSUMS: json.dumps(checksums, sort_keys=True, separators=(",", ":")),
-    }
+    sums = {n: crc32(t) if crcs is None else crcs[n] for n, t in sorted(tensors.items())}
+    metadata = {"format": FORMAT_NAME, "pspctl.format_version": str(FORMAT_VERSION), "pspctl.header": text}
+
+    def checksummed(part: Mapping[str, Tensor]) -> dict[str, str]:
+        checksums = {"header": _crc_text(text), "tensors": {n: sums[n] for n in sorted(part)}}
+        return {CHECKSUMS: json.dumps(checksums, sort_keys=True, separators=(",", ":"))}
+
     _check_name(path)  # atomic_path refuses an existing file
+    if max_shard_size is not None:
+        return write_safetensors_sharded(
+            tensors, path, metadata, max_shard_size=max_shard_size, shard_metadata=checksummed,
+            force=force, inputs=inputs, verify=SuperposedFile,
+        )  # fmt: skip
+    metadata.update(checksummed(tensors))
     with atomic_path(path, force=force, inputs=inputs) as tmp:
         write_safetensors(tensors, tmp, metadata)
-        written = SuperposedFile(tmp)  # write, then verify: header, tensors and checksums
-        for name in tensors:
-            written.raw(name)
+        # Write, then verify the header, the records and the tensor list, as any reader will. The
+        # tensors' bytes are not read back: their CRCs were taken from the very buffers written
+        # (a re-read would come from the page cache, not the disk), and every read checks them.
+        SuperposedFile(tmp)
+    return [path]
 
 
 def _crc_text(text: str) -> str:
@@ -228,6 +252,10 @@ class SuperposedWriter(_Stored):
         self.linked = linked
         self.metas = {}
         self.tensors: dict[str, Tensor] = {}
+        # CRC-32s are taken in a thread as tensors arrive (zlib releases the GIL), overlapping
+        # the reading and binding of the next tensor instead of adding a pass at the end.
+        self._crcs: dict[str, Future[str]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pspctl-crc")
 
     def raw(self, stored_name: str) -> Tensor:
         return self.tensors[stored_name]
@@ -269,16 +297,27 @@ class SuperposedWriter(_Stored):
     def _add(self, name: str, meta: TensorMeta, tensors: dict[str, Tensor]) -> int:
         self.metas[name] = meta
         self.tensors.update(tensors)
+        self._crcs.update({n: self._pool.submit(crc32, t) for n, t in tensors.items()})
         self._last = None
         return sum(t.nbytes for t in tensors.values())
 
     def write(
-        self, path: str | Path, header: Header, *, force: bool = False, inputs: Sequence[str | Path] = ()
-    ) -> None:
-        """Write the file: `header` as given, with this writer's tensor records."""
+        self,
+        path: str | Path,
+        header: Header,
+        *,
+        force: bool = False,
+        inputs: Sequence[str | Path] = (),
+        max_shard_size: int | str | None = None,
+    ) -> list[Path]:
+        """Write the file (or its shards and index, see `write_superposed`): `header` as
+        given, with this writer's tensor records. Returns the files written."""
         header.tensors = dict(self.metas)
         stored = {n: t for n, t in self.tensors.items() if not (self.linked and n.startswith(BASE))}
-        write_superposed(Path(path), stored, header, force=force, inputs=inputs)
+        crcs = {n: self._crcs[n].result() for n in stored}
+        return write_superposed(
+            Path(path), stored, header, force=force, inputs=inputs, crcs=crcs, max_shard_size=max_shard_size
+        )
 
 
 class SuperposedFile(_Stored):
@@ -290,41 +329,18 @@ class SuperposedFile(_Stored):
     """
 
     def __init__(self, path: str | Path, *, base: str | Path | None = None):
-        self.path = Path(path)
+        self.path = _superposed_file(Path(path))
         self._base_path = None if base is None else Path(base)
         self._base: Checkpoint | None = None
-        if self.path.is_dir():
-            raise InputError(f"{self.path}: is a directory, not a superposed file")
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
-        try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            meta = self._handle.metadata() or {}
-            stored = {}
-            for n in self._handle.keys():
-                piece = self._handle.get_slice(n)
-                stored[n] = (list(piece.get_shape()), ST_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
-        except SafetensorError as e:
-            if self.path.suffix in PICKLE_SUFFIXES:
-                raise FormatError(
-                    f"{self.path}: a PyTorch checkpoint, not a pspctl superposed file (pspctl merge makes one)"
-                ) from None
-            raise InputError(f"{self.path}: not a readable safetensors file ({e})") from None
-        if meta.get("format") != FORMAT_NAME or "pspctl.header" not in meta:
-            raise FormatError(f"{self.path}: a plain safetensors file, not a pspctl superposed file")
-        version = meta.get("pspctl.format_version", "?")
-        if version not in READS:
-            raise FormatError(
-                f"{self.path}: pspctl format version {version[:20]}, this pspctl reads versions "
-                f"{' and '.join(sorted(READS))}; upgrade pspctl"
-            )
-        unknown = sorted(set(meta) - METADATA_KEYS)
-        if unknown:  # also catches a corrupted key name, e.g. one that hid the checksums
-            raise FormatError(
-                f"{self.path}: unknown metadata entries {unknown[:3]}: corrupted, or written by another tool"
-            )
-        self._checksums = _checksums(self.path, meta)
         self._verified: set[str] = set()
+        self._handles: dict[str, object] = {}  # stored name -> the safe_open handle of its file
+        self._checksums: dict[str, str] = {}
+        if self.path.name.endswith(INDEX_SUFFIX):
+            meta, stored = self._open_index()
+        else:
+            meta, stored = self._open_file(self.path)
+            self.files = [self.path]
+        version = meta["pspctl.format_version"]
         try:
             self.header = parse_header(meta["pspctl.header"])
             check_header(self.header, version)
@@ -341,6 +357,65 @@ class SuperposedFile(_Stored):
             raise MismatchError(
                 f"{self.path}: --base given, but this file's tensors are not centred on a base"
             )
+
+    def _open_file(self, path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+        """Open one safetensors file of this superposed file (the file, or a shard): its checked
+        metadata and its stored tensors' shapes and dtypes; its handle and checksums are kept."""
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            meta = handle.metadata() or {}
+            stored = {}
+            for n in handle.keys():
+                piece = handle.get_slice(n)
+                stored[n] = (list(piece.get_shape()), ST_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
+        except SafetensorError as e:
+            if path.suffix in PICKLE_SUFFIXES:
+                raise FormatError(
+                    f"{path}: a PyTorch checkpoint, not a pspctl superposed file (pspctl merge makes one)"
+                ) from None
+            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+        _check_metadata(path, meta)
+        checksums = _checksums(path, meta)
+        if checksums and set(checksums) != set(stored):
+            raise FormatError(f"{path}: the checksums do not list the stored tensors")
+        self._checksums.update(checksums)
+        self._handles.update(dict.fromkeys(stored, handle))
+        return meta, stored
+
+    def _open_index(self) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+        """Open a sharded superposed file by its index: every shard carries the index's header
+        and the checksums of its own tensors, and holds exactly the tensors the index maps to it."""
+        index = self.path
+        try:
+            data = json.loads(index.read_text())
+            meta, weight_map = data["metadata"], data["weight_map"]
+            if not isinstance(meta, dict) or not isinstance(weight_map, dict):
+                raise TypeError("metadata and weight_map must be objects")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{index}: not a readable shard index ({type(e).__name__}: {e})") from None
+        meta = {k: v for k, v in meta.items() if k != "total_size"}
+        _check_metadata(index, meta)
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise InputError(f"{index}: shard {shard!r} of {name!r} is not a file name beside the index")
+            shards.setdefault(shard, []).append(name)
+        stored: dict[str, tuple[list[int], str]] = {}
+        self.files = [index]
+        for shard in sorted(shards):
+            path = index.parent / shard
+            if not path.is_file():
+                raise InputError(f"{index}: shard {shard} is missing")
+            shard_meta, held = self._open_file(path)
+            if shard_meta["pspctl.header"] != meta["pspctl.header"]:
+                raise FormatError(
+                    f"{path}: its pspctl header differs from the index's: a shard of another file?"
+                )
+            if set(held) != set(shards[shard]):
+                raise FormatError(f"{path}: holds other tensors than {index.name} maps to it")
+            stored.update(held)
+            self.files.append(path)
+        return meta, stored
 
     def raw(self, stored_name: str) -> Tensor:
         if self.linked and stored_name.startswith(BASE):
@@ -399,7 +474,7 @@ class SuperposedFile(_Stored):
             InputError: unreadable, or its bytes differ from the checksum written with it.
         """
         try:
-            tensor = self._handle.get_tensor(stored_name)
+            tensor = self._handles[stored_name].get_tensor(stored_name)  # type: ignore[attr-defined]
         except SafetensorError as e:
             raise InputError(f"{self.path}: cannot read {stored_name!r} ({e})") from None
         if stored_name not in self._verified and self._checksums:
@@ -423,7 +498,42 @@ class SuperposedFile(_Stored):
         return state
 
     def nbytes(self) -> int:
-        return self.path.stat().st_size
+        """Bytes on disk: the file, or a sharded file's shards and index."""
+        return sum(f.stat().st_size for f in self.files)
+
+
+def _superposed_file(path: Path) -> Path:
+    """The file to open for `path`: itself, or in a folder its one shard index or its one
+    safetensors file.
+
+    Raises:
+        InputError: no such path, or a folder without exactly one superposed file.
+    """
+    if path.is_dir():
+        found = sorted(path.glob(f"*{INDEX_SUFFIX}")) or sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise InputError(f"{path}: is a directory, not a superposed file")
+        return found[0]
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    return path
+
+
+def _check_metadata(path: Path, meta: Mapping[str, str]) -> None:
+    """Raise FormatError unless `meta` is a pspctl file's, of a version this pspctl reads."""
+    if meta.get("format") != FORMAT_NAME or "pspctl.header" not in meta:
+        raise FormatError(f"{path}: a plain safetensors file, not a pspctl superposed file")
+    version = meta.get("pspctl.format_version", "?")
+    if version not in READS:
+        raise FormatError(
+            f"{path}: pspctl format version {str(version)[:20]}, this pspctl reads versions "
+            f"{' and '.join(sorted(READS))}; upgrade pspctl"
+        )
+    unknown = sorted(set(meta) - METADATA_KEYS)
+    if unknown:  # also catches a corrupted key name, e.g. one that hid the checksums
+        raise FormatError(
+            f"{path}: unknown metadata entries {unknown[:3]}: corrupted, or written by another tool"
+        )
 
 
 def open_superposed(file: str | Path | SuperposedFile) -> SuperposedFile:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, MismatchError, PspctlError
 from pspctl.fileformat import SuperposedFile, SuperposedWriter
 from pspctl.header import check_label
-from pspctl.outputs import write_safetensors
+from pspctl.outputs import parse_size, write_safetensors
 from pspctl.task import Task
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "hf_task",
     "is_hf_folder",
     "non_weight_files",
-    "parse_size",
     "shard_plan",
     "record_folder",
     "require_transformers",
@@ -147,27 +145,6 @@ def file_bytes(sf: SuperposedFile, record: Mapping[str, Any]) -> bytes:
 
 MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 INDEX = "model.safetensors.index.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from `5GB`, `500MB`, `2GiB` or a plain number (as transformers reads max_shard_size).
-
-    Raises:
-        InputError: not a size.
-    """
-    if isinstance(size, int):
-        value = size
-    else:
-        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
-        unit = found.group(2).upper() if found else ""
-        if found is None or unit not in _UNITS:
-            raise InputError(f"--max-shard-size {size!r}: expected a size such as 5GB, 500MB or 2GiB")
-        value = int(float(found.group(1)) * _UNITS[unit])
-    if value < 1:
-        raise InputError(f"--max-shard-size {size!r}: must be at least 1 byte")
-    return value
 
 
 def shard_plan(sf: SuperposedFile, max_shard_size: int | str | None = None) -> dict[str, list[str]]:

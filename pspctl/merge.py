@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class MergeOptions:
     )
     fan_in_axes: tuple[tuple[str, int | None], ...] = ()  # --fan-in-axis GLOB=AXIS, later ones win
     strip_prefix: str | None = None  # strip this key prefix (e.g. a LightningModule's "model.")
+    max_shard_size: int | str | None = None  # write shards of at most this size and an index
 
 
 @dataclass
@@ -254,7 +256,7 @@ def merge(
     output = Path(output)
     kind = Kind(options.kind)
     paths, files = _resolve_inputs(inputs, output)
-    check_output(output, force=options.force)
+    check_output(output, force=options.force, sharded=options.max_shard_size is not None)
     labels = _labels(paths, options.labels)
     centres = _centres(options)
     checkpoints = open_inputs(paths, options)
@@ -281,16 +283,28 @@ def merge(
 
     # Pass 1: what is shared, and each candidate's options with their predicted errors.
     measured: dict[str, list[Option]] = {}
+    # The inputs' mean of each tensor that may be centred on it, from the measuring pass: kept
+    # (in the stored dtype) only for the tensors that end up centred on it, where it is stored
+    # anyway, so that the writing pass need not read the K inputs once more to average them.
+    means: dict[str, torch.Tensor] = {}
+    hashes = _hash_inputs(paths)  # in a thread while the inputs are read (hashlib frees the GIL)
     for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
         tick(i, 2 * len(infos), info.name)
         lookup = is_lookup(info.name) or any(is_lookup(a) for a, n in ties.items() if n == info.name)
 
         def read(name: str = info.name) -> Iterator[torch.Tensor]:
-            return (_finite(c, name, options.allow_nonfinite) for c in checkpoints)
+            return (c[name] for c in checkpoints)
+
+        def check(k: int, w: torch.Tensor, norm: float | None, name: str = info.name) -> None:
+            _check_finite(checkpoints[k], name, w, norm, options.allow_nonfinite)
 
         base = None if parent is None or d.role is not Role.SUPERPOSED else parent[info.name]
         eta = etas.get(info.name) or options.policy.eta
-        shared, measured[info.name] = _measure(info, d, read, base, centres, kind, options, eta, lookup)
+        shared, measured[info.name], mean = _measure(
+            info, d, read, base, centres, kind, options, eta, lookup, check
+        )
+        if mean is not None:
+            means[info.name] = mean
         if shared:
             decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
         elif measured[info.name]:
@@ -298,6 +312,8 @@ def merge(
             decisions[i] = replace(d, eta=min(eta) if isinstance(eta, list) else eta, eta_source=source)
     measured = {name: opts for name, opts in measured.items() if opts}
     chosen = choose(measured, [d.name for d in decisions if d.forced], options.policy.max_error)
+    for name in [n for n in means if getattr(chosen.get(n), "centre", None) != "mean"]:
+        del means[name]
 
     # Pass 2: store each tensor as chosen.
     writer = SuperposedWriter(kind, K, linked=options.link_base)
@@ -315,7 +331,9 @@ def merge(
                     f"{info.name}: superposed as forced, but its predicted output error is {d.error:.3g} "
                     "(above 1: the retrieved layer is mostly noise)"
                 )
-        base = None if parent is None or d.centre != "base" else parent[info.name]
+        base = means.pop(info.name, None) if d.centre == "mean" else None
+        if parent is not None and d.centre == "base":
+            base = parent[info.name]
         stored[info.name] = store_tensor(writer, info, d, checkpoints, options, base=base)
 
     notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes] + eta_notes
@@ -333,8 +351,8 @@ def merge(
         labels=labels,
         tensors={},
         inputs=[
-            {"path": str(p), "sha256": sha256_checkpoint(p), "label": lab}
-            for p, lab in zip(paths, labels, strict=True)
+            {"path": str(p), "sha256": digest.result(), "label": lab}
+            for p, lab, digest in zip(paths, labels, hashes, strict=True)
         ],
         recipe=_recipe(options),
         task=options.task,
@@ -342,16 +360,18 @@ def merge(
         tied=ties,
         hf=hf,
     )
-    writer.write(output, header, force=options.force, inputs=files)
+    written = writer.write(
+        output, header, force=options.force, inputs=files, max_shard_size=options.max_shard_size
+    )
     report = MergeReport(
-        output=str(output),
+        output=str(written[-1]),
         kind=kind.value,
         num_contexts=K,
         labels=labels,
         decisions=decisions,
         stored_bytes=stored,
         input_bytes=sum(c.nbytes() for c in checkpoints),
-        output_bytes=output.stat().st_size,
+        output_bytes=sum(f.stat().st_size for f in written),
         notes=notes,
         predicted_error=errors,
         warnings=warnings,
@@ -440,48 +460,88 @@ def _measure(
     options: MergeOptions,
     eta: float | Sequence[float],
     lookup: bool = False,
-) -> tuple[bool, list[Option]]:
-    """Whether the K copies of one tensor are equal, and (for a candidate) each way to store it
-    with its predicted error per context and its bytes.
+    check: Callable[[int, torch.Tensor, float | None], None] = lambda k, w, norm: None,
+) -> tuple[bool, list[Option], torch.Tensor | None]:
+    """Whether the K copies of one tensor are equal, (for a candidate) each way to store it
+    with its predicted error per context and its bytes, and the inputs' mean in the stored
+    dtype when centring on it is an option.
 
     `read()` streams the K copies afresh: one at a time, never K at once (the mean's deltas take
-    a second stream). Norms are float32 (pairwise-summed, ~1e-7 relative); the mean is one
+    a second stream). `check(k, w, norm)` sees each copy of the first stream once, with its norm
+    when one was computed. Norms are float32 (pairwise-summed, ~1e-7 relative); the mean is one
     float64 accumulator.
     """
     candidate = d.role is Role.SUPERPOSED
     first, equal, w_sq, to_parent = None, True, [], []
     p = None if parent is None else parent.float()
-    total = None
-    for w in read():
+    total = cast = None
+    buf = torch.empty(info.shape) if candidate and info.dtype != "float32" else None
+    for k, w in enumerate(read()):
         if first is None:
             first = w
         elif equal:
             equal = torch.equal(first, w)
+        norm = None
         if candidate:
-            w_sq.append(float(torch.linalg.vector_norm(w.float())) ** 2)
+            wide = _widen(w, buf)
+            norm = float(torch.linalg.vector_norm(wide))
+            w_sq.append(norm**2)
             if "mean" in centres:
-                total = w.double() if total is None else total.add_(w.double())
+                term = w if w.dtype == torch.float64 else wide
+                if total is None:
+                    total = term.to(_sum_dtype(w.dtype), copy=True)
+                elif term.dtype == total.dtype:
+                    total.add_(term)
+                else:  # fp32 into fp64: widened into a buffer first, 3× faster than a mixed add_
+                    cast = torch.empty_like(total) if cast is None else cast
+                    total.add_(cast.copy_(term))
             if p is not None:
-                to_parent.append(float(torch.linalg.vector_norm(w.float() - p)) ** 2)
+                to_parent.append(float(torch.linalg.vector_norm(wide - p)) ** 2)
+            del wide
+        check(k, w, norm)
     if first is None or (equal and first.numel()) or not candidate:
-        return first is not None and equal and bool(first.numel()), []
+        return first is not None and equal and bool(first.numel()), [], None
     K, n = len(w_sq), info.numel
     size = itemsize(info.dtype)
     values = n * itemsize(options.dtype or info.dtype) * (2 if kind.is_complex else 1)
     values += OPS[kind].context_bytes(K, d.fan_in)
     out = [Option("", 0.0, K * n * size, (0.0,) * K)]
+    stored_mean = None
     for centre in centres:
         if centre == "none":
             d_sq = w_sq
         elif centre == "mean" and total is not None:
-            mean = (total / K).float()
-            d_sq = [float(torch.linalg.vector_norm(w.float() - mean)) ** 2 for w in read()]
+            total /= K
+            stored_mean = total.to(torch_dtype(info.dtype))
+            mean = total.float()
+            del total
+            deltas = torch.empty_like(mean)  # one buffer for the K deltas: no fresh pages per input
+            d_sq = [float(torch.linalg.vector_norm(_delta(w, mean, deltas))) ** 2 for w in read()]
+            del deltas
         else:
             d_sq = to_parent
         errs = predicted_errors(kind, d.fan_in, eta, w_sq, d_sq, lookup=lookup)
         extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
         out.append(Option(centre, max(errs), values + extra, tuple(errs)))
-    return False, out
+    return False, out, stored_mean
+
+
+def _widen(w: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """`w` in float32, converted into `buf` when given: filling a buffer that is already mapped
+    costs a third of converting into fresh memory (bf16 → fp32 on a CPU without bf16 units)."""
+    return w.float() if buf is None or w.dtype == torch.float32 else buf.copy_(w)
+
+
+def _delta(w: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`w - base` in `out` (base's dtype): widened first, since a mixed-dtype op is slow."""
+    return torch.sub(w, base, out=out) if w.dtype == base.dtype else out.copy_(w).sub_(base)
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where K copies of a tensor are summed for their mean: float64 for float32/float64, whose
+    mean must not lose their last bits; float32 for 16-bit floats, whose 8 or 11 significant
+    bits it sums exactly unless their exponents differ by more than ~12 (and much faster)."""
+    return torch.float32 if dtype.itemsize < 4 else torch.float64
 
 
 def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -538,24 +598,41 @@ def store_tensor(
     weights = (c[info.name] for c in checkpoints)
     if not centred:
         return writer.add_superposed(info.name, meta, bind(weights, ctx, info.fan_in_axis), ctx, dtype)
-    if d.centre == "mean":
+    if d.centre == "mean" and base is None:
         base = _mean(c[info.name] for c in checkpoints)
     if base is None:
         raise ValueError(f"{info.name}: centred on a base that was not given")
     # Round the base to the stored dtype first: the deltas then carry what rounding lost.
     base = base.to(torch_dtype(info.dtype))
-    wide = torch.promote_types(base.dtype, torch.float32)
-    deltas = (w.to(wide) - base.to(wide) for w in weights)
+    wide = base.to(torch.promote_types(base.dtype, torch.float32))  # converted once, not K times
+    # One buffer for the K deltas: bind is done with each before the next is made.
+    buf = torch.empty_like(wide)
+    deltas = (_delta(w, wide, buf) for w in weights)
     return writer.add_superposed(info.name, meta, bind(deltas, ctx, info.fan_in_axis), ctx, dtype, base=base)
 
 
-def _finite(ckpt: Checkpoint, name: str, allow: bool) -> torch.Tensor:
-    tensor = ckpt[name]
-    if not allow and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+def _check_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor, norm: float | None, allow: bool) -> None:
+    """Refuse NaN/Inf in `tensor`. A finite norm proves every value finite (NaN and Inf carry
+    into it) at a twentieth of `isfinite`'s cost; only an infinite one, which large finite
+    values can also give, is looked at value by value."""
+    if allow or not tensor.is_floating_point():
+        return
+    if norm is None:
+        norm = float(torch.linalg.vector_norm(tensor.float()))
+    if not math.isfinite(norm) and not bool(torch.isfinite(tensor).all()):
         raise PolicyError(
             f"{ckpt.path}: tensor {name!r} has NaN/Inf values (pass --allow-nonfinite to merge anyway)"
         )
-    return tensor
+
+
+def _hash_inputs(paths: Sequence[Path]) -> list[Future[str]]:
+    """The inputs' sha256s, computed in a background thread: hashlib and file reads release the
+    GIL, so hashing overlaps the merge instead of adding a full read of every input to it."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pspctl-sha256")
+    try:
+        return [pool.submit(sha256_checkpoint, p) for p in paths]
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _recipe(options: MergeOptions) -> dict[str, Any]:

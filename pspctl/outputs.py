@@ -18,25 +18,29 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pspctl.errors import WRITE_ERRNOS, OutputError, cannot_write
+from pspctl.errors import WRITE_ERRNOS, InputError, OutputError, cannot_write
 
 __all__ = [
     "atomic_path",
     "crc32",
+    "index_path",
+    "parse_size",
     "refuse_existing",
     "refuse_inputs",
     "staged_folder",
     "write_safetensors",
+    "write_safetensors_sharded",
 ]
 
 TMP_SUFFIX = ".pspctl-tmp"
@@ -280,3 +284,142 @@ def write_safetensors(
             f.write(_raw(tensors[name]))
         f.flush()
         os.fsync(f.fileno())
+
+
+# --- sharded safetensors, the Hugging Face layout -----------------------------------------------
+# `name.safetensors` with a size limit becomes `name-00001-of-0000N.safetensors` … and the index
+# `name.safetensors.index.json` ({"metadata": {"total_size": …}, "weight_map": {tensor: shard}}),
+# all beside each other, published together or not at all.
+
+INDEX_SUFFIX = ".index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from a size such as `2GB`, `500MB`, `5GiB` or `1000000` (decimal units as in
+    Hugging Face's `max_shard_size`; `KiB`/`MiB`/`GiB` are binary).
+
+    Raises:
+        InputError: not a positive size (a bad argument, exit 2).
+    """
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]I?B|B)?\s*", str(text).upper())
+    value, unit = (float(found[1]), found[2] or "") if found else (0.0, "")
+    if value * _UNITS[unit] < 1:
+        raise InputError(f"--max-shard-size {text!r} is not a size; use e.g. 2GB, 500MB or 5GiB")
+    return int(value * _UNITS[unit])
+
+
+def index_path(path: str | Path) -> Path:
+    """Where the index of a sharded `path` goes: `w.safetensors` -> `w.safetensors.index.json`."""
+    path = Path(path)
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def shard_name(path: str | Path, i: int, count: int) -> str:
+    """The i-th (0-based) of `count` shard names of `path`: `w-00001-of-00003.safetensors`."""
+    path = Path(path)
+    return f"{path.stem}-{i + 1:05d}-of-{count:05d}{path.suffix}"
+
+
+def plan_shards(tensors: Mapping[str, Tensor], max_shard_size: int) -> list[list[str]]:
+    """Tensor names grouped into shards in their given order, each shard up to `max_shard_size`
+    bytes (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_safetensors_sharded(
+    tensors: Mapping[str, Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    max_shard_size: int | str,
+    shard_metadata: Callable[[Mapping[str, Tensor]], Mapping[str, str]] | None = None,
+    force: bool = False,
+    inputs: Sequence[str | Path] = (),
+    verify: Callable[[Path], object] | None = None,
+) -> list[Path]:
+    """Write `tensors` as safetensors shards of at most `max_shard_size` bytes each, plus their
+    index, atomically as a whole; or, if they fit in one shard, as one plain file at `path`.
+
+    Args:
+        path: the unsharded name, `<dir>/<name>.safetensors`; shards and index go beside it.
+        metadata: the `__metadata__` of every shard, and the index's `metadata` (with `total_size`).
+        shard_metadata: more metadata for one shard, from its tensors (e.g. their checksums).
+        verify: called with the staged index (or file) before anything is published; raises to
+            refuse it.
+
+    Returns:
+        The files written, the index last.
+
+    Raises:
+        OutputError: a target is refused as in `atomic_path`, or the size is not one.
+    """
+    path = Path(path)
+    groups = plan_shards(tensors, parse_size(max_shard_size))
+    if len(groups) == 1:
+        with atomic_path(path, force=force, inputs=inputs) as tmp:
+            write_safetensors(tensors, tmp, {**(metadata or {}), **_shard_meta(shard_metadata, tensors)})
+            if verify is not None:
+                verify(tmp)
+        return [path]
+    names = [shard_name(path, i, len(groups)) for i in range(len(groups))]
+    targets = [path.parent / n for n in [*names, index_path(path).name]]
+    for target in targets:
+        _check_target(target, force=force, inputs=inputs)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: no such directory")
+    clean_stale(path)
+    staging = _tmp_name(path)  # a folder beside the outputs, on their file system
+    published: list[Path] = []
+    try:
+        staging.mkdir(mode=0o777)
+        weight_map, total = {}, 0
+        for name, group in zip(names, groups, strict=True):
+            part = {n: tensors[n] for n in group}
+            write_safetensors(part, staging / name, {**(metadata or {}), **_shard_meta(shard_metadata, part)})
+            weight_map.update(dict.fromkeys(group, name))
+            total += sum(t.numel() * t.element_size() for t in part.values())
+        index = {
+            "metadata": {**(metadata or {}), "total_size": total},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        staged_index = staging / targets[-1].name
+        with open(staged_index, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if verify is not None:
+            verify(staged_index)
+        for target in targets:  # all checked before any is moved; the index, which readers open, last
+            _check_target(target, force=force, inputs=inputs)
+        for target in targets:
+            _publish(staging / target.name, target, force=force)
+            published.append(target)
+    except BaseException as e:
+        if not force:  # take back what this run published: all or nothing
+            for target in published:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets
+
+
+def _shard_meta(
+    make: Callable[[Mapping[str, Tensor]], Mapping[str, str]] | None, tensors: Mapping[str, Tensor]
+) -> Mapping[str, str]:
+    return {} if make is None else make(tensors)

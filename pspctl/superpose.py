@@ -78,7 +78,10 @@ def bind(weights: Iterable[Tensor], ctx: ContextSet, axis: int | None = None) ->
         if flat.shape[1] != ctx.fan_in:
             raise ValueError(f"weight fan-in {flat.shape[1]} != context fan-in {ctx.fan_in}")
         term = ops.bind(flat, ops.pick(buffers, k))
-        acc = term if acc is None else acc + term
+        if acc is None:  # summed in place into the first term, which must not be the input
+            acc = term.clone() if term.data_ptr() == w.data_ptr() else term
+        else:
+            acc.add_(term)
         count += 1
         shape = w.shape
     if acc is None or count != ctx.num_contexts:

@@ -350,4 +350,4 @@ def test_max_shard_size_shards_the_weights_with_an_index(finetunes, tmp_path):
     result = run(
         "extract", folder / "w.safetensors", "-c", "1", "-o", tmp_path / "n", "--max-shard-size", "big"
     )
-    assert result.exit_code == 2 and "expected a size such as 5GB" in result.output
+    assert result.exit_code == 2 and "is not a size; use e.g. 2GB" in result.output

@@ -49,6 +49,12 @@ MaxErrorOpt = Annotated[
     ),
 ]
 EtaOpt = Annotated[float, typer.Option(help="Prior alignment η of layer inputs with the weights.")]
+MaxShardSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Write shards of at most this size (2GB, 500MB, 5GiB) and an index, the Hugging Face layout."
+    ),
+]
 
 
 @app.command()
@@ -142,6 +148,7 @@ def merge(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    max_shard_size: MaxShardSizeOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON instead of a table.")
@@ -151,6 +158,7 @@ def merge(
     from pspctl.architectures import parse_overrides
     from pspctl.merge import MergeOptions
     from pspctl.merge import merge as run_merge
+    from pspctl.outputs import parse_size
 
     options = MergeOptions(
         kind=kind.value,
@@ -169,6 +177,7 @@ def merge(
         calib_samples=calib_samples,
         command=command_line(),
         fan_in_axes=parse_overrides(fan_in_axis or []),
+        max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
     )
     if policy is PolicySource.MEASURED:
         from dataclasses import replace
@@ -223,10 +232,11 @@ def merge_table(report: MergeReport) -> Table:
 
 
 def superposed_path(path: Path) -> Path:
-    """`path`, refused if it is a directory (SuperposedFile would say "no such file")."""
+    """`path`, refused if it is a directory without a superposed file (sharded or not)."""
     from pspctl.errors import InputError
+    from pspctl.outputs import INDEX_SUFFIX
 
-    if path.is_dir():
+    if path.is_dir() and len(list(path.glob(f"*{INDEX_SUFFIX}")) or list(path.glob("*.safetensors"))) != 1:
         raise InputError(f"{path}: is a directory, not a superposed file")
     return path
 
@@ -276,15 +286,11 @@ def extract(
             help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
         ),
     ] = None,
-    max_shard_size: Annotated[
-        str | None,
-        typer.Option(
-            help="Hugging Face folders: shard the weights above this size (5GB, 500MB…; default 50GB)."
-        ),
-    ] = None,
+    max_shard_size: MaxShardSizeOpt = None,
 ) -> None:
     """Write one model (or all) back out as a plain state_dict, or as a Hugging Face model folder."""
     from pspctl.extract import extract as run_extract
+    from pspctl.outputs import parse_size
 
     if output is None:
         hf = fmt is StateDictFormat.HF
@@ -293,7 +299,13 @@ def extract(
         )
     fmt_name = None if fmt is None else fmt.value
     written = run_extract(
-        file, context, output, fmt=fmt_name, force=force, base=base, max_shard_size=max_shard_size
+        file,
+        context,
+        output,
+        fmt=fmt_name,
+        force=force,
+        base=base,
+        max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
     )
     for path in written:
         console.print(f"wrote {path}")

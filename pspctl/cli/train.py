@@ -13,6 +13,7 @@ from pspctl.cli.core import (
     DEFAULT_FILE,
     KeepOpt,
     MaxInterferenceOpt,
+    MaxShardSizeOpt,
     MinShareOpt,
     SuperposeOpt,
     policy_from_flags,
@@ -196,6 +197,7 @@ def tune_command(
             help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
         ),
     ] = None,
+    max_shard_size: MaxShardSizeOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     dist_timeout: DistTimeoutOpt = DIST_TIMEOUT_S,
@@ -206,6 +208,7 @@ def tune_command(
     """
     from pspctl.checkpoints import refuse_existing
     from pspctl.fileformat import SuperposedFile
+    from pspctl.outputs import parse_size
     from pspctl.sources import require_task
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
@@ -230,7 +233,15 @@ def tune_command(
         progress_bar("tuning", quiet=quiet or json_out or not world.main) as update,
     ):
         report = tune(
-            sf, loaded, output, options, force=force, trust_pickle=trust_pickle, progress=update, world=world
+            sf,
+            loaded,
+            output,
+            options,
+            force=force,
+            trust_pickle=trust_pickle,
+            progress=update,
+            world=world,
+            max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
         )
     if not world.main:  # rank 0 writes the metrics and prints
         return

@@ -238,8 +238,10 @@ def save(
     task: str | None = None,
     inputs: Sequence[Mapping[str, Any]] = (),
     history: Sequence[Mapping[str, Any]] = (),
+    max_shard_size: int | str | None = None,
 ) -> None:
-    """Write `model` as an ordinary pspctl superposed file, atomically.
+    """Write `model` as an ordinary pspctl superposed file, atomically (with `max_shard_size`:
+    as shards of at most that size and their index).
 
     Under DDP call it on rank 0 (every rank holds the whole model). A model sharded with
     FSDP2 (`fully_shard`) is gathered tensor by tensor, a collective: call `save` on every
@@ -285,7 +287,7 @@ def save(
     )
     if sharded and torch.distributed.get_rank() != 0:
         return  # the whole tensors were gathered on every rank; rank 0 writes them
-    writer.write(path, header, force=force)
+    writer.write(path, header, force=force, max_shard_size=max_shard_size)
 
 
 def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.checkpoints import sha256_file
+from pspctl.checkpoints import sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
@@ -115,6 +115,7 @@ def tune(
     trust_pickle: bool = False,
     progress: Progress | None = None,
     world: World = World(),
+    max_shard_size: int | str | None = None,
 ) -> TuneReport:
     """Fine-tune a superposed file and write the result to `output` (never to `path`).
 
@@ -142,7 +143,7 @@ def tune(
     def check_outputs() -> None:
         if output.exists() and os.path.samefile(output, file.path):  # also through a link
             raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
-        check_output(output, force=force)
+        check_output(output, force=force, sharded=max_shard_size is not None)
 
     world.on_main(check_outputs)  # only rank 0 writes (its file system may be its own)
     task.require("load_data")
@@ -204,7 +205,7 @@ def tune(
         record = {
             "step": "tune",
             "input": str(file.path),
-            "input_sha256": sha256_file(file.path),
+            "input_sha256": sha256_checkpoint(file.path),
             **asdict(options),
             "objective": objective,
             "mean_before": mean_primary(report.before),
@@ -219,6 +220,7 @@ def tune(
             task=file.header.task or options.task_spec,
             inputs=file.header.inputs,
             history=[*file.header.history, record],
+            max_shard_size=max_shard_size,
         )
 
     world.on_main(write)
