@@ -292,7 +292,9 @@ class SuperposedWriter(_Stored):
         """Store a small non-weight file (an HF folder's config, tokenizer…) as `files/<name>`;
         the header's `hf.files` must list it."""
         empty = torch.zeros(0, dtype=torch.uint8)
-        self.tensors[FILES + name] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else empty
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else empty
+        self.tensors[FILES + name] = tensor
+        self._crcs[FILES + name] = self._pool.submit(crc32, tensor)
 
     def _add(self, name: str, meta: TensorMeta, tensors: dict[str, Tensor]) -> int:
         self.metas[name] = meta
