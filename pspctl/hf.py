@@ -283,12 +283,14 @@ def auto_class_name(config: Mapping[str, Any]) -> str:
     return "AutoModel"
 
 
-def example_inputs(config: Mapping[str, Any], batch: int = 2, seq: int = 16) -> tuple[Tensor, ...]:
+def example_inputs(
+    config: Mapping[str, Any], batch: int = 2, seq: int = 16, seed: int = 0
+) -> tuple[Tensor, ...]:
     """Inputs a model of `config` takes: pixel values for vision, token ids below vocab_size otherwise.
 
-    Seeded: the same config gives the same inputs.
+    Seeded: the same config and seed give the same inputs.
     """
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     vision = config.get("vision_config") or config
     if "image_size" in vision or "num_channels" in vision:
         size = vision.get("image_size", 224)
@@ -299,10 +301,17 @@ def example_inputs(config: Mapping[str, Any], batch: int = 2, seq: int = 16) -> 
     return (torch.randint(0, vocab, (batch, min(seq, int(limit))), generator=gen),)
 
 
-def hf_task(sf: SuperposedFile) -> Task:
+SYNTHETIC_BATCHES = {"train": 32, "test": 4}  # batches of 8 made-up inputs per split (tune)
+
+
+def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
     """A Task for an HF merge without a task file: `build_model` makes the model from the
     recorded config.json with transformers' Auto class for its `architectures`; `example_inputs`
-    are made from the config. It has no data, so no metrics.
+    are made from the config. It has no labelled data, so no metrics.
+
+    With `synthetic_data` it also has `load_data(k, split)`: seeded made-up inputs (as
+    `example_inputs`, 8 per batch) with no targets, which is enough to distil each context
+    towards its original (`tune`); `tune` then measures agreement with the original.
 
     Raises:
         PspctlError: transformers is missing. InputError: no readable config.json.
@@ -323,8 +332,16 @@ def hf_task(sf: SuperposedFile) -> Task:
     def inputs() -> tuple[Tensor, ...]:
         return example_inputs(config)
 
+    def load_data(context: int, split: str) -> list[tuple[Tensor, None]]:
+        count = SYNTHETIC_BATCHES.get(split, SYNTHETIC_BATCHES["test"])
+        seed = 1 + context * 1000 + (0 if split == "train" else 500)
+        return [(example_inputs(config, batch=8, seed=seed + i)[0], None) for i in range(count)]
+
     return Task(
-        source=f"config.json of {sf.path.name} ({auto})", build_model=build_model, example_inputs=inputs
+        source=f"config.json of {sf.path.name} ({auto})",
+        build_model=build_model,
+        example_inputs=inputs,
+        load_data=load_data if synthetic_data else None,
     )
 
 

@@ -179,7 +179,8 @@ def require_task(sf: SuperposedFile, explicit: str | Path | None, *needs: str) -
     if explicit is None:
         spec, _ = recorded_task(sf)  # a recorded path found nowhere: load_task names it
         if spec is None and sf.header.hf is not None:
-            task = hf_task(sf)
+            # tune distils on made-up inputs: it needs inputs, not labels (pspctl.hf.hf_task)
+            task = hf_task(sf, synthetic_data="load_data" in needs)
             lacking = [n for n in needs if getattr(task, n, None) is None]
             if lacking:
                 raise TaskError(

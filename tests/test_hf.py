@@ -300,11 +300,48 @@ def test_the_readme_hugging_face_section_runs_as_written(finetunes, tmp_path, mo
     assert scope["tokenizer"]("w1 w2")["input_ids"] == [3, 4]
 
 
-def test_tune_without_a_task_file_says_it_needs_one_with_data(finetunes, tmp_path):
-    folder, _, _, _ = finetunes
-    result = run("tune", folder / "w.safetensors", "--steps", "1", "-o", tmp_path / "t.safetensors")
-    assert result.exit_code == 9
-    assert "built from config.json, which gives no load_data(); pass --task" in result.output
+def test_tune_without_a_task_file_distils_on_made_up_inputs(finetunes, tmp_path):
+    """No task file: tune distils each context towards its original folder on token ids made
+    up from config.json, and reports agreement with the original; the retrieved models move
+    towards the originals on inputs it never saw."""
+    folder, _, models, x = finetunes
+    out = tmp_path / "t.safetensors"
+    result = run("tune", folder / "w.safetensors", "--steps", "60", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["objective"] == "distill" and data["metric"] == "agreement"
+    assert all(row["agreement"] == 100.0 for row in data["originals"])
+
+    build, _ = H.llama(tied=False)
+
+    def errors(path):
+        sf = SuperposedFile(path)
+        retrieved = []
+        for k in range(len(models)):
+            model = build().eval()
+            model.load_state_dict(sf.state_dict(k))
+            retrieved.append(H.rel(H.outputs(model, x), H.outputs(models[k], x)))
+        return retrieved
+
+    before, after = errors(folder / "w.safetensors"), errors(out)
+    assert sum(after) < 0.8 * sum(before), (before, after)
+
+
+def test_tune_without_a_task_file_or_the_originals_says_what_it_needs(finetunes, tmp_path):
+    import shutil
+
+    folder, paths, _, _ = finetunes
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(folder / "w.safetensors", alone / "w.safetensors")
+    moved = tmp_path / "moved"
+    shutil.move(paths[1], moved)
+    try:
+        result = run("tune", alone / "w.safetensors", "--steps", "1", "-o", tmp_path / "t.safetensors")
+    finally:
+        shutil.move(moved, paths[1])
+    assert result.exit_code == 2
+    assert "only distil, and the original models were not found; pass --task" in result.output
     assert not (tmp_path / "t.safetensors").exists()
 
 

@@ -7,9 +7,11 @@ the contexts. `distill` matches each original model's outputs on its own context
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
 from pspctl.sources import locate_originals, open_originals
-from pspctl.task import Task, check_fits, load_model, on_task_data, primary_metric
+from pspctl.task import Task, as_tensor, check_fits, load_model, on_task_data, primary_metric
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -105,6 +107,40 @@ def _teachers(file: SuperposedFile, task: Task, objective: str, trust_pickle: bo
     ]
 
 
+def _unlabelled(task: Task) -> bool:
+    """Whether the task's training batches carry no targets, `(inputs, None)`."""
+    batch = task.batches(0, "train")[0]
+    return isinstance(batch, (tuple, list)) and len(batch) == 2 and batch[1] is None
+
+
+def _agreement(task: Task, teachers: Sequence[nn.Module]) -> Callable[[nn.Module, int], dict[str, float]]:
+    """An `evaluate` for unlabelled data: how often the model's top output agrees with its
+    original's on the test inputs (%), and the relative output error against it."""
+
+    def evaluate(model: nn.Module, k: int) -> dict[str, float]:
+        same = total = 0
+        err_sq = ref_sq = 0.0
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for inputs, _ in task.batches(k, "test"):
+                    out = as_tensor(model(inputs)).float()
+                    ref = as_tensor(teachers[k].eval()(inputs)).float()
+                    same += int((out.argmax(-1) == ref.argmax(-1)).sum())
+                    total += ref.argmax(-1).numel()
+                    err_sq += float((out - ref).pow(2).sum())
+                    ref_sq += float(ref.pow(2).sum())
+        finally:
+            model.train(was_training)
+        return {
+            "agreement": 100.0 * same / max(total, 1),
+            "output error": math.sqrt(err_sq / max(ref_sq, 1e-30)),
+        }
+
+    return evaluate
+
+
 def tune(
     path: str | Path | SuperposedFile,
     task: Task,
@@ -153,6 +189,13 @@ def tune(
         check_fits(model, file.shapes(), str(file.path))  # so the error names the task's model
         psp = load(file, model)  # (which checks again, for library callers: a state_dict walk)
     teachers = _teachers(file, task, options.objective, trust_pickle)
+    if _unlabelled(task):  # made-up inputs (a Hugging Face model without a task file)
+        if not teachers:
+            raise InputError(
+                f"{file.path}: its data has no labels (inputs made up from config.json), so tune can "
+                "only distil, and the original models were not found; pass --task with load_data"
+            )
+        task = replace(task, evaluate=_agreement(task, teachers))
     objective = "distill" if teachers else "task"
     K = file.num_contexts
     report = TuneReport(str(file.path), str(output), objective, "", [], [], None)
@@ -182,10 +225,10 @@ def tune(
         psp.set_context(k)
         (inputs, targets), rows = world.share(next(streams[k]))
         with on_task_data(task.source, f"load_data({k}, 'train')"):
-            outputs = stepper(inputs)
+            outputs = as_tensor(stepper(inputs))  # a Hugging Face model returns its logits in a ModelOutput
             if teachers:
                 with torch.no_grad():
-                    reference = teachers[k](inputs)
+                    reference = as_tensor(teachers[k](inputs))
                 loss = mse(outputs, reference, world, rows)
             else:
                 loss = task_loss(outputs, targets, world, rows)
