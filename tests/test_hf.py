@@ -127,6 +127,16 @@ def test_a_state_dict_name_or_format_still_gives_a_state_dict(finetunes, tmp_pat
     ] == "ft0.pt"
 
 
+def test_extract_without_output_writes_a_model_folder_for_an_hf_merge(finetunes, tmp_path, monkeypatch):
+    folder, _, _, _ = finetunes
+    monkeypatch.chdir(tmp_path)
+    result = run("extract", folder / "w.safetensors", "-c", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "context-1" / "config.json").is_file()
+    assert (tmp_path / "context-1" / "model.safetensors").is_file()
+    assert not (tmp_path / "context-1.safetensors").exists()
+
+
 def test_format_hf_needs_hf_inputs(mlp_paths, tmp_path):
     merge(mlp_paths, tmp_path / "m.safetensors")
     result = run("extract", tmp_path / "m.safetensors", "-c", "0", "--format", "hf", "-o", tmp_path / "x")

@@ -293,7 +293,10 @@ def extract(
     from pspctl.outputs import parse_size
 
     if output is None:
-        hf = fmt is StateDictFormat.HF
+        from pspctl.fileformat import SuperposedFile
+
+        # A merge of HF folders extracts to model folders by default (pspctl.extract.default_format).
+        hf = fmt is StateDictFormat.HF or (fmt is None and SuperposedFile(file).header.hf is not None)
         output = Path(
             "extracted" if context == "all" else f"context-{context}" + ("" if hf else ".safetensors")
         )
