@@ -189,7 +189,8 @@ def tune(
         check_fits(model, file.shapes(), str(file.path))  # so the error names the task's model
         psp = load(file, model)  # (which checks again, for library callers: a state_dict walk)
     teachers = _teachers(file, task, options.objective, trust_pickle)
-    if _unlabelled(task):  # made-up inputs (a Hugging Face model without a task file)
+    unlabelled = _unlabelled(task)
+    if unlabelled:  # made-up inputs (a Hugging Face model without a task file)
         if not teachers:
             raise InputError(
                 f"{file.path}: its data has no labels (inputs made up from config.json), so tune can "
@@ -219,7 +220,9 @@ def tune(
     streams = [batch_stream(task, k, "train", options.seed) for k in range(K)]
     optimizer = make_optimizer(stepper.parameters(), options.optimizer, options.lr)
     start = time.perf_counter()
-    psp.train()
+    # Distilling on made-up inputs, the student runs as the teacher does (no dropout): the
+    # targets are the teacher's outputs, and dropout's noise only pulls the student off them.
+    psp.train(not unlabelled)
     for step in range(1, options.steps + 1):
         k = (step - 1) % K
         psp.set_context(k)
@@ -240,7 +243,7 @@ def tune(
             progress(step, options.steps, f"context {k}")
         if options.eval_every and step % options.eval_every == 0 and step != options.steps:
             evaluate(step)
-            psp.train()
+            psp.train(not unlabelled)
     report.wall_s = time.perf_counter() - start
     report.after, report.steps = evaluate(options.steps) or [], options.steps
 
