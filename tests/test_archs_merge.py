@@ -102,6 +102,17 @@ def test_gpt2_hf_folders(tmp_path):
     # config.json says gpt2: its Conv1D weights are [in, out] and are bound on dim 0.
     header = SuperposedFile(tmp_path / "w.safetensors").header
     assert header.tensors["transformer.h.0.attn.c_attn.weight"].fan_in_axis == 0
+    # No task file: tune distils on made-up token ids, the student without dropout (GPT-2 has
+    # 0.1), and moves each context towards its original.
+    from pspctl.sources import require_task
+    from pspctl.training import TuneOptions, tune
+
+    sf = SuperposedFile(tmp_path / "w.safetensors")
+    task = require_task(sf, None, "load_data")
+    report = tune(sf, task, tmp_path / "t.safetensors", TuneOptions(steps=80, lr=1e-4))
+    before = [r["output error"] for r in report.before]
+    after = [r["output error"] for r in report.after]
+    assert sum(after) < sum(before), (before, after)
     assert retrieved[0].config.n_embd == 32
 
 
