@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pspctl.cli.common import app, console, handle_errors, human_bytes, progress_bar
-from pspctl.cli.core import DEFAULT_FILE, superposed_path
+from pspctl.cli.core import DEFAULT_FILE, BaseOpt, superposed_path
 
 if TYPE_CHECKING:
     from pspctl.analysis.report import Report
@@ -72,12 +72,7 @@ def analyze(
         bool, typer.Option("--trust-pickle", help="Allow pickled originals (runs code from them).")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    base: Annotated[
-        Path | None,
-        typer.Option(
-            help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
-        ),
-    ] = None,
+    base: BaseOpt = None,
 ) -> None:
     """Retrieval error in weight and function space, pruning statistics and the same-budget baseline."""
     from pspctl.analysis import DEFAULT_SPARSITIES

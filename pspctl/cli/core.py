@@ -49,12 +49,29 @@ MaxErrorOpt = Annotated[
     ),
 ]
 EtaOpt = Annotated[float, typer.Option(help="Prior alignment η of layer inputs with the weights.")]
+BaseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
+    ),
+]
 MaxShardSizeOpt = Annotated[
     str | None,
     typer.Option(
         help="Write shards of at most this size (2GB, 500MB, 5GiB) and an index, the Hugging Face layout."
     ),
 ]
+
+
+def shard_size(text: str | None) -> int | None:
+    """`--max-shard-size` in bytes, parsed before any work is done (None: one file).
+
+    Raises:
+        InputError: not a size.
+    """
+    from pspctl.outputs import parse_size
+
+    return None if text is None else parse_size(text)
 
 
 @app.command()
@@ -158,7 +175,6 @@ def merge(
     from pspctl.architectures import parse_overrides
     from pspctl.merge import MergeOptions
     from pspctl.merge import merge as run_merge
-    from pspctl.outputs import parse_size
 
     options = MergeOptions(
         kind=kind.value,
@@ -177,7 +193,7 @@ def merge(
         calib_samples=calib_samples,
         command=command_line(),
         fan_in_axes=parse_overrides(fan_in_axis or []),
-        max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
+        max_shard_size=shard_size(max_shard_size),
     )
     if policy is PolicySource.MEASURED:
         from dataclasses import replace
@@ -280,17 +296,11 @@ def extract(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
-    base: Annotated[
-        Path | None,
-        typer.Option(
-            help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
-        ),
-    ] = None,
+    base: BaseOpt = None,
     max_shard_size: MaxShardSizeOpt = None,
 ) -> None:
     """Write one model (or all) back out as a plain state_dict, or as a Hugging Face model folder."""
     from pspctl.extract import extract as run_extract
-    from pspctl.outputs import parse_size
 
     if output is None:
         from pspctl.fileformat import SuperposedFile
@@ -308,7 +318,7 @@ def extract(
         fmt=fmt_name,
         force=force,
         base=base,
-        max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
+        max_shard_size=shard_size(max_shard_size),
     )
     for path in written:
         console.print(f"wrote {path}")

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from pspctl.cli.common import app, console, handle_errors, human_bytes, print_json
-from pspctl.cli.core import DEFAULT_FILE, FileArg, superposed_path
+from pspctl.cli.core import DEFAULT_FILE, BaseOpt, FileArg, superposed_path
 from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
 if TYPE_CHECKING:
@@ -52,12 +52,7 @@ def export(
             "all contexts or a Gather); any batch runs."
         ),
     ] = 1,
-    base: Annotated[
-        Path | None,
-        typer.Option(
-            help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
-        ),
-    ] = None,
+    base: BaseOpt = None,
 ) -> None:
     """Export ONNX graphs (per context, or one multi-context graph) and validate them in onnxruntime."""
     from pspctl.errors import InputError

@@ -11,12 +11,14 @@ from rich.table import Table
 from pspctl.cli.common import app, command_line, console, handle_errors, print_json, progress_bar
 from pspctl.cli.core import (
     DEFAULT_FILE,
+    BaseOpt,
     KeepOpt,
     MaxInterferenceOpt,
     MaxShardSizeOpt,
     MinShareOpt,
     SuperposeOpt,
     policy_from_flags,
+    shard_size,
     superposed_path,
 )
 from pspctl.types import TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE, Kind, Objective, Optimizer
@@ -191,12 +193,7 @@ def tune_command(
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
-    base: Annotated[
-        Path | None,
-        typer.Option(
-            help="The parent checkpoint of a file merged with --link-base, if not at its recorded path."
-        ),
-    ] = None,
+    base: BaseOpt = None,
     max_shard_size: MaxShardSizeOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -208,7 +205,6 @@ def tune_command(
     """
     from pspctl.checkpoints import refuse_existing
     from pspctl.fileformat import SuperposedFile
-    from pspctl.outputs import parse_size
     from pspctl.sources import require_task
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
@@ -241,7 +237,7 @@ def tune_command(
             trust_pickle=trust_pickle,
             progress=update,
             world=world,
-            max_shard_size=None if max_shard_size is None else parse_size(max_shard_size),
+            max_shard_size=shard_size(max_shard_size),
         )
     if not world.main:  # rank 0 writes the metrics and prints
         return
