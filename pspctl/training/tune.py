@@ -108,8 +108,11 @@ def _teachers(file: SuperposedFile, task: Task, objective: str, trust_pickle: bo
 
 
 def _unlabelled(task: Task) -> bool:
-    """Whether the task's training batches carry no targets, `(inputs, None)`."""
-    batch = task.batches(0, "train")[0]
+    """Whether the task's training batches carry no targets, `(inputs, None)`. Looks at the
+    first batch only (load_data is iterated lazily), not at all of context 0's data again."""
+    if task.load_data is None:
+        return False
+    batch = next(iter(task.load_data(0, "train")), None)
     return isinstance(batch, (tuple, list)) and len(batch) == 2 and batch[1] is None
 
 
