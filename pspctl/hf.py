@@ -28,7 +28,7 @@ from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, MismatchError, PspctlError
 from pspctl.fileformat import SuperposedFile, SuperposedWriter
 from pspctl.header import check_label
-from pspctl.outputs import parse_size, write_safetensors
+from pspctl.outputs import parse_size, plan_shards, shard_name, write_safetensors
 from pspctl.task import Task
 
 __all__ = [
@@ -152,19 +152,11 @@ def shard_plan(sf: SuperposedFile, max_shard_size: int | str | None = None) -> d
     most `max_shard_size` bytes each (a larger tensor gets a shard of its own), named and
     indexed as transformers names them."""
     limit = parse_size(MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, meta in sf.metas.items():
-        nbytes = math.prod(meta.shape) * itemsize(meta.dtype)
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+    sizes = {name: math.prod(meta.shape) * itemsize(meta.dtype) for name, meta in sf.metas.items()}
+    shards = plan_shards(sizes, limit)
     if len(shards) == 1:
         return {WEIGHTS: shards[0]}
-    n = len(shards)
-    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": names for i, names in enumerate(shards)}
+    return {shard_name(WEIGHTS, i, len(shards)): names for i, names in enumerate(shards)}
 
 
 def _write_weights(sf: SuperposedFile, k: int, folder: Path, plan: Mapping[str, list[str]]) -> None:

@@ -322,13 +322,12 @@ def shard_name(path: str | Path, i: int, count: int) -> str:
     return f"{path.stem}-{i + 1:05d}-of-{count:05d}{path.suffix}"
 
 
-def plan_shards(tensors: Mapping[str, Tensor], max_shard_size: int) -> list[list[str]]:
-    """Tensor names grouped into shards in their given order, each shard up to `max_shard_size`
-    bytes (a larger tensor gets a shard of its own)."""
+def plan_shards(nbytes_of: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
+    """Tensor names (with their sizes in bytes) grouped into shards in their given order, each
+    shard up to `max_shard_size` bytes (a larger tensor gets a shard of its own)."""
     shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in nbytes_of.items():
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -365,7 +364,9 @@ def write_safetensors_sharded(
         OutputError: a target is refused as in `atomic_path`, or the size is not one.
     """
     path = Path(path)
-    groups = plan_shards(tensors, parse_size(max_shard_size))
+    groups = plan_shards(
+        {n: t.numel() * t.element_size() for n, t in tensors.items()}, parse_size(max_shard_size)
+    )
     if len(groups) == 1:
         with atomic_path(path, force=force, inputs=inputs) as tmp:
             write_safetensors(tensors, tmp, {**(metadata or {}), **_shard_meta(shard_metadata, tensors)})
