@@ -152,7 +152,7 @@ def main() -> None:
             [py, "-c", MERGE_FLOOR, *paths, str(floor_out), str(copies)],
             merge,
             args.repeats,
-            rm(floor_out),
+            rm(floor_out, merged),  # each run writes a fresh file: none pays for unlinking the last
             args.baseline,
         )
     if args.only in (None, "extract"):

@@ -226,10 +226,7 @@ class _Stored:
         if meta.role != Role.SUPERPOSED:
             return self.stacked(name)[k].clone()
         value = self.superposed(name) if superposed is None else superposed
-        weight = unbind(value, self.contexts(name), k, meta.fan_in_axis)
-        base = self.base(name)
-        if base is not None:
-            weight = base.to(weight.dtype) + weight
+        weight = unbind(value, self.contexts(name), k, meta.fan_in_axis, base=self.base(name))
         return weight.to(torch_dtype(meta.dtype))
 
     def stored_bytes(self, name: str) -> int:

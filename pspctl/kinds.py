@@ -48,9 +48,17 @@ class KindOps:
         """Model k's term of the superposed sum (complex for the complex kinds)."""
         raise NotImplementedError
 
+    def accumulate(self, acc: Tensor, w: Tensor, c: Any) -> None:
+        """acc += bind(w, c), in place: what a K-way bind spends its time on."""
+        acc.add_(self.bind(w, c))
+
     def retrieve(self, real: Tensor, imag: Tensor | None, c: Any) -> Tensor:
         """Ŵ_k from the superposed matrix (imag: None for the real kinds)."""
         raise NotImplementedError
+
+    def retrieve_onto(self, base: Tensor, real: Tensor, imag: Tensor | None, c: Any) -> Tensor:
+        """base + Ŵ_k: a centred tensor retrieved (a new tensor; `base` is not changed)."""
+        return base + self.retrieve(real, imag, c)
 
     def bind_input(self, x: Tensor, c: Any) -> list[Tensor]:
         """The context moved onto the input: y = Σ_j x_j @ W_jᵀ with W = `parts(real, imag)`.
@@ -86,8 +94,14 @@ class _Binary(KindOps):
     def bind(self, w: Tensor, c: Tensor) -> Tensor:
         return w * c.to(w.dtype)
 
+    def accumulate(self, acc: Tensor, w: Tensor, c: Tensor) -> None:
+        acc.addcmul_(w, c.to(w.dtype))  # one pass, no temporary; exact as w * c then + (c = ±1)
+
     def retrieve(self, real: Tensor, imag: Tensor | None, c: Tensor) -> Tensor:
         return real * c.to(real.dtype)
+
+    def retrieve_onto(self, base: Tensor, real: Tensor, imag: Tensor | None, c: Tensor) -> Tensor:
+        return torch.addcmul(base, real, c.to(real.dtype))  # one pass; exact as base + real * c
 
     def bind_input(self, x: Tensor, c: Tensor) -> list[Tensor]:
         return [x * c]

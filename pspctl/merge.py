@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from pspctl.checkpoints import (
 from pspctl.contexts import Kind, make_contexts
 from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import InputError, MismatchError, PolicyError, listed
-from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output
+from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output, pack
 from pspctl.header import check_labels, safe_label
 from pspctl.hf import hf_paths, record_folder
 from pspctl.kinds import OPS
+from pspctl.measure import measure_bind
 from pspctl.outputs import refuse_inputs
 from pspctl.policy import (
     Decision,
@@ -253,6 +255,27 @@ def merge(
     Raises:
         PspctlError subclasses for every bad input; see pspctl.errors.
     """
+    with _one_torch_thread():
+        return _merge(inputs, output, options, progress)
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch on one thread while merging: its operations run on blocks of ~256 KiB (see
+    `measure`), too small to pay for splitting across threads, and the other cores hash the
+    inputs and checksum the output beside it. On 2 cores the merge runs in 0.6× the time
+    with torch's default of one thread per core (`benchmarks/merge_speed.py`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _merge(
+    inputs: Sequence[str | Path], output: str | Path, options: MergeOptions, progress: Progress | None
+) -> MergeReport:
     output = Path(output)
     kind = Kind(options.kind)
     paths, files = _resolve_inputs(inputs, output)
@@ -287,6 +310,10 @@ def merge(
     # (in the stored dtype) only for the tensors that end up centred on it, where it is stored
     # anyway, so that the writing pass need not read the K inputs once more to average them.
     means: dict[str, torch.Tensor] = {}
+    # Each candidate bound while its K copies are in memory, in its stored form, centred on the
+    # mean where that is an option (else on its one centre): the writing pass reads no input
+    # again for a superposed tensor. Dropped for the tensors that end up per context.
+    bound: dict[str, tuple[str, torch.Tensor]] = {}
     hashes = _hash_inputs(paths)  # in a thread while the inputs are read (hashlib frees the GIL)
     for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
         tick(i, 2 * len(infos), info.name)
@@ -300,11 +327,13 @@ def merge(
 
         base = None if parent is None or d.role is not Role.SUPERPOSED else parent[info.name]
         eta = etas.get(info.name) or options.policy.eta
-        shared, measured[info.name], mean = _measure(
+        shared, measured[info.name], mean, bound_as = _measure(
             info, d, read, base, centres, kind, options, eta, lookup, check
         )
         if mean is not None:
             means[info.name] = mean
+        if bound_as is not None:
+            bound[info.name] = bound_as
         if shared:
             decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
         elif measured[info.name]:
@@ -312,7 +341,13 @@ def merge(
             decisions[i] = replace(d, eta=min(eta) if isinstance(eta, list) else eta, eta_source=source)
     measured = {name: opts for name, opts in measured.items() if opts}
     chosen = choose(measured, [d.name for d in decisions if d.forced], options.policy.max_error)
+    index = {info.name: i for i, info in enumerate(infos)}
+    for name in [n for n in bound if not getattr(chosen.get(n), "centre", None)]:
+        del bound[name]  # per context: its copies are stacked in the writing pass
     for name in [n for n in means if getattr(chosen.get(n), "centre", None) != "mean"]:
+        if name in bound:  # superposed without a base: from the deltas' sum, with the mean put back
+            info, d = infos[index[name]], decisions[index[name]]
+            bound[name] = ("none", _uncentre(bound[name][1], means[name], info, d, kind, K, options))
         del means[name]
 
     # Pass 2: store each tensor as chosen.
@@ -334,7 +369,9 @@ def merge(
         base = means.pop(info.name, None) if d.centre == "mean" else None
         if parent is not None and d.centre == "base":
             base = parent[info.name]
-        stored[info.name] = store_tensor(writer, info, d, checkpoints, options, base=base)
+        stored[info.name] = store_tensor(
+            writer, info, d, checkpoints, options, base=base, bound=bound.pop(info.name, None)
+        )
 
     notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes] + eta_notes
     if hf is not None:
@@ -461,75 +498,69 @@ def _measure(
     eta: float | Sequence[float],
     lookup: bool = False,
     check: Callable[[int, torch.Tensor, float | None], None] = lambda k, w, norm: None,
-) -> tuple[bool, list[Option], torch.Tensor | None]:
-    """Whether the K copies of one tensor are equal, (for a candidate) each way to store it
-    with its predicted error per context and its bytes, and the inputs' mean in the stored
-    dtype when centring on it is an option.
+) -> tuple[bool, list[Option], torch.Tensor | None, tuple[str, torch.Tensor] | None]:
+    """Whether the K copies of one tensor are equal; for a candidate, each way to store it
+    with its predicted error per context and its bytes, the inputs' mean in their dtype
+    when centring on it is an option, and the tensor bound (on the mean where that is an
+    option, else on its one centre) in its stored form, with that centre.
 
-    `read()` streams the K copies afresh: one at a time, never K at once (the mean's deltas take
-    a second stream). `check(k, w, norm)` sees each copy of the first stream once, with its norm
-    when one was computed. Norms are float32 (pairwise-summed, ~1e-7 relative); the mean is one
-    float64 accumulator.
+    `read()` gives the K copies (memory-mapped: their pages are read when first touched);
+    they are held together, K at once, and a candidate's are measured and bound in one pass
+    (`measure.measure_bind`), so that no input is read twice (within the merge's bound of
+    (K+1) × the largest tensor). `check(k, w, norm)` sees each copy once, with its norm when
+    one was computed.
     """
-    candidate = d.role is Role.SUPERPOSED
-    first, equal, w_sq, to_parent = None, True, [], []
-    p = None if parent is None else parent.float()
-    total = cast = None
-    buf = torch.empty(info.shape) if candidate and info.dtype != "float32" else None
-    for k, w in enumerate(read()):
-        if first is None:
-            first = w
-        elif equal:
-            equal = torch.equal(first, w)
-        norm = None
-        if candidate:
-            wide = _widen(w, buf)
-            norm = float(torch.linalg.vector_norm(wide))
-            w_sq.append(norm**2)
-            if "mean" in centres:
-                term = w if w.dtype == torch.float64 else wide
-                if total is None:
-                    total = term.to(_sum_dtype(w.dtype), copy=True)
-                elif term.dtype == total.dtype:
-                    total.add_(term)
-                else:  # fp32 into fp64: widened into a buffer first, 3× faster than a mixed add_
-                    cast = torch.empty_like(total) if cast is None else cast
-                    total.add_(cast.copy_(term))
-            if p is not None:
-                to_parent.append(float(torch.linalg.vector_norm(wide - p)) ** 2)
-            del wide
-        check(k, w, norm)
-    if first is None or (equal and first.numel()) or not candidate:
-        return first is not None and equal and bool(first.numel()), [], None
-    K, n = len(w_sq), info.numel
+    copies = list(read())
+    if not copies:
+        return False, [], None, None
+    numel = bool(copies[0].numel())
+    if d.role is not Role.SUPERPOSED:
+        for k, w in enumerate(copies):
+            check(k, w, None)
+        return numel and all(torch.equal(copies[0], w) for w in copies[1:]), [], None, None
+    K, n = len(copies), info.numel
+    centre = "mean" if "mean" in centres else centres[0]
+    ctx = make_contexts(kind, K, d.fan_in, options.seed, info.name)
+    found = measure_bind(
+        copies, mean="mean" in centres, parent=parent, ctx=ctx, centre=centre, axis=info.fan_in_axis
+    )
+    for k, w in enumerate(copies):
+        check(k, w, math.sqrt(found.w_sq[k]))
+    if found.equal and numel:
+        return True, [], None, None
     size = itemsize(info.dtype)
+    dtype = torch_dtype(options.dtype or info.dtype)
     values = n * itemsize(options.dtype or info.dtype) * (2 if kind.is_complex else 1)
     values += OPS[kind].context_bytes(K, d.fan_in)
     out = [Option("", 0.0, K * n * size, (0.0,) * K)]
-    stored_mean = None
-    for centre in centres:
-        if centre == "none":
-            d_sq = w_sq
-        elif centre == "mean" and total is not None:
-            total /= K
-            stored_mean = total.to(torch_dtype(info.dtype))
-            mean = total.float()
-            del total
-            deltas = torch.empty_like(mean)  # one buffer for the K deltas: no fresh pages per input
-            d_sq = [float(torch.linalg.vector_norm(_delta(w, mean, deltas))) ** 2 for w in read()]
-            del deltas
-        else:
-            d_sq = to_parent
-        errs = predicted_errors(kind, d.fan_in, eta, w_sq, d_sq, lookup=lookup)
-        extra = n * size if centre != "none" and not (centre == "base" and options.link_base) else 0
-        out.append(Option(centre, max(errs), values + extra, tuple(errs)))
-    return False, out, stored_mean
+    for c in centres:
+        d_sq = {"none": found.w_sq, "mean": found.to_mean, "base": found.to_parent}[c]
+        errs = predicted_errors(kind, d.fan_in, eta, found.w_sq, d_sq, lookup=lookup)
+        extra = n * size if c != "none" and not (c == "base" and options.link_base) else 0
+        out.append(Option(c, max(errs), values + extra, tuple(errs)))
+    assert found.bound is not None
+    return False, out, found.mean, (centre, pack(found.bound, dtype))
 
 
-def _widen(w: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
-    """`w` in float32, converted into `buf` when given: filling a buffer that is already mapped
-    costs a third of converting into fresh memory (bf16 → fp32 on a CPU without bf16 units)."""
-    return w.float() if buf is None or w.dtype == torch.float32 else buf.copy_(w)
+def _uncentre(
+    packed: torch.Tensor,
+    mean: torch.Tensor,
+    info: TensorInfo,
+    d: Decision,
+    kind: Kind,
+    num_contexts: int,
+    options: MergeOptions,
+) -> torch.Tensor:
+    """Σ_k W_k ⊙ c_k from Σ_k (W_k − B) ⊙ c_k: the bound mean, Σ_k B ⊙ c_k, added back.
+
+    No cancellation: the small deltas' sum is added to the large sum of the means. For
+    `--base auto`'s tensors that end up without a base, bound centred in the measuring pass.
+    """
+    ctx = make_contexts(kind, num_contexts, d.fan_in, options.seed, info.name)
+    stored = packed.float()
+    value = torch.view_as_complex(stored) if kind.is_complex else stored
+    value += bind([mean.to(stored.dtype)] * num_contexts, ctx, info.fan_in_axis)
+    return pack(value, packed.dtype)
 
 
 def _delta(w: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -537,18 +568,16 @@ def _delta(w: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return torch.sub(w, base, out=out) if w.dtype == base.dtype else out.copy_(w).sub_(base)
 
 
-def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where K copies of a tensor are summed for their mean: float64 for float32/float64, whose
-    mean must not lose their last bits; float32 for 16-bit floats, whose 8 or 11 significant
-    bits it sums exactly unless their exponents differ by more than ~12 (and much faster)."""
-    return torch.float32 if dtype.itemsize < 4 else torch.float64
-
-
 def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The mean of the weights, accumulated in float64 one at a time."""
+    """The weights' mean, summed one at a time in float32 (float64 for float64 weights).
+
+    Its last bit does not matter: a centred tensor's deltas are taken from the mean as stored,
+    so they carry whatever its rounding lost.
+    """
     total, count = None, 0
     for w in weights:
-        total = w.double() if total is None else total.add_(w.double())
+        term = w if w.dtype == torch.float64 else w.float()
+        total = term.clone() if total is None else total.add_(term)
         count += 1
     if total is None:
         raise ValueError("the mean of no weights")
@@ -578,9 +607,11 @@ def store_tensor(
     options: MergeOptions,
     *,
     base: torch.Tensor | None = None,
+    bound: tuple[str, torch.Tensor] | None = None,
 ) -> int:
     """Store one tensor of the K checkpoints into `writer` as `d` says: stacked, once (shared),
-    or bound (centred on the inputs' mean, or on `base`, as `d.centre` says). Returns its bytes."""
+    or bound (centred on the inputs' mean, or on `base`, as `d.centre` says). `bound`: the
+    tensor already bound in its stored form, with its centre. Returns its bytes."""
     centred = d.role is Role.SUPERPOSED and d.centre != "none"
     # The error is informative: 4 significant digits, so that the header does not depend on the
     # last bits of a norm (which vary with the CPU's summation order).
@@ -594,6 +625,10 @@ def store_tensor(
         return writer.add_per_context(info.name, meta, torch.stack([c[info.name] for c in checkpoints]))
     ctx = make_contexts(writer.kind, writer.num_contexts, d.fan_in, options.seed, info.name)
     dtype = torch_dtype(options.dtype or info.dtype)
+    if bound is not None and bound[0] == (d.centre or "none"):
+        if centred and base is None:
+            raise ValueError(f"{info.name}: centred on a base that was not given")
+        return writer.add_superposed(info.name, meta, bound[1], ctx, dtype, base=base)
     # Generators: bind reads one input at a time, so a K-way bind holds one input's tensor.
     weights = (c[info.name] for c in checkpoints)
     if not centred:

@@ -77,11 +77,11 @@ def bind(weights: Iterable[Tensor], ctx: ContextSet, axis: int | None = None) ->
         flat = as_matrix(w, axis).to(_accumulator_dtype(w.dtype))
         if flat.shape[1] != ctx.fan_in:
             raise ValueError(f"weight fan-in {flat.shape[1]} != context fan-in {ctx.fan_in}")
-        term = ops.bind(flat, ops.pick(buffers, k))
         if acc is None:  # summed in place into the first term, which must not be the input
+            term = ops.bind(flat, ops.pick(buffers, k))
             acc = term.clone() if term.data_ptr() == w.data_ptr() else term
         else:
-            acc.add_(term)
+            ops.accumulate(acc, flat, ops.pick(buffers, k))
         count += 1
         shape = w.shape
     if acc is None or count != ctx.num_contexts:
@@ -89,9 +89,11 @@ def bind(weights: Iterable[Tensor], ctx: ContextSet, axis: int | None = None) ->
     return from_matrix(acc, shape, axis)
 
 
-def unbind(superposed: Tensor, ctx: ContextSet, k: int, axis: int | None = None) -> Tensor:
+def unbind(
+    superposed: Tensor, ctx: ContextSet, k: int, axis: int | None = None, *, base: Tensor | None = None
+) -> Tensor:
     """Ŵ_k: retrieve model k's weight (real, float32/float64) from a superposed tensor bound on
-    fan-in axis `axis` (None: every dim but dim 0)."""
+    fan-in axis `axis` (None: every dim but dim 0); with `base`, B + Ŵ_k (a centred tensor)."""
     ctx._check(k)
     ops = OPS[ctx.kind]
     flat = as_matrix(superposed, axis)
@@ -100,7 +102,11 @@ def unbind(superposed: Tensor, ctx: ContextSet, k: int, axis: int | None = None)
             f"{ctx.kind.value} superposition needs a {'complex' if ops.is_complex else 'real'} tensor"
         )
     real, imag = (flat.real, flat.imag) if flat.is_complex() else (flat, None)
-    out = ops.retrieve(real, imag, ops.pick(ops.buffers(ctx, real.dtype), k))
+    c = ops.pick(ops.buffers(ctx, real.dtype), k)
+    if base is None:
+        out = ops.retrieve(real, imag, c)
+    else:
+        out = ops.retrieve_onto(as_matrix(base.to(real.dtype), axis), real, imag, c)
     return from_matrix(out, superposed.shape, axis)
 
 

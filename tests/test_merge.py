@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pspctl.contexts import Kind
 from pspctl.errors import MismatchError, OutputError, PolicyError
@@ -11,7 +11,7 @@ from pspctl.extract import extract
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge
 from pspctl.policy import SHAPE_RULES, Policy, Role
-from pspctl.superpose import unbind
+from pspctl.superpose import bind, unbind
 from tests.conftest import cnn, mlp, save_models
 
 ALL = Policy(superpose=("*",))
@@ -205,21 +205,42 @@ def test_extract_all_and_formats(tmp_path, mlp_paths):
         extract(out, "all", tmp_path / "afile")
 
 
-def test_merge_reads_each_input_one_tensor_at_a_time(tmp_path, monkeypatch):
-    """Streaming: at most one tensor per input is alive at once while binding."""
-    import pspctl.merge as merge_mod
+@pytest.mark.parametrize(
+    "base, kind",
+    [("none", "binary"), ("mean", "binary"), ("auto", "binary"), ("auto", "complex"), ("auto", "rotation")],
+)
+def test_merge_reads_each_superposed_tensor_once(tmp_path, monkeypatch, base, kind):
+    """One read per input of a superposed tensor: measured and bound while its K copies are
+    held (one tensor name at a time), never read again to be written; and what is written
+    equals binding the inputs afresh."""
+    from collections import Counter
+
+    from pspctl.checkpoints import Checkpoint
 
     paths = save_models([mlp(i) for i in range(3)], tmp_path, ".safetensors")
-    seen = []
-    real_bind = merge_mod.bind
+    reads: Counter[str] = Counter()
+    real_get = Checkpoint.__getitem__
 
-    def spy(weights, ctx, axis=None):
-        seen.append(type(weights).__name__)
-        return real_bind(weights, ctx, axis)
+    def spy(self, name):
+        reads[name] += 1
+        return real_get(self, name)
 
-    monkeypatch.setattr(merge_mod, "bind", spy)
-    merge(paths, tmp_path / "w.safetensors", MergeOptions(base="none", policy=ALL))
-    assert seen == ["generator"] * 3
+    monkeypatch.setattr(Checkpoint, "__getitem__", spy)
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(base=base, kind=kind, policy=ALL))
+    sf = SuperposedFile(out)
+    superposed = [n for n, m in sf.metas.items() if m.role == Role.SUPERPOSED]
+    assert superposed and all(reads[n] == 3 for n in superposed), reads
+    originals = [load_file(p) for p in paths]
+    for name in superposed:
+        ctx = sf.contexts(name)
+        if sf.metas[name].centred:
+            B = torch.stack([o[name] for o in originals]).mean(0)
+            assert torch.allclose(sf.base(name), B, atol=1e-6)
+            expected = bind([o[name] - sf.base(name) for o in originals], ctx)
+        else:
+            expected = bind([o[name] for o in originals], ctx)
+        assert torch.allclose(sf.superposed(name), expected, atol=1e-5)
 
 
 def test_a_superposed_file_is_not_a_merge_input(tmp_path, mlp_paths):
