@@ -22,7 +22,7 @@ from pspctl.merge import MergeOptions, merge
 from pspctl.onnx_export import AtolError, TraceError, convert, export_contexts, export_multi
 from pspctl.onnx_export import api as export_api
 from pspctl.onnx_export.validate import session
-from pspctl.policy import Policy
+from pspctl.policy import Policy, Role
 from samples import digits_task
 from samples.train import checkpoint_path
 from tests.conftest import cnn, mlp, save_models
@@ -420,3 +420,35 @@ def test_pointwise_convs_and_plain_linear_subclasses_bind_on_the_input_side(tmp_
             np.testing.assert_allclose(
                 got, reference(lambda: PointwiseNet(0), file, k, x), atol=1e-5, rtol=1e-4
             )
+
+
+@pytest.mark.parametrize("base", ["none", "mean"])
+def test_multi_graph_of_a_file_with_nothing_superposed_picks_whole_branches(tmp_path, base):
+    """Nothing superposed: K whole graphs behind an If tree, each reading its own constants
+    (moved into its branch, where onnxruntime pre-packs them), no Gather of weights."""
+    file = merged(tmp_path, [cnn(i) for i in range(3)], "rotation", base=base, policy=Policy(keep=("*",)))
+    assert not SuperposedFile(file).names(Role.SUPERPOSED)
+    task = task_of(lambda: cnn(0), CNN_IN)
+    report = export_multi(file, task, tmp_path / "multi.onnx")
+    assert set(report.layers.values()) == {"per-context branch"}
+    graph = onnx.load(str(tmp_path / "multi.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert "If" in ops and "Gather" not in ops
+    branches = [a.g for n in graph.graph.node if n.op_type == "If" for a in n.attribute]
+    inner = [
+        t for g in branches for n in g.node if n.op_type == "If" for a in n.attribute for t in a.g.initializer
+    ]
+    inner += [t for g in branches for t in g.initializer]
+    # every context's weights and biases (BatchNorm folded into them) sit in its branch; the
+    # main graph keeps only scalars
+    layers = [m for m in cnn(0).modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert len(inner) == 3 * 2 * len(layers)
+    assert all(int(np.prod(t.dims)) <= 2 for t in graph.graph.initializer)
+    sess = session(tmp_path / "multi.onnx")
+    x = torch.randn(5, *CNN_IN, generator=torch.Generator().manual_seed(7))
+    for k in range(3):
+        out, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
+        original = cnn(k).eval()
+        with torch.no_grad():
+            assert np.allclose(out, original(x).numpy(), atol=1e-5) and bool(valid)
+    assert not bool(sess.run(None, {"context": np.array(3), "input": x.numpy()})[1])

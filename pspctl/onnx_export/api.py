@@ -232,6 +232,7 @@ def export_multi(
             wrapper, (torch.tensor(0), *example), graph,
             input_names=["context", *io_names("input", len(example))],
             output_names=[*names, "context_valid"], opset=opset, varargs=True,
+            branches=wrapper.copies is not None,
         )  # fmt: skip
         sess = session(graph)
         feeds = [i.name for i in sess.get_inputs()]

@@ -36,6 +36,7 @@ from pspctl.superpose import as_matrix, from_matrix
 
 __all__ = [
     "AllContextsLinear",
+    "select",
     "BoundConv",
     "BoundLinear",
     "ContextSlot",
@@ -390,6 +391,22 @@ WEIGHT_SIDE = "weight side"  # any other superposed weight: Ŵ_k retrieved in th
 ALL_K = "all-K Gemm"  # per-context Linear: one Gemm over the K copies, select the output
 GATHER = "gather"  # per-context tensor: stacked [K, ...], one Gather
 SHARED = "shared"  # equal in every context: stored once
+BRANCH = "per-context branch"  # nothing superposed: K whole graphs, one run, chosen by If
+
+
+def select(k: Tensor, branches: list, operands: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """branches[k](*operands) for an int64 scalar k in 0..len−1, as a balanced tree of
+    `torch.cond` (ONNX If): ⌈log2 K⌉ Ifs run, and only the chosen branch's work."""
+    if len(branches) == 1:
+        return branches[0](*operands)
+    half = len(branches) // 2
+    low, high = branches[:half], branches[half:]
+    return torch.cond(  # type: ignore[no-any-return]
+        k < half,
+        lambda *xs: select(k, low, xs),
+        lambda *xs: select(k - half, high, xs),
+        operands,
+    )
 
 
 def _per_context_linears(model: nn.Module, file: SuperposedFile) -> dict[str, nn.Linear]:
@@ -420,6 +437,14 @@ class MultiContextModel(nn.Module):
         self.num_contexts = K = file.num_contexts
         self.slot = ContextSlot()
         self.layers: dict[str, str] = {}
+        self.copies: nn.ModuleList | None = None
+        if not file.names(Role.SUPERPOSED):
+            # Nothing to bind: K whole models, each with its weights as its own constants, and
+            # an If tree picking one. Gathering per-context weights copies each (and loses
+            # onnxruntime's pre-packing); a branch reads its constants in place.
+            self.copies = nn.ModuleList(_loaded(model, file.state_dict(k)) for k in range(K))
+            self.layers = dict.fromkeys(file.names(), BRANCH)
+            return
         dtypes = {name: t.dtype for name, t in model.state_dict().items()}
         served: set[str] = set()
         for prefix, linear in _per_context_linears(model, file).items():
@@ -476,6 +501,9 @@ class MultiContextModel(nn.Module):
         # One Clip and one Equal: `context` is a scalar input, so no Reshape.
         k = context.clamp(0, self.num_contexts - 1)
         valid = k == context  # false exactly when clamping changed the context
+        if self.copies is not None:
+            branches = [_leaves(m) for m in self.copies]
+            return (*select(k, branches, inputs), valid)
         self.slot.index = k
         try:
             params = self.stacked.select(k)
@@ -485,3 +513,17 @@ class MultiContextModel(nn.Module):
         finally:
             self.slot.index = None
         return (*pytree.tree_leaves(out), valid)
+
+
+def _loaded(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """A copy of `model` holding `state` (one context's tensors, tied ones tied)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out.eval()
+
+
+def _leaves(model: nn.Module):
+    """model's forward with its outputs flattened: a cond branch returns a tuple of tensors."""
+    return lambda *xs: tuple(pytree.tree_leaves(model(*xs)))
