@@ -60,7 +60,7 @@ from pspctl.fileformat import SuperposedFile  # noqa: E402
 from pspctl.merge import MergeOptions, merge  # noqa: E402
 from pspctl.onnx_export import export_contexts, export_multi  # noqa: E402
 from pspctl.onnx_export.convert import to_onnx  # noqa: E402
-from pspctl.onnx_export.modules import MultiContextModel, StackedTensors  # noqa: E402
+from pspctl.onnx_export.modules import BRANCH, MultiContextModel, StackedTensors  # noqa: E402
 from pspctl.policy import (
     SHAPE_RULES,  # noqa: E402
     Role,  # noqa: E402
@@ -179,6 +179,50 @@ def dispatch_floor(single: Path, extra: int, out: Path) -> Path:
     return out
 
 
+def branch_floor(single: Path, out: Path) -> Path:
+    """The per-context graph plus what picking one of K branches costs when the branches do
+    nothing: the multi-context graph's Clip and Equal on `context`, and a balanced If tree
+    over K leaves that pass the context through (one more output). What a multi-context graph
+    of whole per-context branches (`modules.BRANCH`) pays on top of the per-context graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(single))
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("context", TensorProto.INT64, []))
+    graph.initializer.extend(
+        [numpy_helper.from_array(np.array(v, dtype=np.int64), f"c{v}") for v in range(K)]
+    )
+    graph.node.extend([helper.make_node("Clip", ["context", "c0", f"c{K - 1}"], ["k0"]),
+                       helper.make_node("Equal", ["k0", "context"], ["valid"])])  # fmt: skip
+    count = iter(range(10**6))
+
+    def tree(k: str, leaves: int) -> list:
+        i = next(count)
+        if leaves == 1:
+            return [helper.make_node("Identity", [k], [f"pick{i}"])]
+        half = leaves // 2
+        low = tree(k, half)
+        shifted = f"shifted{i}"
+        high = [helper.make_node("Sub", [k, f"c{half}"], [shifted]), *tree(shifted, leaves - half)]
+
+        def body(nodes: list, name: str):
+            return helper.make_graph(
+                nodes, name, [], [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.INT64, [])]
+            )
+
+        return [
+            helper.make_node("Less", [k, f"c{half}"], [f"lt{i}"]),
+            helper.make_node("If", [f"lt{i}"], [f"pick{i}"], then_branch=body(low, f"lo{i}"), else_branch=body(high, f"hi{i}")),
+        ]  # fmt: skip
+
+    graph.node.extend(tree("k0", K))
+    graph.output.extend([helper.make_tensor_value_info(graph.node[-1].output[0], TensorProto.INT64, []),
+                         helper.make_tensor_value_info("valid", TensorProto.BOOL, [])])  # fmt: skip
+    onnx.save(model, str(out))
+    return out
+
+
 def session(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -253,7 +297,12 @@ def bench(name: str, kind: str, base: str, folder: Path, args: argparse.Namespac
                partial(s_floor.run, None, multi_feed)]  # fmt: skip
         single_path = folder / f"{stem.name}_{CONTEXT}.onnx"
         extra = None
-        if single.total_bytes <= DISPATCH_MAX_BYTES:
+        branches = set(multi.layers.values()) == {BRANCH}
+        if branches:  # no extra node does work; what the If tree costs, with empty branches
+            extra = "If tree"
+            dispatch_path = branch_floor(single_path, folder / f"{stem.name}_dispatch.onnx")
+            fns.append(partial(session(dispatch_path, args.threads).run, None, multi_feed))
+        elif single.total_bytes <= DISPATCH_MAX_BYTES:
             multi_path = Path(next(iter(multi.files)))
             extra = optimised_nodes(multi_path) - optimised_nodes(single_path)
             dispatch_path = dispatch_floor(single_path, extra, folder / f"{stem.name}_dispatch.onnx")
