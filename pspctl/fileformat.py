@@ -41,8 +41,7 @@ from pspctl.outputs import (
     INDEX_SUFFIX,
     atomic_path,
     crc32,
-    index_path,
-    refuse_existing,
+    refuse_earlier,
     write_safetensors,
     write_safetensors_sharded,
 )
@@ -74,15 +73,15 @@ def pack(superposed: Tensor, dtype: torch.dtype) -> Tensor:
     return superposed.to(dtype).contiguous()
 
 
-def check_output(path: str | Path, *, force: bool, sharded: bool = False) -> None:
+def check_output(path: str | Path, *, force: bool) -> None:
     """Refuse, before any work, an output path a superposed file must not be written to.
 
     Raises:
-        OutputError: the name does not end in .safetensors, or the file (for `sharded`, its
-            index) exists without `force`.
+        OutputError: the name does not end in .safetensors, or an output is there already
+            (the file, or a sharded one's index), without `force`.
     """
     _check_name(Path(path))
-    refuse_existing(index_path(path) if sharded else path, force=force)
+    refuse_earlier(path, force=force)
 
 
 def _check_name(path: Path) -> None:

@@ -279,7 +279,7 @@ def _merge(
     output = Path(output)
     kind = Kind(options.kind)
     paths, files = _resolve_inputs(inputs, output)
-    check_output(output, force=options.force, sharded=options.max_shard_size is not None)
+    check_output(output, force=options.force)
     labels = _labels(paths, options.labels)
     centres = _centres(options)
     checkpoints = open_inputs(paths, options)

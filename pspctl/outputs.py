@@ -148,6 +148,44 @@ def _check_target(path: Path, *, force: bool, inputs: Sequence[str | Path]) -> N
     refuse_existing(path, force=force)
 
 
+def earlier_output(path: str | Path) -> list[Path]:
+    """The files of an output already at `path`: the file itself, and for a sharded output
+    (the Hugging Face layout) its index and the shards the index names."""
+    path = Path(path)
+    index = index_path(path)
+    found = [p for p in (path, index) if p.is_file()]
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            shards = set()  # not an index we can read: only the index itself is known to be ours
+        found += [
+            path.parent / s
+            for s in sorted(n for n in shards if isinstance(n, str) and Path(n).name == n)
+            if (path.parent / s).is_file() and path.parent / s != path
+        ]
+    return found
+
+
+def refuse_earlier(path: str | Path, *, force: bool) -> None:
+    """Without `force`, refuse a `path` where an output already is, plain or sharded.
+
+    Raises:
+        OutputError: naming the file found.
+    """
+    found = earlier_output(path)
+    if found and not force:
+        raise OutputError(f"{found[0]}: already exists (pass --force to overwrite)")
+
+
+def _remove_earlier(earlier: Sequence[Path], keep: Sequence[Path]) -> None:
+    """After a forced write: remove what is left of the output it replaced (the old index and
+    shards of a sharded one, the old file of a plain one), so that no reader finds it."""
+    for p in set(earlier) - set(keep):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
 @contextlib.contextmanager
 def atomic_path(
     path: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()
@@ -162,12 +200,15 @@ def atomic_path(
     _check_target(path, force=force, inputs=inputs)
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: no such directory")
+    refuse_earlier(path, force=force)  # a sharded output of the same name counts too
     clean_stale(path)
     tmp = _tmp_name(path)
     try:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
         yield tmp
+        earlier = earlier_output(path)
         _publish(tmp, path, force=force)
+        _remove_earlier(earlier, [path])
     except OSError as e:  # a full disk, a read-only folder: name the output, not our temp file
         raise _write_error(path, e) from e
     finally:
@@ -379,6 +420,7 @@ def write_safetensors_sharded(
         _check_target(target, force=force, inputs=inputs)
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: no such directory")
+    refuse_earlier(path, force=force)  # a plain output, or shards of another count, at this name
     clean_stale(path)
     staging = _tmp_name(path)  # a folder beside the outputs, on their file system
     published: list[Path] = []
@@ -404,9 +446,11 @@ def write_safetensors_sharded(
             verify(staged_index)
         for target in targets:  # all checked before any is moved; the index, which readers open, last
             _check_target(target, force=force, inputs=inputs)
+        earlier = earlier_output(path)
         for target in targets:
             _publish(staging / target.name, target, force=force)
             published.append(target)
+        _remove_earlier(earlier, targets)
     except BaseException as e:
         if not force:  # take back what this run published: all or nothing
             for target in published:

@@ -211,3 +211,50 @@ def test_tune_reads_and_writes_sharded_files(tmp_path, monkeypatch):
         Role.SUPERPOSED) else tuned.superposed(n), merged.stacked(n) if n not in merged.names(Role.SUPERPOSED)
         else merged.superposed(n))]  # fmt: skip
     assert changed  # it trained
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_forced_write_leaves_nothing_of_the_output_it_replaced(tmp_path):
+    """3 shards → 2 shards → one plain file → 3 shards again, each with --force: what is left
+    is exactly the last output, so no reader finds an old index or an old plain file first."""
+    state, path = tensors(), tmp_path / "m.safetensors"
+    write_safetensors_sharded(state, path, {"format": "pt"}, max_shard_size=900)
+    assert len(_files(tmp_path)) == 4
+    written = write_safetensors_sharded(state, path, {"format": "pt"}, max_shard_size=1300, force=True)
+    assert _files(tmp_path) == sorted(p.name for p in written) and len(written) == 3
+    write_safetensors_sharded(state, path, {"format": "pt"}, max_shard_size=10**6, force=True)
+    assert _files(tmp_path) == ["m.safetensors"]
+    written = write_safetensors_sharded(state, path, {"format": "pt"}, max_shard_size=900, force=True)
+    assert _files(tmp_path) == sorted(p.name for p in written) and len(written) == 4
+    reread = open_checkpoint(path.with_name("m.safetensors.index.json"))
+    assert all(torch.equal(reread[n], t) for n, t in state.items())
+
+
+def test_an_output_of_the_other_form_is_refused_without_force(tmp_path):
+    """A plain file where a sharded one would go, or the reverse, is an existing output too."""
+    state, path = tensors(), tmp_path / "m.safetensors"
+    write_safetensors_sharded(state, path, {"format": "pt"}, max_shard_size=10**6)
+    with pytest.raises(OutputError, match=r"m\.safetensors: already exists"):
+        write_safetensors_sharded(state, path, {"format": "pt"}, max_shard_size=900)
+    assert _files(tmp_path) == ["m.safetensors"]
+    (tmp_path / "b").mkdir()
+    other = tmp_path / "b" / "m.safetensors"
+    write_safetensors_sharded(state, other, {"format": "pt"}, max_shard_size=900)
+    before = _files(other.parent)
+    with pytest.raises(OutputError, match=r"index\.json: already exists"):
+        write_safetensors_sharded(state, other, {"format": "pt"}, max_shard_size=10**6)
+    assert _files(other.parent) == before
+
+
+def test_merge_over_a_sharded_merge_with_force_leaves_one_file_that_reads(mlp_paths, tmp_path):
+    out = tmp_path / "w.safetensors"
+    merge(mlp_paths, out, MergeOptions(base="none", max_shard_size=20_000))
+    assert (tmp_path / "w.safetensors.index.json").exists()
+    with pytest.raises(OutputError, match="already exists"):
+        merge(mlp_paths, out, MergeOptions(base="none", kind="complex"))
+    merge(mlp_paths, out, MergeOptions(base="none", kind="complex", force=True))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("w")] == ["w.safetensors"]
+    assert SuperposedFile(tmp_path).kind.value == "complex"  # the folder's one file, not a stale index

@@ -182,7 +182,7 @@ def tune(
     def check_outputs() -> None:
         if output.exists() and os.path.samefile(output, file.path):  # also through a link
             raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
-        check_output(output, force=force, sharded=max_shard_size is not None)
+        check_output(output, force=force)
 
     world.on_main(check_outputs)  # only rank 0 writes (its file system may be its own)
     task.require("load_data")
