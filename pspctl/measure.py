@@ -88,14 +88,17 @@ def measure_bind(
             (N, M), dtype=torch.promote_types(wide, torch.complex64) if ops.is_complex else wide
         )
     step = max(1, BLOCK // max(M, 1))
-    # Block-sized scratch, allocated once: the blocks' sum and their deltas from the mean/parent.
+    # Block-sized scratch, allocated once (no allocation per block, which fragments the heap):
+    # the blocks' sum, their deltas from the mean/parent, and the widened copies, mean and parent.
     total, to_m, to_p = (torch.empty((min(step, N), M), dtype=wide) for _ in range(3))
+    narrow = dtype != wide
+    widened = [torch.empty((min(step, N), M), dtype=wide) for _ in range(K + 2)] if narrow else []
     for r in range(0, N, step):
         block = [x[r : r + step] for x in rows]
         rows_here = block[0].shape[0]
         if out.equal:
             out.equal = all(torch.equal(block[0], b) for b in block[1:])
-        vals = [b.to(wide) for b in block]  # a view when already wide
+        vals = [w[:rows_here].copy_(b) for w, b in zip(widened, block, strict=False)] if narrow else block
         m = p = None
         if mean:
             t = (
@@ -110,9 +113,10 @@ def measure_bind(
                 torch.div(t, K, out=m)
             else:  # rounded to the inputs' dtype: the deltas carry what it lost
                 m.copy_(t.div_(K))
-            m = m.to(wide)
+            m = widened[K][:rows_here].copy_(m) if narrow else m
         if par is not None:
-            p = par[r : r + step].to(wide)
+            p = par[r : r + step]
+            p = widened[K + 1][:rows_here].copy_(p) if narrow else p
         if acc is not None:
             acc[r : r + step].zero_()  # in the cache, not a pass over the whole tensor
         for k, v in enumerate(vals):

@@ -504,20 +504,25 @@ def _measure(
     when centring on it is an option, and the tensor bound (on the mean where that is an
     option, else on its one centre) in its stored form, with that centre.
 
-    `read()` gives the K copies (memory-mapped: their pages are read when first touched);
-    they are held together, K at once, and a candidate's are measured and bound in one pass
+    `read()` gives the K copies (memory-mapped: their pages are read when first touched). A
+    candidate's are held together, K at once, and measured and bound in one pass
     (`measure.measure_bind`), so that no input is read twice (within the merge's bound of
     (K+1) × the largest tensor). `check(k, w, norm)` sees each copy once, with its norm when
     one was computed.
     """
+    if d.role is not Role.SUPERPOSED:  # only whether the copies are equal: two at a time
+        first, equal = None, True
+        for k, w in enumerate(read()):
+            check(k, w, None)
+            if first is None:
+                first = w
+            elif equal:
+                equal = torch.equal(first, w)
+        return first is not None and equal and bool(first.numel()), [], None, None
     copies = list(read())
     if not copies:
         return False, [], None, None
     numel = bool(copies[0].numel())
-    if d.role is not Role.SUPERPOSED:
-        for k, w in enumerate(copies):
-            check(k, w, None)
-        return numel and all(torch.equal(copies[0], w) for w in copies[1:]), [], None, None
     K, n = len(copies), info.numel
     centre = "mean" if "mean" in centres else centres[0]
     ctx = make_contexts(kind, K, d.fan_in, options.seed, info.name)

@@ -17,7 +17,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pspctl"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "vocabulary and maths",
-        ("pspctl", "types", "errors", "dtypes", "contexts", "kinds", "superpose", "measure", "policy", "architectures"),
+        (
+            "pspctl",
+            "types",
+            "errors",
+            "dtypes",
+            "contexts",
+            "kinds",
+            "superpose",
+            "measure",
+            "policy",
+            "architectures",
+        ),
     ),
     (
         "file format and checkpoints",

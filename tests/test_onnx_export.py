@@ -452,3 +452,28 @@ def test_multi_graph_of_a_file_with_nothing_superposed_picks_whole_branches(tmp_
         with torch.no_grad():
             assert np.allclose(out, original(x).numpy(), atol=1e-5) and bool(valid)
     assert not bool(sess.run(None, {"context": np.array(3), "input": x.numpy()})[1])
+
+
+def test_a_large_per_context_linear_runs_behind_an_if_tree(tmp_path):
+    """A 256×256 Linear kept per context (256 KiB) is K Linears behind If nodes, each branch
+    holding its own weight; the small head is still one all-K Gemm (K = 3, batch 1). Every
+    context exact."""
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+
+    file = merged(tmp_path, [net(i) for i in range(3)], "binary", policy=Policy(superpose=("0.weight",)))
+    out = tmp_path / "multi.onnx"
+    report = export_multi(file, task_of(lambda: net(0), MLP_IN), out, measure_per_context=False)
+    assert report.layers["2"] == "per-context branch" and report.layers["0.weight"] == "input side"
+    assert report.layers["4"] == "all-K Gemm"
+    graph = onnx.load(str(out))
+    assert "If" in [n.op_type for n in graph.graph.node]
+    assert not any(list(t.dims) == [256, 256] for t in graph.graph.initializer)  # all in branches
+    sess = session(out)
+    for x in fresh_inputs(MLP_IN):
+        for k in range(3):
+            got, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
+            np.testing.assert_allclose(got, reference(lambda: net(0), file, k, x), atol=1e-5, rtol=1e-4)
+            assert bool(valid)

@@ -22,7 +22,7 @@ from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile, open_superposed
 from pspctl.onnx_export.convert import io_names, to_onnx
 from pspctl.onnx_export.errors import AtolError
-from pspctl.onnx_export.modules import MultiContextModel
+from pspctl.onnx_export.modules import BRANCH, MultiContextModel
 from pspctl.onnx_export.report import ExportReport
 from pspctl.onnx_export.validate import compare, session, torch_outputs
 from pspctl.outputs import staged_folder
@@ -232,7 +232,7 @@ def export_multi(
             wrapper, (torch.tensor(0), *example), graph,
             input_names=["context", *io_names("input", len(example))],
             output_names=[*names, "context_valid"], opset=opset, varargs=True,
-            branches=wrapper.copies is not None,
+            branches=BRANCH in wrapper.layers.values(),
         )  # fmt: skip
         sess = session(graph)
         feeds = [i.name for i in sess.get_inputs()]
