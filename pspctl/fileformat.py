@@ -57,6 +57,7 @@ __all__ = [
     "TensorMeta",
     "check_output",
     "pack",
+    "superposed_file",
     "write_superposed",
 ]
 
@@ -327,7 +328,7 @@ class SuperposedFile(_Stored):
     """
 
     def __init__(self, path: str | Path, *, base: str | Path | None = None):
-        self.path = _superposed_file(Path(path))
+        self.path = superposed_file(Path(path))
         self._base_path = None if base is None else Path(base)
         self._base: Checkpoint | None = None
         self._verified: set[str] = set()
@@ -500,7 +501,7 @@ class SuperposedFile(_Stored):
         return sum(f.stat().st_size for f in self.files)
 
 
-def _superposed_file(path: Path) -> Path:
+def superposed_file(path: Path) -> Path:
     """The file to open for `path`: itself, or in a folder its one shard index or its one
     safetensors file.
 

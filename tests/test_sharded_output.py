@@ -258,3 +258,16 @@ def test_merge_over_a_sharded_merge_with_force_leaves_one_file_that_reads(mlp_pa
     merge(mlp_paths, out, MergeOptions(base="none", kind="complex", force=True))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("w")] == ["w.safetensors"]
     assert SuperposedFile(tmp_path).kind.value == "complex"  # the folder's one file, not a stale index
+
+
+def test_tune_names_its_default_output_after_the_superposed_file(tmp_path):
+    from pspctl.training import default_output
+
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    assert default_output(tmp_path / "w.safetensors") == tmp_path / "w.tuned.safetensors"
+    assert default_output(tmp_path) == tmp_path / "w.tuned.safetensors"  # the folder's one file
+    sharded = tmp_path / "s"
+    sharded.mkdir()
+    (sharded / "m.safetensors.index.json").write_text("{}")
+    assert default_output(sharded / "m.safetensors.index.json") == sharded / "m.tuned.safetensors"
+    assert default_output(sharded) == sharded / "m.tuned.safetensors"

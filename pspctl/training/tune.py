@@ -20,8 +20,9 @@ from torch import nn
 
 from pspctl.checkpoints import sha256_checkpoint
 from pspctl.errors import InputError, OutputError
-from pspctl.fileformat import SuperposedFile, check_output, open_superposed
+from pspctl.fileformat import SuperposedFile, check_output, open_superposed, superposed_file
 from pspctl.nn import load, save
+from pspctl.outputs import INDEX_SUFFIX
 from pspctl.sources import locate_originals, open_originals
 from pspctl.task import Task, as_tensor, check_fits, load_model, on_task_data, primary_metric
 from pspctl.training.common import (
@@ -76,8 +77,15 @@ class TuneReport:
 
 
 def default_output(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(f"{path.stem}.tuned{path.suffix}")
+    """`<stem>.tuned.safetensors` beside the superposed file `path` names: the file, a sharded
+    one's index (`w.safetensors.index.json` → `w.tuned.safetensors`), or a folder holding one.
+
+    Raises:
+        InputError: a folder without exactly one superposed file.
+    """
+    path = superposed_file(Path(path))
+    name = path.name.removesuffix(INDEX_SUFFIX)
+    return path.with_name(f"{name.removesuffix('.safetensors')}.tuned.safetensors")
 
 
 def _teachers(file: SuperposedFile, task: Task, objective: str, trust_pickle: bool) -> list[nn.Module] | None:
