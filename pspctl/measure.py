@@ -4,9 +4,10 @@ sum, block of rows by block of rows. Pure, no I/O.
 What a merge computes for a tensor it may superpose touches each value many times (a norm, a
 sum, a delta, its norm, a bound term). Done tensor by tensor, each of those streams the K copies
 through main memory; done on blocks of ~256 KiB, the block's K copies are read from memory
-once and every later touch hits the cache (`benchmarks/merge_speed.py`). The arithmetic is the
-same as `superpose.bind` and `torch.linalg.vector_norm` on whole tensors, so the bound sum
-equals `bind`'s (tests/test_measure.py), and the norms agree to float32 rounding.
+once and every later touch hits the cache (`benchmarks/merge_speed.py`). The arithmetic is
+`superpose.bind`'s and `torch.linalg.vector_norm`'s, block by block: the bound sum is
+`bind`'s (bit for bit for binary and the phase kinds; rotation's products are blocked
+differently) and the norms agree to float32 rounding (tests/test_measure.py).
 """
 
 from __future__ import annotations
