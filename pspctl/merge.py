@@ -247,10 +247,12 @@ def merge(
     """Superpose K checkpoints into one pspctl file.
 
     Two passes, one tensor name at a time: the first reads the K inputs to find the tensors
-    equal in all of them and to predict each storage option's error (Proposition 2 with the
-    norms of what would be superposed: the weights, or their deltas from the base); `choose`
-    then spends the error budget where it saves most bytes; the second binds. Nothing is
-    written unless the whole merge succeeds (the output appears by an atomic rename).
+    equal in all of them, to predict each storage option's error (Proposition 2 with the
+    norms of what would be superposed: the weights, or their deltas from the base) and to
+    bind each candidate while its K copies are read; `choose` then spends the error budget
+    where it saves most bytes; the second stores each tensor as chosen (reading the inputs
+    again only for those kept per context). Nothing is written unless the whole merge
+    succeeds (the output appears by an atomic rename).
 
     Raises:
         PspctlError subclasses for every bad input; see pspctl.errors.

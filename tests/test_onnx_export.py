@@ -64,6 +64,17 @@ def fresh_inputs(shape: tuple[int, ...]) -> list[torch.Tensor]:
     return [torch.randn(1, *shape, generator=gen), torch.randn(7, *shape, generator=gen)]
 
 
+def assert_every_context(graph: Path, build, file: Path, shape: tuple[int, ...], K: int = 3) -> None:
+    """The multi-context graph's outputs for every context, on fresh inputs, against the model
+    rebuilt from the file; each flagged valid."""
+    sess = session(graph)
+    for x in fresh_inputs(shape):
+        for k in range(K):
+            got, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
+            np.testing.assert_allclose(got, reference(build, file, k, x), atol=1e-5, rtol=1e-4)
+            assert bool(valid)
+
+
 def assert_nothing_left(folder: Path, before: set[str]) -> None:
     assert {p.name for p in folder.iterdir()} == before
 
@@ -100,13 +111,9 @@ def test_multi_context_graph_matches_torch_for_every_context(multi_graphs, model
     assert report.passed and [c.context for c in report.checks] == [0, 1, 2]
     assert report.files == {str(out): out.stat().st_size}
 
-    sess = session(out)
-    for x in fresh_inputs(shape):
-        for k in range(3):
-            got, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
-            np.testing.assert_allclose(got, reference(lambda: build(0), file, k, x), atol=1e-5, rtol=1e-4)
-            assert bool(valid)
+    assert_every_context(out, lambda: build(0), file, shape)
     # Out of range: clamped to the nearest context and flagged, never an error or garbage.
+    sess = session(out)
     x = fresh_inputs(shape)[1].numpy()
     for bad, nearest in [(-1, 0), (3, 2), (10**6, 2)]:
         got, valid = sess.run(None, {"context": np.array(bad), "input": x})
@@ -369,12 +376,7 @@ def test_small_per_context_linears_run_as_one_gemm_over_all_contexts(tmp_path, b
         assert shapes["model.0.weight_all"] == [3 * 48, 16] and shapes["model.4.weight_all"] == [3 * 4, 48]
     else:
         assert served == {f"{i}.{p}": variant for i in (0, 4) for p in ("weight", "bias")}
-    sess = session(out)
-    for x in fresh_inputs(MLP_IN):
-        for k in range(3):
-            got, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
-            np.testing.assert_allclose(got, reference(lambda: mlp(0), file, k, x), atol=1e-5, rtol=1e-4)
-            assert bool(valid)
+    assert_every_context(out, lambda: mlp(0), file, MLP_IN)
 
 
 class PointwiseNet(nn.Module):
@@ -413,13 +415,7 @@ def test_pointwise_convs_and_plain_linear_subclasses_bind_on_the_input_side(tmp_
     layers = report.layers
     assert layers["point.weight"] == layers["plain.weight"] == "input side"
     assert layers["conv.weight"] == layers["scaled.weight"] == "weight side"
-    sess = session(out)
-    for x in fresh_inputs((3, 4, 4)):
-        for k in range(3):
-            got, _ = sess.run(None, {"context": np.array(k), "input": x.numpy()})
-            np.testing.assert_allclose(
-                got, reference(lambda: PointwiseNet(0), file, k, x), atol=1e-5, rtol=1e-4
-            )
+    assert_every_context(out, lambda: PointwiseNet(0), file, (3, 4, 4))
 
 
 @pytest.mark.parametrize("base", ["none", "mean"])
@@ -471,9 +467,4 @@ def test_a_large_per_context_linear_runs_behind_an_if_tree(tmp_path):
     graph = onnx.load(str(out))
     assert "If" in [n.op_type for n in graph.graph.node]
     assert not any(list(t.dims) == [256, 256] for t in graph.graph.initializer)  # all in branches
-    sess = session(out)
-    for x in fresh_inputs(MLP_IN):
-        for k in range(3):
-            got, valid = sess.run(None, {"context": np.array(k), "input": x.numpy()})
-            np.testing.assert_allclose(got, reference(lambda: net(0), file, k, x), atol=1e-5, rtol=1e-4)
-            assert bool(valid)
+    assert_every_context(out, lambda: net(0), file, MLP_IN)
