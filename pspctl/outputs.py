@@ -159,10 +159,13 @@ def earlier_output(path: str | Path) -> list[Path]:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
             shards = set()  # not an index we can read: only the index itself is known to be ours
+        # Only shards named as this writer names `path`'s (w-00001-of-00003.safetensors): an
+        # index is data, and may list any file.
+        ours = re.compile(rf"{re.escape(path.stem)}-\d{{5}}-of-\d{{5}}{re.escape(path.suffix)}")
         found += [
             path.parent / s
-            for s in sorted(n for n in shards if isinstance(n, str) and Path(n).name == n)
-            if (path.parent / s).is_file() and path.parent / s != path
+            for s in sorted(n for n in shards if isinstance(n, str) and ours.fullmatch(n))
+            if (path.parent / s).is_file()
         ]
     return found
 
@@ -178,10 +181,13 @@ def refuse_earlier(path: str | Path, *, force: bool) -> None:
         raise OutputError(f"{found[0]}: already exists (pass --force to overwrite)")
 
 
-def _remove_earlier(earlier: Sequence[Path], keep: Sequence[Path]) -> None:
+def _remove_earlier(earlier: Sequence[Path], keep: Sequence[Path], inputs: Sequence[str | Path]) -> None:
     """After a forced write: remove what is left of the output it replaced (the old index and
-    shards of a sharded one, the old file of a plain one), so that no reader finds it."""
+    shards of a sharded one, the old file of a plain one), so that no reader finds it; never
+    one of `inputs`."""
     for p in set(earlier) - set(keep):
+        if any(_same(p, Path(i)) for i in inputs):
+            continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
 
@@ -208,7 +214,7 @@ def atomic_path(
         yield tmp
         earlier = earlier_output(path)
         _publish(tmp, path, force=force)
-        _remove_earlier(earlier, [path])
+        _remove_earlier(earlier, [path], inputs)
     except OSError as e:  # a full disk, a read-only folder: name the output, not our temp file
         raise _write_error(path, e) from e
     finally:
@@ -450,7 +456,7 @@ def write_safetensors_sharded(
         for target in targets:
             _publish(staging / target.name, target, force=force)
             published.append(target)
-        _remove_earlier(earlier, targets)
+        _remove_earlier(earlier, targets, inputs)
     except BaseException as e:
         if not force:  # take back what this run published: all or nothing
             for target in published:
