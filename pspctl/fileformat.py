@@ -57,7 +57,6 @@ __all__ = [
     "TensorMeta",
     "check_output",
     "pack",
-    "superposed_file",
     "write_superposed",
 ]
 
@@ -74,15 +73,16 @@ def pack(superposed: Tensor, dtype: torch.dtype) -> Tensor:
     return superposed.to(dtype).contiguous()
 
 
-def check_output(path: str | Path, *, force: bool) -> None:
+def check_output(path: str | Path, *, force: bool, inputs: Sequence[str | Path] = ()) -> None:
     """Refuse, before any work, an output path a superposed file must not be written to.
 
     Raises:
         OutputError: the name does not end in .safetensors, or an output is there already
-            (the file, or a sharded one's index), without `force`.
+            (the file, or a sharded one's index), without `force`; or one that is part of
+            `inputs`, even with it.
     """
     _check_name(Path(path))
-    refuse_earlier(path, force=force)
+    refuse_earlier(path, force=force, inputs=inputs)
 
 
 def _check_name(path: Path) -> None:
@@ -328,7 +328,7 @@ class SuperposedFile(_Stored):
     """
 
     def __init__(self, path: str | Path, *, base: str | Path | None = None):
-        self.path = superposed_file(Path(path))
+        self.path = _superposed_file(Path(path))
         self._base_path = None if base is None else Path(base)
         self._base: Checkpoint | None = None
         self._verified: set[str] = set()
@@ -501,7 +501,7 @@ class SuperposedFile(_Stored):
         return sum(f.stat().st_size for f in self.files)
 
 
-def superposed_file(path: Path) -> Path:
+def _superposed_file(path: Path) -> Path:
     """The file to open for `path`: itself, or in a folder its one shard index or its one
     safetensors file.
 

@@ -102,18 +102,12 @@ def measure_bind(
         vals = [w[:rows_here].copy_(b) for w, b in zip(widened, block, strict=False)] if narrow else block
         m = p = None
         if mean:
-            t = (
-                torch.add(vals[0], vals[1], out=total[:rows_here])
-                if K > 1
-                else total[:rows_here].copy_(vals[0])
-            )
-            for v in vals[2:]:
-                t.add_(v)
+            # Σ (W_k / K): no overflow where the values are near the dtype's largest finite one
+            t = torch.div(vals[0], K, out=total[:rows_here])
+            for v in vals[1:]:
+                t.add_(torch.div(v, K, out=to_m[:rows_here]))
             m = stored_mean[r : r + step]
-            if m.dtype == t.dtype:
-                torch.div(t, K, out=m)
-            else:  # rounded to the inputs' dtype: the deltas carry what it lost
-                m.copy_(t.div_(K))
+            m.copy_(t)  # rounded to the inputs' dtype: the deltas carry what it lost
             m = widened[K][:rows_here].copy_(m) if narrow else m
         if par is not None:
             p = par[r : r + step]

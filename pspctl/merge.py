@@ -281,7 +281,7 @@ def _merge(
     output = Path(output)
     kind = Kind(options.kind)
     paths, files = _resolve_inputs(inputs, output)
-    check_output(output, force=options.force)
+    check_output(output, force=options.force, inputs=files)
     labels = _labels(paths, options.labels)
     centres = _centres(options)
     checkpoints = open_inputs(paths, options)
@@ -347,7 +347,10 @@ def _merge(
     for name in [n for n in bound if not getattr(chosen.get(n), "centre", None)]:
         del bound[name]  # per context: its copies are stacked in the writing pass
     for name in [n for n in means if getattr(chosen.get(n), "centre", None) != "mean"]:
-        if name in bound:  # superposed without a base: from the deltas' sum, with the mean put back
+        if name in bound and bound[name][1].element_size() < 4:
+            # A 16-bit sum put back would be rounded twice: bound afresh in the writing pass.
+            del bound[name]
+        elif name in bound:  # superposed without a base: the deltas' sum with the mean put back
             info, d = infos[index[name]], decisions[index[name]]
             bound[name] = ("none", _uncentre(bound[name][1], means[name], info, d, kind, K, options))
         del means[name]

@@ -170,13 +170,17 @@ def earlier_output(path: str | Path) -> list[Path]:
     return found
 
 
-def refuse_earlier(path: str | Path, *, force: bool) -> None:
-    """Without `force`, refuse a `path` where an output already is, plain or sharded.
+def refuse_earlier(path: str | Path, *, force: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse a `path` where an output already is, plain or sharded: without `force`, any;
+    with it, one that is (part of) an input — a sharded input's index, say, which would be
+    left beside the new file for readers to open.
 
     Raises:
         OutputError: naming the file found.
     """
     found = earlier_output(path)
+    for p in found:
+        refuse_inputs(p, inputs)
     if found and not force:
         raise OutputError(f"{found[0]}: already exists (pass --force to overwrite)")
 
@@ -206,7 +210,7 @@ def atomic_path(
     _check_target(path, force=force, inputs=inputs)
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: no such directory")
-    refuse_earlier(path, force=force)  # a sharded output of the same name counts too
+    refuse_earlier(path, force=force, inputs=inputs)  # a sharded output of the same name counts too
     clean_stale(path)
     tmp = _tmp_name(path)
     try:
@@ -426,7 +430,7 @@ def write_safetensors_sharded(
         _check_target(target, force=force, inputs=inputs)
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: no such directory")
-    refuse_earlier(path, force=force)  # a plain output, or shards of another count, at this name
+    refuse_earlier(path, force=force, inputs=inputs)  # a plain output, or shards of another count
     clean_stale(path)
     staging = _tmp_name(path)  # a folder beside the outputs, on their file system
     published: list[Path] = []

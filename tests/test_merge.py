@@ -250,3 +250,36 @@ def test_a_superposed_file_is_not_a_merge_input(tmp_path, mlp_paths):
 
     with pytest.raises(InputError, match="is a pspctl superposed file"):
         merge([tmp_path / "w.safetensors", mlp_paths[0]], tmp_path / "x.safetensors")
+
+
+def test_a_16_bit_sum_stored_without_a_base_is_rounded_once(tmp_path):
+    """--base auto binds on the mean first; a tensor that ends up plain is bound afresh when it
+    is stored in 16 bits (putting the mean back would round it twice)."""
+    models = [mlp(i).to(torch.bfloat16) for i in range(3)]  # unrelated: auto picks no base
+    paths = save_models(models, tmp_path, ".safetensors")
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(base="auto", policy=ALL))
+    sf = SuperposedFile(out)
+    plain = [n for n in sf.names(Role.SUPERPOSED) if not sf.metas[n].centred]
+    assert plain
+    originals = [load_file(p) for p in paths]
+    for name in plain:
+        exact = bind([o[name] for o in originals], sf.contexts(name))
+        assert torch.equal(sf.raw(f"superposed/{name}"), exact.to(torch.bfloat16))
+
+
+def test_a_mean_of_values_near_the_float32_limit_stays_finite(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    big = [{"w": (torch.rand(8, 16, generator=g) + 0.5) * 1.5e38} for _ in range(3)]
+    paths = []
+    for k, state in enumerate(big):
+        save_file(state, tmp_path / f"big{k}.safetensors")
+        paths.append(tmp_path / f"big{k}.safetensors")
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(base="mean", policy=Policy(superpose=("w",))))
+    sf = SuperposedFile(out)
+    assert sf.metas["w"].centred and torch.isfinite(sf.base("w")).all()
+    assert torch.allclose(
+        sf.base("w").double(), torch.stack([s["w"].double() for s in big]).mean(0), rtol=1e-6
+    )
+    assert all(torch.isfinite(sf.retrieve("w", k)).all() for k in range(3))

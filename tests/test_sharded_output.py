@@ -265,12 +265,12 @@ def test_tune_names_its_default_output_after_the_superposed_file(tmp_path):
 
     (tmp_path / "w.safetensors").write_bytes(b"")
     assert default_output(tmp_path / "w.safetensors") == tmp_path / "w.tuned.safetensors"
-    assert default_output(tmp_path) == tmp_path / "w.tuned.safetensors"  # the folder's one file
     sharded = tmp_path / "s"
     sharded.mkdir()
     (sharded / "m.safetensors.index.json").write_text("{}")
     assert default_output(sharded / "m.safetensors.index.json") == sharded / "m.tuned.safetensors"
-    assert default_output(sharded) == sharded / "m.tuned.safetensors"
+    # a folder: beside it, not inside (a second file there would make the folder ambiguous)
+    assert default_output(sharded) == tmp_path / "s.tuned.safetensors"
 
 
 def test_a_forced_write_removes_only_shards_named_as_its_own(tmp_path):
@@ -291,3 +291,22 @@ def test_a_forced_write_removes_only_shards_named_as_its_own(tmp_path):
     )  # fmt: skip
     assert _files(tmp_path) == ["m-00001-of-00002.safetensors", "m.safetensors", "mine.txt"]
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_merge_into_a_sharded_input_s_place_is_refused_even_with_force(tmp_path):
+    """-o where a sharded input's index is: writing a plain file beside the input's index would
+    leave readers of that folder the input, not the merge (and the index is not ours to delete)."""
+    states = [mlp(i).state_dict() for i in range(3)]
+    folder = tmp_path / "ft0"
+    folder.mkdir()
+    write_safetensors_sharded(
+        states[0], folder / "model.safetensors", {"format": "pt"}, max_shard_size=20_000
+    )
+    others = []
+    for k in (1, 2):
+        torch.save(states[k], tmp_path / f"m{k}.pt")
+        others.append(tmp_path / f"m{k}.pt")
+    before = _files(folder)
+    with pytest.raises(OutputError, match="one of the inputs"):
+        merge([folder, *others], folder / "model.safetensors", MergeOptions(base="none", force=True))
+    assert _files(folder) == before

@@ -20,7 +20,7 @@ from torch import nn
 
 from pspctl.checkpoints import sha256_checkpoint
 from pspctl.errors import InputError, OutputError
-from pspctl.fileformat import SuperposedFile, check_output, open_superposed, superposed_file
+from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
 from pspctl.outputs import INDEX_SUFFIX
 from pspctl.sources import locate_originals, open_originals
@@ -77,13 +77,13 @@ class TuneReport:
 
 
 def default_output(path: str | Path) -> Path:
-    """`<stem>.tuned.safetensors` beside the superposed file `path` names: the file, a sharded
-    one's index (`w.safetensors.index.json` → `w.tuned.safetensors`), or a folder holding one.
-
-    Raises:
-        InputError: a folder without exactly one superposed file.
-    """
-    path = superposed_file(Path(path))
+    """`<stem>.tuned.safetensors` beside the superposed file `path` (`w.safetensors` or its
+    shard index `w.safetensors.index.json` → `w.tuned.safetensors`); for a folder holding
+    one, `<folder>.tuned.safetensors` beside the folder, which a second file inside would
+    make ambiguous to every command reading the folder."""
+    path = Path(path)
+    if path.is_dir():
+        return path.with_name(f"{path.name}.tuned.safetensors")
     name = path.name.removesuffix(INDEX_SUFFIX)
     return path.with_name(f"{name.removesuffix('.safetensors')}.tuned.safetensors")
 
