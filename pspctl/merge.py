@@ -579,19 +579,21 @@ def _delta(w: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tens
 
 
 def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The weights' mean, summed one at a time in float32 (float64 for float64 weights).
+    """The weights' mean as `measure.measure_bind` computes it, Σ (W_k / K) in float32
+    (float64 for float64 weights): the same operations, so the same bits.
 
     Its last bit does not matter: a centred tensor's deltas are taken from the mean as stored,
     so they carry whatever its rounding lost.
     """
-    total, count = None, 0
-    for w in weights:
-        term = w if w.dtype == torch.float64 else w.float()
-        total = term.clone() if total is None else total.add_(term)
-        count += 1
-    if total is None:
+    weights = list(weights)
+    if not weights:
         raise ValueError("the mean of no weights")
-    return total / count
+    total = None
+    for w in weights:
+        term = (w if w.dtype == torch.float64 else w.float()) / len(weights)
+        total = term if total is None else total.add_(term)
+    assert total is not None
+    return total
 
 
 def _base_record(decisions: Sequence[Decision], options: MergeOptions) -> dict[str, Any] | None:

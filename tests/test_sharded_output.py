@@ -274,22 +274,26 @@ def test_tune_names_its_default_output_after_the_superposed_file(tmp_path):
 
 
 def test_a_forced_write_removes_only_shards_named_as_its_own(tmp_path):
-    """An index is data: one that lists other files (an input, a file of the user's) does not
-    get them deleted by a forced write over it; only `m-NNNNN-of-NNNNN.safetensors` shards are
-    the old output's, and never one that is an input."""
+    """An index is data: a forced write over one that lists other files (a user's, one outside
+    the folder) deletes none of them, only `m-NNNNN-of-NNNNN.safetensors` shards; and one
+    whose listed shard is an input is refused even with --force, nothing touched."""
     state, path = tensors(), tmp_path / "m.safetensors"
     (tmp_path / "mine.txt").write_text("keep me")
-    (tmp_path / "m-00001-of-00002.safetensors").write_text("an input, named like a shard")
+    (tmp_path / "m-00001-of-00002.safetensors").write_text("an old shard")
     index = {
         "metadata": {},
         "weight_map": {"a": "mine.txt", "b": "../outside", "c": "m-00001-of-00002.safetensors"},
     }
     (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
-    write_safetensors_sharded(
-        state, path, {"format": "pt"}, max_shard_size=10**6, force=True,
-        inputs=[tmp_path / "m-00001-of-00002.safetensors"],
-    )  # fmt: skip
-    assert _files(tmp_path) == ["m-00001-of-00002.safetensors", "m.safetensors", "mine.txt"]
+    before = _files(tmp_path)
+    with pytest.raises(OutputError, match="one of the inputs"):
+        write_safetensors_sharded(
+            state, path, {"format": "pt"}, max_shard_size=10**6, force=True,
+            inputs=[tmp_path / "m-00001-of-00002.safetensors"],
+        )  # fmt: skip
+    assert _files(tmp_path) == before
+    write_safetensors_sharded(state, path, {"format": "pt"}, max_shard_size=10**6, force=True)
+    assert _files(tmp_path) == ["m.safetensors", "mine.txt"]
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
