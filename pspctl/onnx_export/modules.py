@@ -36,14 +36,16 @@ from pspctl.superpose import as_matrix, from_matrix
 
 __all__ = [
     "AllContextsLinear",
-    "select",
     "BoundConv",
     "BoundLinear",
+    "BranchLinear",
     "ContextSlot",
     "MultiContextModel",
     "Retriever",
     "StackedTensors",
     "all_k_pays",
+    "branch_pays",
+    "select",
 ]
 
 
@@ -375,7 +377,9 @@ class BranchLinear(nn.Module):
         self.slot = slot
         self.copies = nn.ModuleList()
         for k in range(weights.shape[0]):
-            linear = nn.Linear(weights.shape[2], weights.shape[1], bias=biases is not None)
+            linear = nn.Linear(
+                weights.shape[2], weights.shape[1], bias=biases is not None, dtype=weights.dtype
+            )
             with torch.no_grad():
                 linear.weight.copy_(weights[k])
                 if biases is not None:
@@ -431,7 +435,7 @@ WEIGHT_SIDE = "weight side"  # any other superposed weight: Ŵ_k retrieved in th
 ALL_K = "all-K Gemm"  # per-context Linear: one Gemm over the K copies, select the output
 GATHER = "gather"  # per-context tensor: stacked [K, ...], one Gather
 SHARED = "shared"  # equal in every context: stored once
-BRANCH = "per-context branch"  # nothing superposed: K whole graphs, one run, chosen by If
+BRANCH = "per-context branch"  # K whole graphs (nothing superposed) or K Linears; If picks one
 
 
 def select(k: Tensor, branches: list, operands: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
