@@ -573,14 +573,9 @@ def _uncentre(
     return pack(value, packed.dtype)
 
 
-def _delta(w: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`w - base` in `out` (base's dtype): widened first, since a mixed-dtype op is slow."""
-    return torch.sub(w, base, out=out) if w.dtype == base.dtype else out.copy_(w).sub_(base)
-
-
 def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The weights' mean as `measure.measure_bind` computes it, Σ (W_k / K) in float32
-    (float64 for float64 weights): the same operations, so the same bits.
+    """The weights' mean as a merge stores it (`measure.measure_bind`): Σ (W_k / K) in float32
+    (float64 for float64 weights), rounded to their dtype.
 
     Its last bit does not matter: a centred tensor's deltas are taken from the mean as stored,
     so they carry whatever its rounding lost.
@@ -588,12 +583,9 @@ def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
     weights = list(weights)
     if not weights:
         raise ValueError("the mean of no weights")
-    total = None
-    for w in weights:
-        term = (w if w.dtype == torch.float64 else w.float()) / len(weights)
-        total = term if total is None else total.add_(term)
-    assert total is not None
-    return total
+    mean = measure_bind(weights, mean=True).mean
+    assert mean is not None
+    return mean
 
 
 def _base_record(decisions: Sequence[Decision], options: MergeOptions) -> dict[str, Any] | None:
@@ -637,25 +629,17 @@ def store_tensor(
         return writer.add_per_context(info.name, meta, torch.stack([c[info.name] for c in checkpoints]))
     ctx = make_contexts(writer.kind, writer.num_contexts, d.fan_in, options.seed, info.name)
     dtype = torch_dtype(options.dtype or info.dtype)
-    if bound is not None and bound[0] == (d.centre or "none"):
-        if centred and base is None:
+    if bound is None or bound[0] != (d.centre or "none"):  # not bound in the measuring pass
+        parent = base if centred and base is not None else None
+        if centred and parent is None and d.centre != "mean":
             raise ValueError(f"{info.name}: centred on a base that was not given")
-        return writer.add_superposed(info.name, meta, bound[1], ctx, dtype, base=base)
-    # Generators: bind reads one input at a time, so a K-way bind holds one input's tensor.
-    weights = (c[info.name] for c in checkpoints)
-    if not centred:
-        return writer.add_superposed(info.name, meta, bind(weights, ctx, info.fan_in_axis), ctx, dtype)
-    if d.centre == "mean" and base is None:
-        base = _mean(c[info.name] for c in checkpoints)
-    if base is None:
-        raise ValueError(f"{info.name}: centred on a base that was not given")
-    # Round the base to the stored dtype first: the deltas then carry what rounding lost.
-    base = base.to(torch_dtype(info.dtype))
-    wide = base.to(torch.promote_types(base.dtype, torch.float32))  # converted once, not K times
-    # One buffer for the K deltas: bind is done with each before the next is made.
-    buf = torch.empty_like(wide)
-    deltas = (_delta(w, wide, buf) for w in weights)
-    return writer.add_superposed(info.name, meta, bind(deltas, ctx, info.fan_in_axis), ctx, dtype, base=base)
+        centre = "none" if not centred else ("base" if parent is not None else "mean")
+        copies = [c[info.name] for c in checkpoints]
+        found = measure_bind(copies, ctx=ctx, centre=centre, parent=parent, axis=info.fan_in_axis)
+        base = found.mean if centre == "mean" else base
+        assert found.bound is not None
+        bound = (d.centre, pack(found.bound, dtype))
+    return writer.add_superposed(info.name, meta, bound[1], ctx, dtype, base=base)
 
 
 def _check_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor, norm: float | None, allow: bool) -> None:
