@@ -9,6 +9,7 @@ Tensor names in the file, for an original tensor `name`:
 from __future__ import annotations
 
 import json
+import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -253,6 +254,7 @@ class SuperposedWriter(_Stored):
         # the reading and binding of the next tensor instead of adding a pass at the end.
         self._crcs: dict[str, Future[str]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pspctl-crc")
+        self._ahead: dict[int, tuple[weakref.ref[Tensor], int, Future[str]]] = {}
 
     def raw(self, stored_name: str) -> Tensor:
         return self.tensors[stored_name]
@@ -293,10 +295,23 @@ class SuperposedWriter(_Stored):
         self.tensors[FILES + name] = tensor
         self._crcs[FILES + name] = self._pool.submit(crc32, tensor)
 
+    def checksum_ahead(self, tensor: Tensor) -> None:
+        """Start the CRC-32 of a tensor that may be stored later (as this very object): merge
+        checksums what it binds while it reads the inputs, not all at once when it writes."""
+        self._ahead[id(tensor)] = (weakref.ref(tensor), tensor._version, self._pool.submit(crc32, tensor))
+
+    def _crc(self, tensor: Tensor) -> Future[str]:
+        """The tensor's CRC-32: the one started ahead if it is this object, unchanged since
+        (torch counts a tensor's in-place changes in `_version`), else computed now."""
+        ref, version, future = self._ahead.pop(id(tensor), (None, None, None))
+        if ref is not None and ref() is tensor and version == tensor._version and future is not None:
+            return future
+        return self._pool.submit(crc32, tensor)
+
     def _add(self, name: str, meta: TensorMeta, tensors: dict[str, Tensor]) -> int:
         self.metas[name] = meta
         self.tensors.update(tensors)
-        self._crcs.update({n: self._pool.submit(crc32, t) for n, t in tensors.items()})
+        self._crcs.update({n: self._crc(t) for n, t in tensors.items()})
         self._last = None
         return sum(t.nbytes for t in tensors.values())
 

@@ -52,6 +52,10 @@ class KindOps:
         """acc += bind(w, c), in place: what a K-way bind spends its time on."""
         acc.add_(self.bind(w, c))
 
+    def bind_into(self, out: Tensor, w: Tensor, c: Any) -> None:
+        """out = bind(w, c), in place: the first term of a sum, with no zeroing pass before it."""
+        out.copy_(self.bind(w, c))
+
     def retrieve(self, real: Tensor, imag: Tensor | None, c: Any) -> Tensor:
         """Ŵ_k from the superposed matrix (imag: None for the real kinds)."""
         raise NotImplementedError
@@ -96,6 +100,9 @@ class _Binary(KindOps):
 
     def accumulate(self, acc: Tensor, w: Tensor, c: Tensor) -> None:
         acc.addcmul_(w, c.to(w.dtype))  # one pass, no temporary; exact as w * c then + (c = ±1)
+
+    def bind_into(self, out: Tensor, w: Tensor, c: Tensor) -> None:
+        torch.mul(w, c.to(w.dtype), out=out)
 
     def retrieve(self, real: Tensor, imag: Tensor | None, c: Tensor) -> Tensor:
         return real * c.to(real.dtype)

@@ -25,6 +25,7 @@ from pspctl.superpose import as_matrix, from_matrix
 __all__ = ["Measured", "measure_bind"]
 
 BLOCK = 1 << 16  # values per block and copy: K blocks of 256 KiB (float32) stay in cache
+REREAD = 1 << 20  # values per copy between two `copies[k]` (4 MiB of float32), see measure_bind
 
 
 @dataclass
@@ -65,15 +66,22 @@ def measure_bind(
 
     `mean` asks for the mean and the deltas' norms from it (always when centring on it);
     `parent`, the deltas' norms from it. `axis`: the fan-in axis (see `superpose.as_matrix`).
+
+    `copies[k]` is taken again every `REREAD` values of a copy. For a sequence that reads
+    memory-mapped inputs afresh at each `copies[k]` (merge's), the pages of the rows already
+    measured are then unmapped as it goes: K × 4 MiB of the inputs stay resident, not K
+    whole copies of the tensor. A list gives the same tensors each time.
     """
     if centre == "mean":
         mean = True
     if centre == "base" and parent is None:
         raise ValueError("centre 'base' needs the parent")
     K = len(copies)
-    shape, dtype = copies[0].shape, copies[0].dtype
+    first = [copies[k] for k in range(K)]
+    shape, dtype = first[0].shape, first[0].dtype
+    rows = [as_matrix(c, axis) for c in first]
+    del first  # the rows hold the copies: dropping them at a re-read releases the pages
     wide = _wide(dtype)
-    rows = [as_matrix(c, axis) for c in copies]
     N, M = rows[0].shape
     par = None if parent is None else as_matrix(parent, axis)
     out = Measured(w_sq=[0.0] * K, equal=True)
@@ -94,7 +102,10 @@ def measure_bind(
     total, to_m, to_p = (torch.empty((min(step, N), M), dtype=wide) for _ in range(3))
     narrow = dtype != wide
     widened = [torch.empty((min(step, N), M), dtype=wide) for _ in range(K + 2)] if narrow else []
+    reread = max(1, REREAD // max(M, 1) // step) * step  # rows, a whole number of blocks
     for r in range(0, N, step):
+        if r and r % reread == 0:
+            rows = [as_matrix(copies[k], axis) for k in range(K)]
         block = [x[r : r + step] for x in rows]
         rows_here = block[0].shape[0]
         if out.equal:
@@ -102,18 +113,18 @@ def measure_bind(
         vals = [w[:rows_here].copy_(b) for w, b in zip(widened, block, strict=False)] if narrow else block
         m = p = None
         if mean:
-            # Σ (W_k / K): no overflow where the values are near the dtype's largest finite one
-            t = torch.div(vals[0], K, out=total[:rows_here])
-            for v in vals[1:]:
-                t.add_(torch.div(v, K, out=to_m[:rows_here]))
+            # Σ W_k·(1/K): no overflow where the values are near the dtype's largest finite one.
+            # Summed where it is stored when the inputs are wide already, else widened.
             m = stored_mean[r : r + step]
-            m.copy_(t)  # rounded to the inputs' dtype: the deltas carry what it lost
-            m = widened[K][:rows_here].copy_(m) if narrow else m
+            t = torch.mul(vals[0], 1 / K, out=total[:rows_here] if narrow else m)
+            for v in vals[1:]:
+                t.add_(v, alpha=1 / K)
+            if narrow:
+                m.copy_(t)  # rounded to the inputs' dtype: the deltas carry what it lost
+                m = widened[K][:rows_here].copy_(m)
         if par is not None:
             p = par[r : r + step]
             p = widened[K + 1][:rows_here].copy_(p) if narrow else p
-        if acc is not None:
-            acc[r : r + step].zero_()  # in the cache, not a pass over the whole tensor
         for k, v in enumerate(vals):
             out.w_sq[k] += _sq(v)
             terms = {"none": v}
@@ -124,7 +135,8 @@ def measure_bind(
                 terms["base"] = torch.sub(v, p, out=to_p[:rows_here])
                 out.to_parent[k] += _sq(terms["base"])
             if acc is not None and ops is not None:
-                ops.accumulate(acc[r : r + step], terms[centre], forms[k])
+                bind = ops.accumulate if k else ops.bind_into  # the first term starts the block's sum
+                bind(acc[r : r + step], terms[centre], forms[k])
     if mean:
         out.mean = from_matrix(stored_mean, shape, axis)
     if acc is not None:

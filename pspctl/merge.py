@@ -316,13 +316,14 @@ def _merge(
     # mean where that is an option (else on its one centre): the writing pass reads no input
     # again for a superposed tensor. Dropped for the tensors that end up per context.
     bound: dict[str, tuple[str, torch.Tensor]] = {}
+    writer = SuperposedWriter(kind, K, linked=options.link_base)
     hashes = _hash_inputs(paths)  # in a thread while the inputs are read (hashlib frees the GIL)
     for i, (info, d) in enumerate(zip(infos, decisions, strict=True)):
         tick(i, 2 * len(infos), info.name)
         lookup = is_lookup(info.name) or any(is_lookup(a) for a, n in ties.items() if n == info.name)
 
-        def read(name: str = info.name) -> Iterator[torch.Tensor]:
-            return (c[name] for c in checkpoints)
+        def read(name: str = info.name) -> _Copies:
+            return _Copies(checkpoints, name)
 
         def check(k: int, w: torch.Tensor, norm: float | None, name: str = info.name) -> None:
             _check_finite(checkpoints[k], name, w, norm, options.allow_nonfinite)
@@ -334,8 +335,10 @@ def _merge(
         )
         if mean is not None:
             means[info.name] = mean
+            writer.checksum_ahead(mean)
         if bound_as is not None:
             bound[info.name] = bound_as
+            writer.checksum_ahead(bound_as[1])
         if shared:
             decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
         elif measured[info.name]:
@@ -356,7 +359,6 @@ def _merge(
         del means[name]
 
     # Pass 2: store each tensor as chosen.
-    writer = SuperposedWriter(kind, K, linked=options.link_base)
     hf = record_folder(paths[0], writer) if hf_paths(paths) else None
     stored: dict[str, int] = {}
     errors = [0.0] * K
@@ -495,7 +497,7 @@ def _check_base(parent: Checkpoint, model: Checkpoint) -> None:
 def _measure(
     info: TensorInfo,
     d: Decision,
-    read: Callable[[], Iterator[torch.Tensor]],
+    read: Callable[[], Sequence[torch.Tensor]],
     parent: torch.Tensor | None,
     centres: Sequence[str],
     kind: Kind,
@@ -510,10 +512,10 @@ def _measure(
     option, else on its one centre) in its stored form, with that centre.
 
     `read()` gives the K copies (memory-mapped: their pages are read when first touched). A
-    candidate's are held together, K at once, and measured and bound in one pass
-    (`measure.measure_bind`), so that no input is read twice (within the merge's bound of
-    (K+1) × the largest tensor). `check(k, w, norm)` sees each copy once, with its norm when
-    one was computed.
+    candidate's are measured and bound together, in one pass (`measure.measure_bind`), so
+    that no input is read twice; the pages measured are released as it goes.
+    `check(k, w, norm)` sees each copy of a tensor kept per context, and a candidate's
+    copies whose norm is not finite.
     """
     if d.role is not Role.SUPERPOSED:  # only whether the copies are equal: two at a time
         first, equal = None, True
@@ -524,18 +526,19 @@ def _measure(
             elif equal:
                 equal = torch.equal(first, w)
         return first is not None and equal and bool(first.numel()), [], None, None
-    copies = list(read())
+    copies = read()
     if not copies:
         return False, [], None, None
-    numel = bool(copies[0].numel())
     K, n = len(copies), info.numel
+    numel = bool(n)
     centre = "mean" if "mean" in centres else centres[0]
     ctx = make_contexts(kind, K, d.fan_in, options.seed, info.name)
     found = measure_bind(
         copies, mean="mean" in centres, parent=parent, ctx=ctx, centre=centre, axis=info.fan_in_axis
     )
-    for k, w in enumerate(copies):
-        check(k, w, math.sqrt(found.w_sq[k]))
+    for k, sq in enumerate(found.w_sq):
+        if not math.isfinite(sq):  # a finite norm proves every value finite: nothing to read again
+            check(k, copies[k], math.sqrt(sq))
     if found.equal and numel:
         return True, [], None, None
     size = itemsize(info.dtype)
@@ -550,6 +553,21 @@ def _measure(
         out.append(Option(c, max(errs), values + extra, tuple(errs)))
     assert found.bound is not None
     return False, out, found.mean, (centre, pack(found.bound, dtype))
+
+
+class _Copies(Sequence[torch.Tensor]):
+    """The K inputs' copies of one tensor, each read afresh when indexed: a memory-mapped
+    safetensors input opens a new mapping each time, so that `measure_bind`, indexing again
+    every 4 MiB, releases the pages it has measured (`measure.REREAD`)."""
+
+    def __init__(self, checkpoints: Sequence[Checkpoint], name: str):
+        self.checkpoints, self.name = checkpoints, name
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    def __getitem__(self, k: int) -> torch.Tensor:  # type: ignore[override]
+        return self.checkpoints[k][self.name]
 
 
 def _uncentre(
@@ -574,7 +592,7 @@ def _uncentre(
 
 
 def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The weights' mean as a merge stores it (`measure.measure_bind`): Σ (W_k / K) in float32
+    """The weights' mean as a merge stores it (`measure.measure_bind`): Σ W_k·(1/K) in float32
     (float64 for float64 weights), rounded to their dtype.
 
     Its last bit does not matter: a centred tensor's deltas are taken from the mean as stored,

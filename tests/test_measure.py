@@ -56,3 +56,25 @@ def test_equal_copies_are_found_equal():
     other = [copies[0], copies[0].clone(), copies[0].clone()]
     other[2][7, 7] += 1  # differs in the last block only
     assert not measure_bind(other).equal
+
+
+def test_copies_are_taken_again_as_it_goes_with_the_same_result(monkeypatch):
+    """`copies[k]` is indexed again every REREAD values (merge's sequence maps its input afresh
+    each time, releasing the pages measured): the same result, from fresh tensors."""
+    monkeypatch.setattr(measure_mod, "BLOCK", 40)  # 2 rows of 16 per block
+    copies, parent = _copies((37, 16), torch.float32)
+    ctx = make_contexts(Kind.BINARY, len(copies), 16, 0, "w")
+    whole = measure_bind(copies, mean=True, parent=parent, ctx=ctx, centre="mean")
+
+    class Fresh(list):
+        fetched = 0
+
+        def __getitem__(self, k):
+            Fresh.fetched += 1
+            return super().__getitem__(k).clone()  # a new tensor each time, as a new mapping is
+
+    monkeypatch.setattr(measure_mod, "REREAD", 100)  # every 6 rows (3 blocks)
+    found = measure_bind(Fresh(copies), mean=True, parent=parent, ctx=ctx, centre="mean")
+    assert Fresh.fetched == len(copies) * 7  # rows 0, 6, 12, 18, 24, 30, 36
+    assert torch.equal(found.bound, whole.bound) and torch.equal(found.mean, whole.mean)
+    assert found.w_sq == whole.w_sq and found.to_mean == whole.to_mean and found.to_parent == whole.to_parent

@@ -243,6 +243,31 @@ def test_merge_reads_each_superposed_tensor_once(tmp_path, monkeypatch, base, ki
         assert torch.allclose(sf.superposed(name), expected, atol=1e-5)
 
 
+def test_a_checksum_taken_ahead_is_taken_again_after_an_in_place_change(tmp_path, monkeypatch):
+    """merge checksums what it binds while it reads; `--base auto` then adds the mean back in
+    place to a sum that ends up without a base: the file's checksums are of the bytes written."""
+    from pspctl.fileformat import SuperposedWriter
+
+    real = SuperposedWriter.checksum_ahead
+
+    def at_once(self, tensor):
+        real(self, tensor)
+        self._ahead[id(tensor)][2].result()  # taken before the change, not racing it
+
+    monkeypatch.setattr(SuperposedWriter, "checksum_ahead", at_once)
+    paths = save_models([mlp(i) for i in range(3)], tmp_path, ".safetensors")  # unrelated: no base
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(base="auto", policy=ALL))
+    sf = SuperposedFile(out)
+    plain = [n for n, m in sf.metas.items() if m.role == Role.SUPERPOSED and not m.centred]
+    assert plain
+    originals = [load_file(p) for p in paths]
+    for name in plain:  # every read checks the stored checksum
+        assert torch.allclose(
+            sf.superposed(name), bind([o[name] for o in originals], sf.contexts(name)), atol=1e-5
+        )
+
+
 def test_a_superposed_file_is_not_a_merge_input(tmp_path, mlp_paths):
     merge(mlp_paths, tmp_path / "w.safetensors")
     save_file({"w": torch.ones(1)}, str(tmp_path / "plain.safetensors"))
