@@ -24,7 +24,7 @@ import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -332,9 +332,28 @@ def write_safetensors(
         f.write(len(header).to_bytes(8, "little"))
         f.write(header)
         for name in order:
+            start = f.tell()
             f.write(_raw(tensors[name]))
+            _start_writeback(f, start)
         f.flush()
         os.fsync(f.fileno())
+
+
+WRITEBACK_MIN = 1 << 22  # bytes: smaller tensors are left to the final fsync
+
+
+def _start_writeback(f: BinaryIO, start: int) -> None:
+    """Start writing to disk the bytes written since `start`, while the next are written, so
+    that the final fsync has little left to wait for (0.25 → 0.02 s for 400 MB,
+    `benchmarks/merge_speed.py`). On Linux, POSIX_FADV_DONTNEED writes dirty pages back
+    without waiting and drops only clean ones: the pages just written stay cached. Elsewhere,
+    nothing."""
+    end = f.tell()
+    if end - start < WRITEBACK_MIN or not hasattr(os, "posix_fadvise"):
+        return
+    f.flush()
+    with contextlib.suppress(OSError):  # advice only: a file system may not take it
+        os.posix_fadvise(f.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 # --- sharded safetensors, the Hugging Face layout -----------------------------------------------

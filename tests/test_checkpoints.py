@@ -135,3 +135,23 @@ def test_save_is_atomic_and_refuses_overwrite(tmp_path):
         ):
             save_state_dict(sd, tmp_path / name, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o.safetensors"]
+
+
+@pytest.mark.parametrize("size", [0, 5, (1 << 12) * 3 + 17])
+def test_sha256_file_hashes_through_mapped_windows_or_by_reading(tmp_path, monkeypatch, size):
+    import hashlib
+    import mmap
+
+    from pspctl.checkpoints import sha256_file
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert sha256_file(path, chunk=1 << 12) == expected  # several windows, the last one partial
+
+    def unmappable(*args, **kwargs):
+        raise OSError("mmap: not supported here")
+
+    monkeypatch.setattr(mmap, "mmap", unmappable)
+    assert sha256_file(path, chunk=1 << 12) == expected
