@@ -13,10 +13,6 @@ shard holding each tensor. A directory stands for the checkpoint inside it (see 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import mmap
-import os
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +24,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from pspctl.digests import (
+    INDEX_SUFFIX,
+    PICKLE_SUFFIXES,
+    SUFFIXES,
+    TIMM_SUFFIX,
+    resolve,
+)
+from pspctl.digests import (
+    shards as shard_map,
+)
 from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed, one_line
 from pspctl.outputs import ST_CODES, atomic_path, refuse_existing, write_safetensors
@@ -36,20 +42,13 @@ from pspctl.policy import TensorInfo, is_lookup
 __all__ = [
     "Checkpoint",
     "atomic_path",
-    "checkpoint_files",
     "dtype_name",
     "find_ties",
     "open_checkpoint",
     "refuse_existing",
-    "resolve",
     "save_state_dict",
-    "sha256_checkpoint",
-    "sha256_file",
 ]
 
-PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
-SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}  # of a plain (unsharded) checkpoint file
-TIMM_SUFFIX = ".pth.tar"  # timm's training checkpoints: a torch.save'd dict, despite the name
 # Keys of a Lightning checkpoint's top-level dict (besides state_dict): its state_dict's keys carry
 # the LightningModule's attribute prefix, e.g. `model.`.
 LIGHTNING_KEYS = ("pytorch-lightning_version", "optimizer_states", "lr_schedulers", "global_step")
@@ -57,14 +56,6 @@ LIGHTNING = "unwrapped 'state_dict' of a Lightning checkpoint"  # a Checkpoint's
 # Plain classes found in training checkpoints, safe to rebuild without running code: timm
 # saves its argparse arguments next to the weights.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
-INDEX_SUFFIX = ".index.json"
-# What a directory holds, in the order they are looked for (the Hugging Face names).
-DIRECTORY_NAMES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 RAN_PICKLED_CODE = "ran pickled code (--trust-pickle)"  # a Checkpoint's note
 # Every file whose pickled code this process ran (--trust-pickle), in order: the CLI names them.
@@ -77,91 +68,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 ST_DTYPES = {code: dtype_name(dtype) for dtype, code in ST_CODES.items()}  # "F32" -> "float32"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, read through memory-mapped windows of `chunk` bytes: hashed where the
-    page cache holds it, with no copy (0.2 s instead of 0.23 s for 210 MB), and at most one
-    window resident at a time. A file that cannot be mapped is read."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            for offset in range(0, size, chunk):
-                length = min(chunk, size - offset)
-                with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=offset) as window:
-                    digest.update(window)
-        except (OSError, ValueError):  # not mappable (a pipe, some network file systems): read it
-            digest = hashlib.sha256()
-            f.seek(0)
-            while block := f.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _is_checkpoint_name(path: Path) -> bool:
-    return path.suffix in SUFFIXES or path.name.endswith((INDEX_SUFFIX, TIMM_SUFFIX))
-
-
-def resolve(path: str | Path) -> Path:
-    """The file a checkpoint path names: the path itself, or for a directory the first of
-    DIRECTORY_NAMES in it, else its only shard index, else its only checkpoint file.
-
-    Raises:
-        InputError: no such path, or a directory with no checkpoint or several.
-    """
-    path = Path(path)
-    if path.is_dir():
-        for name in DIRECTORY_NAMES:
-            if (path / name).is_file():
-                return path / name
-        found = sorted(p.name for p in path.iterdir() if p.is_file() and _is_checkpoint_name(p))
-        indexes = [n for n in found if n.endswith(INDEX_SUFFIX)]  # e.g. `--max-shard-size` output
-        if len(found) == 1 or len(indexes) == 1:
-            return path / (indexes or found)[0]
-        what = f"several checkpoints ({listed(found)})" if found else "no checkpoint"
-        raise InputError(f"{path}: a directory with {what}; name the file")
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    return path
-
-
-def _shards(index: Path) -> dict[str, Path]:
-    """A sharded checkpoint's weight_map: tensor name -> shard path, beside the index."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise TypeError("weight_map is not a non-empty object")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from None
-    shards = {}
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard:
-            raise InputError(f"{index}: shard {shard!r} of {name!r} is not a file name beside the index")
-        shards[name] = index.parent / shard
-    missing = sorted({p.name for p in shards.values() if not p.is_file()})
-    if missing:
-        raise InputError(f"{index}: shards missing: {listed(missing)}")
-    return shards
-
-
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """Every file the checkpoint at `path` is read from: the file, or the index and its shards."""
-    file = resolve(path)
-    if file.name.endswith(INDEX_SUFFIX):
-        return [file, *sorted(set(_shards(file).values()))]
-    return [file]
-
-
-def sha256_checkpoint(path: str | Path) -> str:
-    """sha256 of a checkpoint file; for a sharded one, of its files' names and sha256s in order."""
-    files = checkpoint_files(path)
-    if len(files) == 1:
-        return sha256_file(files[0])
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.name}\0{sha256_file(f)}\n".encode())
-    return digest.hexdigest()
 
 
 class Checkpoint:
@@ -296,7 +202,7 @@ def _read_file(path: Path, trust_pickle: bool) -> Raw:
 
 
 def _read_sharded(index: Path, trust_pickle: bool) -> Raw:
-    shards = _shards(index)
+    shards = shard_map(index)
     readers = {p: _read_file(p, trust_pickle) for p in sorted(set(shards.values()))}
     lost = [f"{n} (in {p.name})" for n, p in shards.items() if n not in readers[p][0]]
     if lost:

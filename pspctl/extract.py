@@ -8,7 +8,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from pspctl.checkpoints import SUFFIXES, checkpoint_files, save_state_dict, sha256_file
+from pspctl.checkpoints import save_state_dict
+from pspctl.digests import SUFFIXES, checkpoint_files, sha256_file
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.hf import folder_names, write_folder

@@ -19,8 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from pspctl.checkpoints import PICKLE_SUFFIXES, ST_DTYPES, Checkpoint, open_checkpoint, sha256_checkpoint
+from pspctl.checkpoints import ST_DTYPES, Checkpoint, open_checkpoint
 from pspctl.contexts import ContextSet, Kind
+from pspctl.digests import PICKLE_SUFFIXES, sha256_checkpoint
 from pspctl.dtypes import torch_dtype
 from pspctl.errors import ContextError, FormatError, InputError, MismatchError, OutputError
 from pspctl.header import (

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pspctl.checkpoints import sha256_file
+from pspctl.digests import sha256_file
 from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, MismatchError, PspctlError
 from pspctl.fileformat import SuperposedFile, SuperposedWriter

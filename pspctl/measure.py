@@ -25,7 +25,7 @@ from pspctl.superpose import as_matrix, from_matrix
 __all__ = ["Measured", "measure_bind"]
 
 BLOCK = 1 << 16  # values per block and copy: K blocks of 256 KiB (float32) stay in cache
-REREAD = 1 << 20  # values per copy between two `copies[k]` (4 MiB of float32), see measure_bind
+REREAD = 1 << 19  # values per copy between two `copies[k]` (2 MiB of float32), see measure_bind
 
 
 @dataclass
@@ -69,7 +69,7 @@ def measure_bind(
 
     `copies[k]` is taken again every `REREAD` values of a copy. For a sequence that reads
     memory-mapped inputs afresh at each `copies[k]` (merge's), the pages of the rows already
-    measured are then unmapped as it goes: K × 4 MiB of the inputs stay resident, not K
+    measured are then unmapped as it goes: K × 2 MiB of the inputs stay resident, not K
     whole copies of the tensor. A list gives the same tensors each time.
     """
     if centre == "mean":

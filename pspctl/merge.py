@@ -14,15 +14,9 @@ from typing import Any
 import torch
 
 from pspctl.architectures import axes_from_config, axes_from_model, resolve_axes
-from pspctl.checkpoints import (
-    DIRECTORY_NAMES,
-    INDEX_SUFFIX,
-    Checkpoint,
-    checkpoint_files,
-    open_checkpoint,
-    sha256_checkpoint,
-)
+from pspctl.checkpoints import Checkpoint, open_checkpoint
 from pspctl.contexts import Kind, make_contexts
+from pspctl.digests import DIRECTORY_NAMES, INDEX_SUFFIX, checkpoint_files, sha256_checkpoint
 from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import InputError, MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output, pack
@@ -558,7 +552,7 @@ def _measure(
 class _Copies(Sequence[torch.Tensor]):
     """The K inputs' copies of one tensor, each read afresh when indexed: a memory-mapped
     safetensors input opens a new mapping each time, so that `measure_bind`, indexing again
-    every 4 MiB, releases the pages it has measured (`measure.REREAD`)."""
+    every 2 MiB, releases the pages it has measured (`measure.REREAD`)."""
 
     def __init__(self, checkpoints: Sequence[Checkpoint], name: str):
         self.checkpoints, self.name = checkpoints, name

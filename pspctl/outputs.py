@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
+from pspctl.digests import INDEX_SUFFIX
 from pspctl.errors import WRITE_ERRNOS, InputError, OutputError, cannot_write
 
 __all__ = [
@@ -361,7 +362,6 @@ def _start_writeback(f: BinaryIO, start: int) -> None:
 # `name.safetensors.index.json` ({"metadata": {"total_size": …}, "weight_map": {tensor: shard}}),
 # all beside each other, published together or not at all.
 
-INDEX_SUFFIX = ".index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
 

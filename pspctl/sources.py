@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pspctl.checkpoints import Checkpoint, open_checkpoint, sha256_checkpoint
+from pspctl.checkpoints import Checkpoint, open_checkpoint
+from pspctl.digests import sha256_checkpoint
 from pspctl.errors import MismatchError, TaskError, listed
 from pspctl.fileformat import SuperposedFile
 from pspctl.hf import hf_task

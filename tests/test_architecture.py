@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "file format and checkpoints",
-        ("outputs", "checkpoints", "header", "fileformat", "task", "plotting", "hf"),
+        ("digests", "outputs", "checkpoints", "header", "fileformat", "task", "plotting", "hf"),
     ),
     (
         "use cases",

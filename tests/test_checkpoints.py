@@ -142,7 +142,7 @@ def test_sha256_file_hashes_through_mapped_windows_or_by_reading(tmp_path, monke
     import hashlib
     import mmap
 
-    from pspctl.checkpoints import sha256_file
+    from pspctl.digests import sha256_file
 
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     path = tmp_path / "f.bin"

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pspctl.checkpoints import checkpoint_files, open_checkpoint, sha256_checkpoint
+from pspctl.checkpoints import open_checkpoint
+from pspctl.digests import checkpoint_files, sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge

@@ -8,8 +8,9 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from pspctl.checkpoints import open_checkpoint, sha256_checkpoint
+from pspctl.checkpoints import open_checkpoint
 from pspctl.cli import app
+from pspctl.digests import sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.extract import extract
 from pspctl.fileformat import SuperposedFile

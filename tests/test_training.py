@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from pspctl.checkpoints import sha256_file
 from pspctl.cli import app
+from pspctl.digests import sha256_file
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge
 from pspctl.policy import Policy

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -132,8 +133,25 @@ def handle_errors(fn: F) -> F:
             return inner(*args, **kwargs)
         finally:
             _name_pickled_code()
+            from pspctl.digests import forget_prefetched
+
+            forget_prefetched()
 
     return wrapper  # type: ignore[return-value]
+
+
+P = TypeVar("P", list[Path], str)
+
+
+def prefetch_digests(value: P) -> P:
+    """Callback of the checkpoint arguments whose sha256 the command records (merge's inputs
+    and base): start hashing them as soon as they are parsed, on the other core, while the
+    command imports torch (`pspctl.digests.prefetch`). A value that names no file (`--base
+    auto`) is left alone."""
+    from pspctl.digests import prefetch
+
+    prefetch(value if isinstance(value, list) else [value])
+    return value
 
 
 def _import_libraries() -> None:

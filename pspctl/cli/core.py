@@ -15,6 +15,7 @@ from pspctl.cli.common import (
     err_console,
     handle_errors,
     human_bytes,
+    prefetch_digests,
     print_json,
     progress_bar,
 )
@@ -80,7 +81,8 @@ def merge(
     inputs: Annotated[
         list[Path],
         typer.Argument(
-            help="Two or more checkpoints (.pt/.pth/.bin/.safetensors) with identical keys, shapes and dtypes."
+            help="Two or more checkpoints (.pt/.pth/.bin/.safetensors) with identical keys, shapes and dtypes.",
+            callback=prefetch_digests,
         ),
     ],
     output: Annotated[
@@ -96,7 +98,8 @@ def merge(
         str,
         typer.Option(
             help="What superposed tensors are centred on: auto (per tensor: none or mean, by predicted error), "
-            "mean (the inputs' mean), none (plain superposition), or PATH (the parent checkpoint)."
+            "mean (the inputs' mean), none (plain superposition), or PATH (the parent checkpoint).",
+            callback=prefetch_digests,
         ),
     ] = "auto",
     link_base: Annotated[

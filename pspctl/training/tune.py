@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.checkpoints import sha256_checkpoint
+from pspctl.digests import sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
