@@ -107,11 +107,14 @@ def compare(
     mib = 1 << 20
     f_wall = statistics.median(w for w, _ in rows["floor"])
     print(f"\n{title} (medians of {repeats}, interleaved)")
-    print(f"{'':8} {'wall':>8} {'peak RSS':>10} {'ratio':>7}")
+    print(f"{'':8} {'wall':>8} {'peak RSS':>10} {'ratio':>7}   {'paired ratios: median (min–max)'}")
     for label, runs in rows.items():
         wall = statistics.median(w for w, _ in runs)
         rss = statistics.median(r for _, r in runs)
-        print(f"{label:8} {wall:7.2f}s {rss / mib:7.0f} MiB {wall / f_wall:6.2f}×")
+        # Each run against the floor run of its own round: robust to the machine's drift.
+        paired = [w / f for (w, _), (f, _) in zip(runs, rows["floor"], strict=True)]
+        spread = f"{statistics.median(paired):.2f}× ({min(paired):.2f}–{max(paired):.2f})"
+        print(f"{label:8} {wall:7.2f}s {rss / mib:7.0f} MiB {wall / f_wall:6.2f}×   {spread}")
 
 
 def main() -> None:

@@ -79,12 +79,25 @@ def test_merge_records_the_inputs_sha256_with_the_prefetch(tmp_path, monkeypatch
     assert recorded == [sha256_checkpoint(p) for p in paths]
 
 
-def test_commands_import_torch_with_the_collector_paused_then_frozen():
+def test_commands_import_torch_with_the_collector_paused_then_frozen(tmp_path):
+    """In-process (as tests run commands) and from `main` (the console script, which pauses the
+    collector from the start): torch imported, its objects frozen, the collector running."""
     code = (
         "import gc, sys\n"
-        "from pspctl.cli.common import _import_libraries\n"
+        "from pspctl.cli import common\n"
         "assert 'torch' not in sys.modules\n"
-        "_import_libraries()\n"
+        "common._import_libraries()\n"
         "assert 'torch' in sys.modules and gc.isenabled() and gc.get_freeze_count() > 100_000\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+    code = (
+        "import gc, sys\n"
+        "from pspctl.cli import common\n"
+        f"sys.argv = ['pspctl', 'info', {str(tmp_path / 'missing.safetensors')!r}]\n"
+        "try:\n"
+        "    common.main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 2, e.code\n"
+        "assert 'torch' in sys.modules and gc.isenabled() and gc.get_freeze_count() > 100_000\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

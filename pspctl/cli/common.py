@@ -156,20 +156,29 @@ def prefetch_digests(value: P) -> P:
 
 def _import_libraries() -> None:
     """Import torch and the file format (pydantic) with the garbage collector paused, then
-    freeze what they made. Their imports create about a million objects, and the collections
-    that these allocations trigger walk all of them again and again: 0.4–0.6 s of every
-    command's start-up on the 2-core CI machine (`benchmarks/merge_speed.py`). Frozen objects
-    are never collected; module objects live as long as the process anyway."""
-    if "torch" in sys.modules:  # imported already (a test, or a second command in-process)
-        return
-    gc.disable()
+    freeze what they made and resume it. Their imports create about a million objects, and
+    the collections that these allocations trigger walk all of them again and again: 0.4–0.6 s
+    of every command's start-up on the 2-core CI machine, and 0.35 s more at exit
+    (`benchmarks/merge_speed.py`). Frozen objects are never collected; module objects live as
+    long as the process anyway. `main` pauses the collector from the start (parsing imports
+    pydantic too); a command run in-process (tests) pauses it here."""
+    global _paused
     try:
-        import torch  # noqa: F401
+        if "torch" not in sys.modules:
+            _paused = _paused or gc.isenabled()
+            gc.disable()
+            import torch  # noqa: F401
 
-        import pspctl.fileformat  # noqa: F401
+            import pspctl.fileformat  # noqa: F401
+
+            gc.freeze()
     finally:
-        gc.freeze()
-        gc.enable()
+        if _paused:
+            gc.enable()
+        _paused = False
+
+
+_paused = False  # whether `main` or `_import_libraries` paused the garbage collector
 
 
 def _name_pickled_code() -> None:
@@ -253,4 +262,8 @@ def human_bytes(n: float) -> str:
 
 
 def main() -> None:
+    global _paused
+    if gc.isenabled():  # until the command's libraries are imported (`_import_libraries`)
+        gc.disable()
+        _paused = True
     app()
