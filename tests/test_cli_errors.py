@@ -73,6 +73,16 @@ def test_ctrl_c_is_one_line_and_exit_130(workdir, merge_raises):
     assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
 
 
+def test_ctrl_c_while_the_libraries_are_imported_is_one_line_too(workdir, monkeypatch):
+    from pspctl.cli import common
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "_import_libraries", interrupted)
+    assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+
+
 def test_pspctl_errors_keep_their_exit_code(workdir):
     line = one_line(run("merge", "model0.pt", "missing.pt", "-q"), 2)
     assert line == "error: missing.pt: no such file"

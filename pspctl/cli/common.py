@@ -128,7 +128,6 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _import_libraries()
         try:
             return inner(*args, **kwargs)
         finally:
@@ -197,6 +196,7 @@ def _one_line_errors(fn: F, command: str) -> F:
         from pspctl.errors import PspctlError, one_line, os_error
 
         try:
+            _import_libraries()  # inside: Ctrl-C while torch is imported is one line too
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, ClickException):  # typer's own; _RootGroup renders them
             raise
