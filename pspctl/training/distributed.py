@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -180,6 +180,10 @@ def launch(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     try:
         yield World(rank, size, device)
+        # Every rank done (rank 0 has written the output) before any tears its group down: a
+        # rank that exits while another still talks to it can abort in gloo's threads.
+        with suppress(RuntimeError):  # a rank that died: its error is reported already
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
