@@ -30,9 +30,7 @@ from pspctl.digests import (
     SUFFIXES,
     TIMM_SUFFIX,
     resolve,
-)
-from pspctl.digests import (
-    shards as shard_map,
+    shard_map,
 )
 from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, OutputError, UnsafeCheckpointError, listed, one_line

@@ -31,7 +31,7 @@ __all__ = [
     "resolve",
     "sha256_checkpoint",
     "sha256_file",
-    "shards",
+    "shard_map",
 ]
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
@@ -75,7 +75,7 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def shards(index: Path) -> dict[str, Path]:
+def shard_map(index: Path) -> dict[str, Path]:
     """A sharded checkpoint's weight_map: tensor name -> shard path, beside the index."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -98,7 +98,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     """Every file the checkpoint at `path` is read from: the file, or the index and its shards."""
     file = resolve(path)
     if file.name.endswith(INDEX_SUFFIX):
-        return [file, *sorted(set(shards(file).values()))]
+        return [file, *sorted(set(shard_map(file).values()))]
     return [file]
 
 

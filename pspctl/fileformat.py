@@ -21,7 +21,7 @@ from torch import Tensor
 
 from pspctl.checkpoints import ST_DTYPES, Checkpoint, open_checkpoint
 from pspctl.contexts import ContextSet, Kind
-from pspctl.digests import PICKLE_SUFFIXES, sha256_checkpoint
+from pspctl.digests import INDEX_SUFFIX, PICKLE_SUFFIXES, sha256_checkpoint
 from pspctl.dtypes import torch_dtype
 from pspctl.errors import ContextError, FormatError, InputError, MismatchError, OutputError
 from pspctl.header import (
@@ -40,7 +40,6 @@ from pspctl.header import (
     stored_names,
 )
 from pspctl.outputs import (
-    INDEX_SUFFIX,
     atomic_path,
     crc32,
     refuse_earlier,

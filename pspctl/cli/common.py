@@ -24,6 +24,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from pspctl import digests  # standard library only: cheap at start-up
+
 try:  # typer vendors click since 0.2x; before, it used click itself
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover
@@ -132,9 +134,7 @@ def handle_errors(fn: F) -> F:
             return inner(*args, **kwargs)
         finally:
             _name_pickled_code()
-            from pspctl.digests import forget_prefetched
-
-            forget_prefetched()
+            digests.forget_prefetched()
 
     return wrapper  # type: ignore[return-value]
 
@@ -147,9 +147,7 @@ def prefetch_digests(value: P) -> P:
     and base): start hashing them as soon as they are parsed, on the other core, while the
     command imports torch (`pspctl.digests.prefetch`). A value that names no file (`--base
     auto`) is left alone."""
-    from pspctl.digests import prefetch
-
-    prefetch(value if isinstance(value, list) else [value])
+    digests.prefetch(value if isinstance(value, list) else [value])
     return value
 
 

@@ -252,8 +252,8 @@ def merge_table(report: MergeReport) -> Table:
 
 def superposed_path(path: Path) -> Path:
     """`path`, refused if it is a directory without a superposed file (sharded or not)."""
+    from pspctl.digests import INDEX_SUFFIX
     from pspctl.errors import InputError
-    from pspctl.outputs import INDEX_SUFFIX
 
     if path.is_dir() and len(list(path.glob(f"*{INDEX_SUFFIX}")) or list(path.glob("*.safetensors"))) != 1:
         raise InputError(f"{path}: is a directory, not a superposed file")

@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.digests import sha256_checkpoint
+from pspctl.digests import INDEX_SUFFIX, sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
-from pspctl.outputs import INDEX_SUFFIX
 from pspctl.sources import locate_originals, open_originals
 from pspctl.task import Task, as_tensor, check_fits, load_model, on_task_data, primary_metric
 from pspctl.training.common import (
