@@ -231,3 +231,39 @@ def test_share_splits_one_global_batch_and_the_loss_is_its_mean():
     torch.testing.assert_close((parts[0] + parts[1]) / 2, task_loss(logits, targets))
     with pytest.raises(InputError, match="batch of 1 rows cannot be split over 2 processes"):
         World(0, 2).share((x[:1], y[:1]))
+
+
+def test_launch_on_gpus_takes_nccl_and_the_local_rank_s_device(monkeypatch):
+    """The nccl path, with CUDA and the process group stubbed (no GPU here): the backend, the
+    device cuda:LOCAL_RANK and DDP's device_ids follow from torchrun's variables; the group is
+    torn down after a barrier."""
+    import torch.distributed as dist
+    import torch.nn.parallel
+
+    from pspctl.training.distributed import launch
+
+    calls: list[tuple] = []
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append(("barrier",)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kw: ("ddp", model, kw))
+    model = nn.Linear(2, 2)
+    with launch(timeout_s=60) as world:
+        assert (world.rank, world.size, world.device) == (3, 4, torch.device("cuda", 1))
+        assert not world.main and world.grouped
+        wrapped = world.wrap(model)
+        copy = world.on_cpu(model)
+    assert wrapped[1] is model and wrapped[2]["device_ids"] == [1]
+    assert copy is not model and torch.equal(copy.weight, model.weight)
+    assert calls[0] == ("set_device", torch.device("cuda", 1))
+    backend, kw = calls[1][1], calls[1][2]
+    assert backend == "nccl" and (kw["rank"], kw["world_size"]) == (3, 4)
+    assert kw["timeout"].total_seconds() == 60
+    assert calls[2:] == [("barrier",), ("destroy",)]
