@@ -12,6 +12,7 @@ suite, the targets with PASS/FAIL measured in this run, and a sweep of the polic
     python benchmarks/base_superposition.py --small         # CI smoke test (small suites)
     python benchmarks/base_superposition.py --json out.json
     python benchmarks/base_superposition.py --kinds binary complex rotation onepower --no-sweep
+    python benchmarks/base_superposition.py --ensemble-hidden 1024 --kinds binary   # a wider ensemble
 
 Accuracies are on the 450-image test split (one image = 0.22 points). CPU, one thread.
 """
@@ -81,7 +82,7 @@ TASK_FILE = """import sys
 sys.path.insert(0, {root!r})
 from benchmarks import suites
 
-_suite = suites.build({name!r}, {directory!r}, small={small!r})
+_suite = suites.build({name!r}, {directory!r}, small={small!r}, hidden={hidden!r})
 BATCH = suites.BATCH
 
 
@@ -100,8 +101,9 @@ def task_file(suite: Suite) -> Path:
     path = suite.directory / "task.py"
     root = str(Path(__file__).resolve().parents[1])
     text = TASK_FILE.format(
-        root=root, name=suite.name, directory=str(suite.directory), small=suite.config.small
-    )
+        root=root, name=suite.name, directory=str(suite.directory), small=suite.config.small,
+        hidden=None if suite.config == suites.config(suite.name, small=suite.config.small) else suite.config.hidden,
+    )  # fmt: skip
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
     return path
@@ -296,13 +298,17 @@ def run(
     tune_steps: int | None = None,
     out: Path | None = None,
     kinds: tuple[str, ...] = bm.KINDS,
+    ensemble_hidden: int | None = None,
 ) -> list[dict]:
-    """Build (or reuse) both suites and measure everything; returns one result per suite."""
+    """Build (or reuse) both suites and measure everything; returns one result per suite.
+    `ensemble_hidden`: only the ensemble, with hidden layers this wide."""
     results = []
+    names = ("ensemble",) if ensemble_hidden else suites.SUITES
     with tempfile.TemporaryDirectory() as tmp:
-        for name in suites.SUITES:
-            directory = (out / name) if out else suites.default_dir(name, small=small)
-            suite = suites.build(name, directory, small=small)
+        for name in names:
+            directory = suites.default_dir(name, small=small, hidden=ensemble_hidden)
+            directory = (out / directory.name) if out else directory
+            suite = suites.build(name, directory, small=small, hidden=ensemble_hidden)
             steps = tune_steps if tune_steps is not None else (100 if small else 300)
             results.append(run_suite(suite, Path(tmp), sweep=sweep, tune_steps=steps, kinds=kinds))
     return results
@@ -317,9 +323,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--kinds", nargs="+", default=list(bm.KINDS), choices=ALL_KINDS, help="context kinds to merge with"
     )
+    p.add_argument(
+        "--ensemble-hidden",
+        type=int,
+        metavar="N",
+        help="only the ensemble, its hidden layers N wide (e.g. 512, 1024)",
+    )
     args = p.parse_args(argv)
     start = time.perf_counter()
-    results = run(args.small, sweep=not args.no_sweep, tune_steps=args.tune_steps, kinds=tuple(args.kinds))
+    results = run(
+        args.small, sweep=not args.no_sweep, tune_steps=args.tune_steps, kinds=tuple(args.kinds),
+        ensemble_hidden=args.ensemble_hidden,
+    )  # fmt: skip
     for r in results:
         print(render(r))
     print(f"total {time.perf_counter() - start:.1f} s")

@@ -33,7 +33,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,8 +83,11 @@ class SuiteConfig:
     seed: int = 0
 
 
-def config(name: str, *, small: bool = False) -> SuiteConfig:
-    """The configuration of suite `name` ("finetunes" or "ensemble"), full or small."""
+def config(name: str, *, small: bool = False, hidden: int | None = None) -> SuiteConfig:
+    """The configuration of suite `name` ("finetunes" or "ensemble"), full or small; `hidden`
+    overrides the width of the hidden layers (a variant, e.g. the ensemble at 1.1M parameters)."""
+    if hidden is not None:
+        return replace(config(name, small=small), hidden=hidden)
     if name == "finetunes":
         # Gentle fine-tuning (lr 5e-4, 100 SGD-momentum steps): every tensor moves by ≤ 5 % of
         # its norm, as fine-tunes of one parent do; 16 shuffled pixels keep each task distinct
@@ -319,7 +322,9 @@ def _cached(cfg: SuiteConfig, directory: Path) -> dict | None:
     return meta
 
 
-def build(name: str, out_dir: str | Path, *, small: bool = False, force: bool = False) -> Suite:
+def build(
+    name: str, out_dir: str | Path, *, small: bool = False, force: bool = False, hidden: int | None = None
+) -> Suite:
     """Build suite `name` into `out_dir` (skipped when its recipe.json matches), and return it.
 
     Args:
@@ -327,8 +332,9 @@ def build(name: str, out_dir: str | Path, *, small: bool = False, force: bool = 
         out_dir: directory for the checkpoints and recipe.json; created if missing.
         small: the reduced variant (a few seconds), for tests.
         force: rebuild even when the cached files match.
+        hidden: another width for the hidden layers (see `config`).
     """
-    cfg = config(name, small=small)
+    cfg = config(name, small=small, hidden=hidden)
     directory = Path(out_dir)
     if not force and (meta := _cached(cfg, directory)) is not None:
         return _suite(cfg, directory, meta)
@@ -364,8 +370,8 @@ def build_ensemble(out_dir: str | Path, *, small: bool = False, force: bool = Fa
     return build("ensemble", out_dir, small=small, force=force)
 
 
-def default_dir(name: str, *, small: bool = False) -> Path:
-    return DEFAULT_DIR / (f"{name}-small" if small else name)
+def default_dir(name: str, *, small: bool = False, hidden: int | None = None) -> Path:
+    return DEFAULT_DIR / ((f"{name}-small" if small else name) + (f"-h{hidden}" if hidden else ""))
 
 
 def summary(suite: Suite) -> str:

@@ -77,6 +77,19 @@ def test_a_matching_recipe_skips_the_build(finetunes: suites.Suite) -> None:
     assert suites.recipe_hash(suites.config("finetunes")) != meta["hash"]
 
 
+def test_a_wider_ensemble_is_its_own_recipe(tmp_path) -> None:
+    wide = suites.build("ensemble", tmp_path / "wide", small=True, hidden=40)
+    assert wide.states()[0]["2.weight"].shape == (40, 40)
+    assert (
+        wide.config
+        == suites.config("ensemble", small=True, hidden=40)
+        != suites.config("ensemble", small=True)
+    )
+    assert suites.recipe_hash(wide.config) != suites.recipe_hash(suites.config("ensemble", small=True))
+    assert suites.default_dir("ensemble", hidden=512).name == "ensemble-h512"
+    assert suites.default_dir("ensemble").name == "ensemble"
+
+
 def test_a_changed_file_is_rebuilt(ensemble: suites.Suite) -> None:
     first = ensemble.paths[0].read_bytes()
     ensemble.paths[0].write_bytes(b"corrupt")
