@@ -13,6 +13,7 @@ suite, the targets with PASS/FAIL measured in this run, and a sweep of the polic
     python benchmarks/base_superposition.py --json out.json
     python benchmarks/base_superposition.py --kinds binary complex rotation onepower --no-sweep
     python benchmarks/base_superposition.py --ensemble-hidden 1024 --kinds binary   # a wider ensemble
+    python benchmarks/base_superposition.py --kinds binary --no-sweep --measured 0.15 0.2 0.3
 
 Accuracies are on the 450-image test split (one image = 0.22 points). CPU, one thread.
 """
@@ -25,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from benchmarks import suites  # noqa: E402
 from benchmarks.suites import StateDict, Suite  # noqa: E402
 from pspctl.fileformat import SuperposedFile  # noqa: E402
 from pspctl.merge import MergeOptions, MergeReport, merge  # noqa: E402
+from pspctl.planning import policy_for_merge  # noqa: E402
 from pspctl.policy import Policy  # noqa: E402
 from pspctl.task import Task  # noqa: E402
 from pspctl.training.tune import TuneOptions, tune  # noqa: E402
@@ -65,11 +67,16 @@ class Method:
     max_error: float | None = None  # None: pspctl's default
     eta: float | None = None
     calib: bool = False  # merge --task: η measured on the suite's calib inputs
+    measured: float | None = None  # merge --task --policy measured --max-drop 100 --max-output-error E
 
 
-def methods(suite: Suite, kinds: tuple[str, ...] = bm.KINDS) -> list[Method]:
+def methods(
+    suite: Suite, kinds: tuple[str, ...] = bm.KINDS, measured: tuple[float, ...] = ()
+) -> list[Method]:
     out = []
     for kind in kinds:
+        out += [Method(f"--policy measured --max-output-error {e:g} ({kind})", kind, calib=True, measured=e)
+                for e in measured]  # fmt: skip
         out += [Method(f"--base auto ({kind})", kind), Method(f"--base mean ({kind})", kind, "mean")]
         out.append(Method(f"--base auto --task, η measured ({kind})", kind, calib=True))
         if suite.base is not None:
@@ -118,7 +125,11 @@ def run_merge(suite: Suite, m: Method, out: Path) -> MergeReport:
     base = str(suite.base) if m.base == "parent" else m.base
     task = str(task_file(suite)) if m.calib else None
     options = MergeOptions(kind=m.kind, base=base, link_base=m.link, policy=policy, force=True, task=task)
-    return merge([str(p) for p in suite.paths], out, options)
+    paths = [str(p) for p in suite.paths]
+    if m.measured is not None:
+        chosen, _ = policy_for_merge(paths, options, max_drop=100.0, max_output_error=m.measured)
+        options = replace(options, policy=chosen)
+    return merge(paths, out, options)
 
 
 def retrieved(path: Path, K: int) -> list[StateDict]:
@@ -175,7 +186,13 @@ def choices(report: MergeReport) -> str:
 
 
 def run_suite(
-    suite: Suite, tmp: Path, *, sweep: bool = True, tune_steps: int = 300, kinds: tuple[str, ...] = bm.KINDS
+    suite: Suite,
+    tmp: Path,
+    *,
+    sweep: bool = True,
+    tune_steps: int = 300,
+    kinds: tuple[str, ...] = bm.KINDS,
+    measured: tuple[float, ...] = (),
 ) -> dict:
     torch.set_num_threads(1)
     states = suite.states()
@@ -185,7 +202,7 @@ def run_suite(
     mean = bm.centres(states, None)["mean"]
     rows = []
     default_path = None
-    for i, m in enumerate(methods(suite, kinds)):
+    for i, m in enumerate(methods(suite, kinds, measured)):
         out = tmp / f"{suite.name}-{i}.safetensors"
         start = time.perf_counter()
         rep = run_merge(suite, m, out)
@@ -200,7 +217,7 @@ def run_suite(
         pruned = pruned_same_bytes(states, base, rep.output_bytes - base_bytes)
         row["pruned"] = summarise(suite, evaluation(pruned))
         rows.append(row)
-        if m.base == "auto" and m.kind == "binary" and not m.calib:
+        if m.base == "auto" and m.kind == "binary" and not m.calib and m.measured is None:
             default_path = out
     result: dict = {"suite": suite.name, "small": suite.config.small, "rows": rows}
     if suite.name == "finetunes" and default_path is not None and tune_steps:
@@ -299,6 +316,7 @@ def run(
     out: Path | None = None,
     kinds: tuple[str, ...] = bm.KINDS,
     ensemble_hidden: int | None = None,
+    measured: tuple[float, ...] = (),
 ) -> list[dict]:
     """Build (or reuse) both suites and measure everything; returns one result per suite.
     `ensemble_hidden`: only the ensemble, with hidden layers this wide."""
@@ -310,7 +328,9 @@ def run(
             directory = (out / directory.name) if out else directory
             suite = suites.build(name, directory, small=small, hidden=ensemble_hidden)
             steps = tune_steps if tune_steps is not None else (100 if small else 300)
-            results.append(run_suite(suite, Path(tmp), sweep=sweep, tune_steps=steps, kinds=kinds))
+            results.append(
+                run_suite(suite, Path(tmp), sweep=sweep, tune_steps=steps, kinds=kinds, measured=measured)
+            )
     return results
 
 
@@ -329,11 +349,15 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N",
         help="only the ensemble, its hidden layers N wide (e.g. 512, 1024)",
     )
+    p.add_argument(
+        "--measured", type=float, nargs="+", default=[], metavar="E",
+        help="also merge with --task --policy measured --max-drop 100 --max-output-error E",
+    )  # fmt: skip
     args = p.parse_args(argv)
     start = time.perf_counter()
     results = run(
         args.small, sweep=not args.no_sweep, tune_steps=args.tune_steps, kinds=tuple(args.kinds),
-        ensemble_hidden=args.ensemble_hidden,
+        ensemble_hidden=args.ensemble_hidden, measured=tuple(args.measured),
     )  # fmt: skip
     for r in results:
         print(render(r))

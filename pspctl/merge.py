@@ -38,15 +38,17 @@ from pspctl.policy import (
     is_lookup,
     predicted_errors,
 )
-from pspctl.superpose import bind
+from pspctl.superpose import bind, fan_in
 from pspctl.task import load_task
 from pspctl.types import CALIB_SAMPLES, Progress
 
 __all__ = [
     "MergeOptions",
     "MergeReport",
+    "centre_options",
     "check_compatible",
     "merge",
+    "open_base",
     "open_inputs",
     "plan",
     "resolve_fan_in_axes",
@@ -291,16 +293,9 @@ def _merge(
     checkpoints = open_inputs(paths, options)
     parent = None
     if "base" in centres:
-        parent = open_checkpoint(
-            options.base, trust_pickle=options.trust_pickle, strip_prefix=options.strip_prefix
-        )
+        parent = open_base(options, checkpoints[0])
         files += checkpoint_files(options.base)
         refuse_inputs(output, files)
-        # The base is read under the inputs' names: its ties follow theirs.
-        parent.untie([a for a in parent.ties if a not in checkpoints[0].ties])
-        for alias in checkpoints[0].ties:
-            parent.infos.pop(alias, None)
-        _check_base(parent, checkpoints[0])
     K = len(checkpoints)
     infos = list(checkpoints[0].infos.values())
     ties = dict(checkpoints[0].ties)
@@ -358,7 +353,8 @@ def _merge(
                 source = "calib" if info.name in etas else "prior"
                 decisions[i] = replace(d, eta=min(eta) if isinstance(eta, list) else eta, eta_source=source)
     measured = {name: opts for name, opts in measured.items() if opts}
-    chosen = choose(measured, [d.name for d in decisions if d.forced], options.policy.max_error)
+    forced = [d.name for d in decisions if d.forced]
+    chosen = choose(measured, forced, options.policy.max_error, dict(options.policy.centres))
     index = {info.name: i for i, info in enumerate(infos)}
     for name in [n for n in bound if not getattr(chosen.get(n), "centre", None)]:
         del bound[name]  # per context: its copies are stacked in the writing pass
@@ -497,6 +493,20 @@ def _centres(options: MergeOptions) -> tuple[str, ...]:
     return {"none": ("none",), "mean": ("mean",), "auto": ("none", "mean")}.get(options.base, ("base",))
 
 
+def open_base(options: MergeOptions, model: Checkpoint) -> Checkpoint:
+    """`--base PATH`, read under the inputs' names (its ties follow theirs).
+
+    Raises:
+        MismatchError: the base is another architecture than `model`.
+    """
+    parent = open_checkpoint(options.base, trust_pickle=options.trust_pickle, strip_prefix=options.strip_prefix)
+    parent.untie([a for a in parent.ties if a not in model.ties])
+    for alias in model.ties:
+        parent.infos.pop(alias, None)
+    _check_base(parent, model)
+    return parent
+
+
 def _check_base(parent: Checkpoint, model: Checkpoint) -> None:
     """The base must have the inputs' architecture: the same keys, shapes and dtypes."""
     try:
@@ -566,6 +576,19 @@ def _measure(
         out.append(Option(c, max(errs), values + extra, tuple(errs)))
     assert found.bound is not None
     return False, out, found.mean, (centre, pack(found.bound, dtype))
+
+
+def centre_options(
+    info: TensorInfo, checkpoints: Sequence[Checkpoint], options: MergeOptions, parent: Checkpoint | None = None
+) -> list[Option]:
+    """Each centre `options.base` allows `info` superposed on (none, mean or base), with its
+    predicted errors and bytes as merge prices them; empty when the K copies are equal."""
+    d = Decision(info.name, Role.SUPERPOSED, "", fan_in(info.shape, info.fan_in_axis), 0.0)
+    _, found, _, _ = _measure(
+        info, d, lambda: _Copies(checkpoints, info.name), None if parent is None else parent[info.name],
+        _centres(options), Kind(options.kind), options, options.policy.eta, is_lookup(info.name),
+    )  # fmt: skip
+    return [o for o in found if o.centre]
 
 
 class _Copies(Sequence[torch.Tensor]):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import glob
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from pspctl.contexts import Kind
 from pspctl.dtypes import itemsize
 from pspctl.errors import PolicyError, TaskError
 from pspctl.fileformat import SuperposedWriter
-from pspctl.merge import MergeOptions, store_tensor
+from pspctl.merge import MergeOptions, centre_options, open_base, store_tensor
 from pspctl.policy import FLOAT_DTYPES, Decision, Policy, Role, matches_any
 from pspctl.superpose import fan_in
 from pspctl.task import Task, load_model, on_task_data, run_model
@@ -66,12 +66,15 @@ class MeasuredPolicy:
     output_error: list[float]
     bytes_saved: int
     candidates: list[CandidateResult] = field(default_factory=list)
+    centres: dict[str, str] = field(default_factory=dict)  # each candidate's centre, as measured
 
     def policy(self, base: Policy = Policy()) -> Policy:
-        """A Policy for merge that reproduces this choice; its decisions say "measured"."""
+        """A Policy for merge that reproduces this choice, on the centres measured; its
+        decisions say "measured"."""
         superpose = tuple(glob.escape(n) for n in self.superpose) + base.superpose
         keep = tuple(glob.escape(n) for n in self.keep) + base.keep
-        return Policy(base.max_interference, base.min_share, keep, superpose, origin="measured")
+        centres = tuple((n, self.centres[n]) for n in self.superpose if n in self.centres)
+        return replace(base, keep=keep, superpose=superpose, origin="measured", centres=centres)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +111,9 @@ def measured_policy(
     dtype: str | None = None,
     max_samples: int = 256,
     progress: Progress | None = None,
+    centre: str = "none",
+    parent: Checkpoint | None = None,
+    link_base: bool = False,
 ) -> MeasuredPolicy:
     """Choose the tensors to superpose by measuring their effect on calibration data.
 
@@ -118,6 +124,9 @@ def measured_policy(
         max_drop: allowed calib accuracy drop per context, in points.
         max_output_error: optional bound on the end-to-end relative output error per context.
         base: its keep globs are never superposed, its superpose globs always are.
+        centre: merge's `--base`: "none", "mean", "base" (on `parent`, linked or stored), or
+            "auto": per tensor, the centre whose predicted error × bytes is least (a centre
+            must cut the error by more than it multiplies the bytes).
 
     Raises:
         TaskError: the task has no load_data, or its calib split is empty.
@@ -148,13 +157,26 @@ def measured_policy(
         )
 
     # What merge would store, one superposed tensor per name (one model's worth in memory).
-    stored = SuperposedWriter(kind, K)
-    options = MergeOptions(kind=kind, seed=seed, dtype=dtype, allow_nonfinite=True)
+    stored = SuperposedWriter(kind, K, linked=link_base)
+    merging = "base" if centre not in ("none", "mean", "auto") else centre
+    options = MergeOptions(
+        kind=kind, seed=seed, dtype=dtype, allow_nonfinite=True, base=merging, link_base=link_base, policy=base
+    )
+    if merging == "base" and parent is None:
+        raise ValueError("centre 'base' needs the parent checkpoint")
     saved: dict[str, int] = {}
+    centres: dict[str, str] = {}
     for info in eligible + [i for i in infos if i.name in forced]:
-        decision = Decision(info.name, Role.SUPERPOSED, "measured", fan_in(info.shape, info.fan_in_axis), 0.0)
+        found = centre_options(info, checkpoints, options, parent) if merging == "auto" else []
+        centres[info.name] = (
+            min(found, key=lambda o: (o.error * o.nbytes, o.error)).centre if found else merging.replace("auto", "none")
+        )
+        decision = Decision(
+            info.name, Role.SUPERPOSED, "measured", fan_in(info.shape, info.fan_in_axis), 0.0, centre=centres[info.name]
+        )
         own = math.prod(info.shape) * itemsize(info.dtype)
-        saved[info.name] = K * own - store_tensor(stored, info, decision, checkpoints, options)
+        base_tensor = parent[info.name] if parent is not None and centres[info.name] == "base" else None
+        saved[info.name] = K * own - store_tensor(stored, info, decision, checkpoints, options, base=base_tensor)
     # Superposing saves nothing where the contexts outweigh the copies (rotation, small N).
     candidates = eligible
     eligible = [i for i in candidates if saved[i.name] > 0]
@@ -202,7 +224,7 @@ def measured_policy(
     return MeasuredPolicy(
         superpose=chosen, keep=keep, max_drop=max_drop, max_output_error=max_output_error, metric=metric,
         original=[c.accuracy for c in contexts], drop=drops, output_error=errs,
-        bytes_saved=sum(saved[n] for n in chosen), candidates=results,
+        bytes_saved=sum(saved[n] for n in chosen), candidates=results, centres=centres,
     )  # fmt: skip
 
 
@@ -229,10 +251,11 @@ def policy_for_merge(
     if options.task is None:
         raise PolicyError("--policy measured needs --task (a task file with load_data)")
     checkpoints = open_inputs(inputs, options)
+    parent = None if options.base in ("auto", "mean", "none") else open_base(options, checkpoints[0])
     task = load_task(options.task)
     result = measured_policy(
         checkpoints, task, kind=options.kind, seed=options.seed, max_drop=max_drop,
         max_output_error=max_output_error, base=options.policy,
-        dtype=options.dtype, progress=progress,
+        dtype=options.dtype, progress=progress, centre=options.base, parent=parent, link_base=options.link_base,
     )  # fmt: skip
     return result.policy(options.policy), result

@@ -39,6 +39,9 @@ class Policy:
     origin: str = ""  # who chose keep/superpose, e.g. "measured"; replaces the "--keep"/"--superpose" reason
     max_error: float = MAX_ERROR
     eta: float = ETA_PRIOR
+    # (name, centre) pairs: a superposed tensor stored on this centre ("none", "mean", "base")
+    # whatever the budget would pick, as `--policy measured` measured it.
+    centres: tuple[tuple[str, str], ...] = ()
 
 
 # The shape rules of earlier versions alone, no error budget: what training uses (it has no
@@ -175,10 +178,13 @@ class Option:
 
 
 def choose(
-    options: Mapping[str, Sequence[Option]], forced: Sequence[str], budget: float
+    options: Mapping[str, Sequence[Option]],
+    forced: Sequence[str],
+    budget: float,
+    centres: Mapping[str, str] | None = None,
 ) -> dict[str, Option]:
     """Per tensor, the option that spends fewest bytes while the combined predicted error
-    sqrt(Σ_t err_t²) stays within `budget`.
+    sqrt(Σ_t err_t²) stays within `budget`. `centres`: a forced tensor's centre, where given.
 
     A Lagrangian relaxation: each tensor takes argmin bytes + λ·err², with the smallest λ (by
     bisection) that meets the budget. Per-context options (error 0) always meet it; tensors in
@@ -190,9 +196,11 @@ def choose(
     the bytes), and every other tensor stays per context.
     """
     forced_set = set(forced) & set(options)
+    pinned = centres or {}
 
     def centred(name: str) -> list[Option]:
-        return [o for o in options[name] if o.centre] or list(options[name])
+        superposed = [o for o in options[name] if o.centre]
+        return [o for o in superposed if o.centre == pinned.get(name)] or superposed or list(options[name])
 
     def pick(lam: float) -> dict[str, Option]:
         out = {}

@@ -209,6 +209,14 @@ def test_choose_spends_the_budget_where_it_saves_most():
     assert choose(options, ["small"], budget=0.0)["small"].centre == "none"  # forced stays superposed
 
 
+def test_choose_keeps_a_forced_tensor_on_its_pinned_centre():
+    options = {"w": [Option("", 0.0, 1000), Option("none", 0.3, 300), Option("mean", 0.05, 550)]}
+    assert choose(options, ["w"], budget=0.2)["w"].centre == "mean"  # the budget prices the error
+    assert choose(options, ["w"], budget=0.2, centres={"w": "none"})["w"].centre == "none"
+    assert choose(options, ["w"], budget=1.0, centres={"w": "mean"})["w"].centre == "mean"
+    assert choose(options, [], budget=1.0, centres={"w": "mean"})["w"].centre == "none"  # forced only
+
+
 def test_v2_file_exports(tmp_path):
     """The multi-context graph serves a centred file (B x + S(c ⊙ x)), validated for every context."""
     from types import SimpleNamespace
@@ -342,3 +350,91 @@ def test_analyze_and_tune_take_a_moved_linked_base(tmp_path, monkeypatch):
     from pspctl.fileformat import SuperposedFile as SF
 
     assert SF("t.safetensors", base=moved).header.base["linked"]
+
+
+MEASURED_TASK = """
+import torch
+from torch import nn
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def load_data(context, split):
+    g = torch.Generator().manual_seed(7 + len(split))
+    yield torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+"""
+
+
+def _outputs(state: dict, x: torch.Tensor) -> torch.Tensor:
+    model = mlp(0, width=64)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(x)
+
+
+def test_measured_policy_measures_the_centre_merge_stores(tmp_path):
+    """`--policy measured` measures each tensor on the centre `--base` gives it (auto: the one
+    whose error × bytes is least) and merge stores exactly that: the merged file's outputs
+    have the errors measured."""
+    from safetensors.torch import load_file
+
+    from pspctl.checkpoints import open_checkpoint
+    from pspctl.planning import measured_policy
+    from pspctl.task import load_task
+
+    parent, paths = finetunes(tmp_path, frozen=False)
+    (tmp_path / "task.py").write_text(MEASURED_TASK)
+    task = load_task(str(tmp_path / "task.py"))
+    ckpts = [open_checkpoint(p) for p in paths]
+    budget = dict(max_drop=100.0, max_output_error=0.1)
+    auto = measured_policy(ckpts, task, kind="binary", centre="auto", **budget)
+    plain = measured_policy(ckpts, task, kind="binary", centre="none", **budget)
+    on_parent = measured_policy(
+        ckpts, task, kind="binary", centre="base", parent=open_checkpoint(parent), **budget
+    )
+    # 2% fine-tunes: the mean cuts a layer's error ~35× for 2× its bytes; plain superposition
+    # of 64-wide layers exceeds the budget
+    assert set(auto.centres.values()) == {"mean"} and set(plain.centres.values()) == {"none"}
+    assert set(on_parent.centres.values()) == {"base"}
+    assert sorted(auto.superpose) == ["0.weight", "2.weight", "4.weight"] and plain.superpose == []
+    x = next(iter(task.load_data(0, "calib")))[0]
+    for result, base in ((auto, "auto"), (on_parent, str(parent))):
+        out = tmp_path / f"{len(result.superpose)}-{base == 'auto'}.safetensors"
+        merge(paths, out, MergeOptions(task=str(tmp_path / "task.py"), policy=result.policy(), base=base))
+        sf = SuperposedFile(out)
+        assert all(sf.header.tensors[n].centred for n in result.superpose)
+        for k, path in enumerate(paths):
+            want = _outputs(load_file(str(path)), x)
+            got = _outputs(sf.state_dict(k), x)
+            error = float((got.double() - want.double()).norm() / want.double().norm())
+            assert error == pytest.approx(result.output_error[k], rel=1e-4)
+            assert 0 < error <= 0.1
+
+
+def test_merge_policy_measured_keeps_the_user_s_base(tmp_path):
+    parent, paths = finetunes(tmp_path, frozen=False)
+    (tmp_path / "task.py").write_text(MEASURED_TASK)
+    common = [
+        "--task",
+        tmp_path / "task.py",
+        "--policy",
+        "measured",
+        "--max-drop",
+        "100",
+        "--max-output-error",
+        "0.1",
+    ]
+    common.append("--json")
+    for base, centre in (("auto", "mean"), ("mean", "mean"), (parent, "base")):
+        result = run("merge", *paths, "-o", tmp_path / "m.safetensors", "--force", "--base", base, *common)
+        assert result.exit_code == 0, result.output
+        rows = {t["name"]: t for t in json.loads(result.output)["tensors"]}
+        assert {rows[n]["centre"] for n in ("0.weight", "2.weight", "4.weight")} == {centre}
+        assert all(rows[n]["reason"] == "measured" for n in ("0.weight", "2.weight", "4.weight"))
+    result = run("merge", *paths, "-o", tmp_path / "n.safetensors", "--base", "none", *common)
+    rows = {t["name"]: t for t in json.loads(result.output)["tensors"]}
+    assert rows["2.weight"]["role"] == "per_context"  # plain superposition measured over budget
+    result = run("merge", *paths, "-o", tmp_path / "l.safetensors", "--base", "mean", "--link-base", *common)
+    assert result.exit_code != 0 and "--link-base needs --base PATH" in result.output

@@ -207,7 +207,7 @@ def merge(
             chosen, _ = policy_for_merge(
                 inputs, options, max_drop=max_drop, max_output_error=max_output_error, progress=update
             )
-        options = replace(options, policy=chosen, base="none")  # what it measured: plain superposition
+        options = replace(options, policy=chosen)  # on the centres it measured (chosen.centres)
     with progress_bar("merging", quiet=quiet or json_out) as update:
         report = run_merge(inputs, output, options, progress=update)
     if json_out:
