@@ -499,7 +499,9 @@ def open_base(options: MergeOptions, model: Checkpoint) -> Checkpoint:
     Raises:
         MismatchError: the base is another architecture than `model`.
     """
-    parent = open_checkpoint(options.base, trust_pickle=options.trust_pickle, strip_prefix=options.strip_prefix)
+    parent = open_checkpoint(
+        options.base, trust_pickle=options.trust_pickle, strip_prefix=options.strip_prefix
+    )
     parent.untie([a for a in parent.ties if a not in model.ties])
     for alias in model.ties:
         parent.infos.pop(alias, None)
@@ -579,7 +581,10 @@ def _measure(
 
 
 def centre_options(
-    info: TensorInfo, checkpoints: Sequence[Checkpoint], options: MergeOptions, parent: Checkpoint | None = None
+    info: TensorInfo,
+    checkpoints: Sequence[Checkpoint],
+    options: MergeOptions,
+    parent: Checkpoint | None = None,
 ) -> list[Option]:
     """Each centre `options.base` allows `info` superposed on (none, mean or base), with its
     predicted errors and bytes as merge prices them; empty when the K copies are equal."""

@@ -160,7 +160,13 @@ def measured_policy(
     stored = SuperposedWriter(kind, K, linked=link_base)
     merging = "base" if centre not in ("none", "mean", "auto") else centre
     options = MergeOptions(
-        kind=kind, seed=seed, dtype=dtype, allow_nonfinite=True, base=merging, link_base=link_base, policy=base
+        kind=kind,
+        seed=seed,
+        dtype=dtype,
+        allow_nonfinite=True,
+        base=merging,
+        link_base=link_base,
+        policy=base,
     )
     if merging == "base" and parent is None:
         raise ValueError("centre 'base' needs the parent checkpoint")
@@ -169,14 +175,23 @@ def measured_policy(
     for info in eligible + [i for i in infos if i.name in forced]:
         found = centre_options(info, checkpoints, options, parent) if merging == "auto" else []
         centres[info.name] = (
-            min(found, key=lambda o: (o.error * o.nbytes, o.error)).centre if found else merging.replace("auto", "none")
+            min(found, key=lambda o: (o.error * o.nbytes, o.error)).centre
+            if found
+            else merging.replace("auto", "none")
         )
         decision = Decision(
-            info.name, Role.SUPERPOSED, "measured", fan_in(info.shape, info.fan_in_axis), 0.0, centre=centres[info.name]
+            info.name,
+            Role.SUPERPOSED,
+            "measured",
+            fan_in(info.shape, info.fan_in_axis),
+            0.0,
+            centre=centres[info.name],
         )
         own = math.prod(info.shape) * itemsize(info.dtype)
         base_tensor = parent[info.name] if parent is not None and centres[info.name] == "base" else None
-        saved[info.name] = K * own - store_tensor(stored, info, decision, checkpoints, options, base=base_tensor)
+        saved[info.name] = K * own - store_tensor(
+            stored, info, decision, checkpoints, options, base=base_tensor
+        )
     # Superposing saves nothing where the contexts outweigh the copies (rotation, small N).
     candidates = eligible
     eligible = [i for i in candidates if saved[i.name] > 0]
