@@ -378,8 +378,9 @@ def _merge(
         if d.error is not None:
             errors = [math.hypot(a, b) for a, b in zip(errors, chosen[info.name].per_context, strict=True)]
             if d.forced and d.error > 1:
+                how = "as --policy measured chose" if options.policy.origin == "measured" else "as forced"
                 warnings.append(
-                    f"{info.name}: superposed as forced, but its predicted output error is {d.error:.3g} "
+                    f"{info.name}: superposed {how}, but its predicted output error is {d.error:.3g} "
                     "(above 1: the retrieved layer is mostly noise)"
                 )
         base = means.pop(info.name, None) if d.centre == "mean" else None

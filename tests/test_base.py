@@ -438,3 +438,21 @@ def test_merge_policy_measured_keeps_the_user_s_base(tmp_path):
     assert rows["2.weight"]["role"] == "per_context"  # plain superposition measured over budget
     result = run("merge", *paths, "-o", tmp_path / "l.safetensors", "--base", "mean", "--link-base", *common)
     assert result.exit_code != 0 and "--link-base needs --base PATH" in result.output
+
+
+def test_merge_policy_measured_says_who_chose_a_noisy_tensor(tmp_path):
+    from tests.conftest import save_models
+
+    paths = save_models([mlp(i, width=64) for i in range(3)], tmp_path)  # unrelated: no centre helps
+    (tmp_path / "task.py").write_text(MEASURED_TASK)
+    result = run(
+        "merge", *paths, "-o", tmp_path / "m.safetensors", "--task", tmp_path / "task.py",
+        "--policy", "measured", "--max-drop", "100", "--max-output-error", "10", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = {t["name"]: t for t in report["tensors"]}
+    assert rows["2.weight"]["role"] == "superposed" and rows["2.weight"]["centre"] == "none"
+    said = "2.weight: superposed as --policy measured chose, but its predicted output error is"
+    assert any(w.startswith(said) for w in report["warnings"])
+    assert not any("as forced" in w for w in report["warnings"])
