@@ -33,9 +33,11 @@ result = {}
 for i, path in enumerate(inputs):
     with safe_open(path, framework="pt") as f:
         for name in f.keys():
-            t = f.get_tensor(name)
-            if i < int(copies):  # as many bytes as pspctl's output
+            t = f.get_tensor(name)  # mapped, not read: safetensors reads it when it is touched
+            if i < int(copies):  # as many bytes as pspctl's output (read as it is written)
                 result[f"{i}.{name}"] = t
+            else:
+                t.sum()  # read once
 save_file(result, out)
 """
 
