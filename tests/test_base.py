@@ -456,3 +456,20 @@ def test_merge_policy_measured_says_who_chose_a_noisy_tensor(tmp_path):
     said = "2.weight: superposed as --policy measured chose, but its predicted output error is"
     assert any(w.startswith(said) for w in report["warnings"])
     assert not any("as forced" in w for w in report["warnings"])
+
+
+def test_analyze_recommends_on_the_centre_merge_would_use(tmp_path):
+    """analyze --max-drop measures its recommendation as `merge --policy measured` does by
+    default: fine-tunes on their mean, where plain superposition of 64-wide layers fails."""
+    from pspctl.analysis import analyze
+
+    _, paths = finetunes(tmp_path, frozen=False)
+    (tmp_path / "task.py").write_text(MEASURED_TASK)
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(task=str(tmp_path / "task.py")))
+    report = analyze(out, originals=paths, max_drop=100.0, max_output_error=0.1)
+    advice = report.recommendation
+    assert advice is not None
+    assert {advice["centres"][n] for n in ("0.weight", "2.weight", "4.weight")} == {"mean"}
+    assert sorted(advice["superpose"]) == ["0.weight", "2.weight", "4.weight"]
+    assert all(0 < e <= 0.1 for e in advice["output_error"])

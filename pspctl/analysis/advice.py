@@ -49,7 +49,8 @@ def recommend(
     max_samples: int,
     notes: list[str],
 ) -> dict[str, Any] | None:
-    """The measured policy for `max_drop` on the originals, or None (with a note) without them."""
+    """The measured policy for `max_drop` on the originals (each tensor on the centre merge's
+    default `--base auto` gives it), or None (with a note) without them."""
     if task is None or origs is None or task.load_data is None:
         notes.append("--max-drop needs the originals and a task with load_data: no recommendation")
         return None
@@ -57,6 +58,6 @@ def recommend(
 
     result = measured_policy(
         origs, task, kind=sf.kind, seed=sf.header.seed, max_drop=max_drop, max_output_error=max_output_error,
-        max_samples=max_samples, dtype=sf.header.recipe.get("dtype"),
+        max_samples=max_samples, dtype=sf.header.recipe.get("dtype"), centre="auto",
     )  # fmt: skip
     return result.to_dict()
