@@ -173,7 +173,10 @@ def measured_policy(
     saved: dict[str, int] = {}
     centres: dict[str, str] = {}
     for info in eligible + [i for i in infos if i.name in forced]:
+        own = math.prod(info.shape) * itemsize(info.dtype)
         found = centre_options(info, checkpoints, options, parent) if merging == "auto" else []
+        # A centre whose stored base leaves nothing saved (3 complex inputs) is no candidate.
+        found = [o for o in found if o.nbytes < K * own] or found
         centres[info.name] = (
             min(found, key=lambda o: (o.error * o.nbytes, o.error)).centre
             if found
@@ -187,7 +190,6 @@ def measured_policy(
             0.0,
             centre=centres[info.name],
         )
-        own = math.prod(info.shape) * itemsize(info.dtype)
         base_tensor = parent[info.name] if parent is not None and centres[info.name] == "base" else None
         saved[info.name] = K * own - store_tensor(
             stored, info, decision, checkpoints, options, base=base_tensor

@@ -473,3 +473,25 @@ def test_analyze_recommends_on_the_centre_merge_would_use(tmp_path):
     assert {advice["centres"][n] for n in ("0.weight", "2.weight", "4.weight")} == {"mean"}
     assert sorted(advice["superpose"]) == ["0.weight", "2.weight", "4.weight"]
     assert all(0 < e <= 0.1 for e in advice["output_error"])
+
+
+def test_measured_policy_auto_skips_a_centre_that_saves_nothing(tmp_path):
+    """3 complex inputs: the mean plus the complex sum take 3 copies' bytes, as much as keeping
+    them; auto then measures the uncentred sum, which saves a copy."""
+    from pspctl.checkpoints import open_checkpoint
+    from pspctl.planning import measured_policy
+    from pspctl.task import load_task
+
+    _, paths = finetunes(tmp_path, K=3, frozen=False)
+    (tmp_path / "task.py").write_text(MEASURED_TASK)
+    ckpts = [open_checkpoint(p) for p in paths]
+    task = load_task(str(tmp_path / "task.py"))
+    result = measured_policy(
+        ckpts, task, kind="complex", centre="auto", max_drop=100.0, max_output_error=10.0
+    )
+    assert set(result.centres.values()) == {"none"}
+    assert sorted(result.superpose) == ["0.weight", "2.weight", "4.weight"] and result.bytes_saved > 0
+    on_mean = measured_policy(
+        ckpts, task, kind="complex", centre="mean", max_drop=100.0, max_output_error=10.0
+    )
+    assert on_mean.superpose == [] and on_mean.bytes_saved == 0  # nothing to save on the mean
