@@ -125,8 +125,9 @@ def measured_policy(
         max_output_error: optional bound on the end-to-end relative output error per context.
         base: its keep globs are never superposed, its superpose globs always are.
         centre: merge's `--base`: "none", "mean", "base" (on `parent`, linked or stored), or
-            "auto": per tensor, the centre whose predicted error × bytes is least (a centre
-            must cut the error by more than it multiplies the bytes).
+            "auto": per tensor, of the centres that save bytes, the one whose predicted
+            error × bytes is least (a centre must cut the error by more than it multiplies
+            the bytes).
 
     Raises:
         TaskError: the task has no load_data, or its calib split is empty.
