@@ -43,6 +43,7 @@ from pspctl.task import load_task
 from pspctl.types import CALIB_SAMPLES, Progress
 
 __all__ = [
+    "BASE_MODES",
     "MergeOptions",
     "MergeReport",
     "centre_options",
@@ -60,6 +61,7 @@ __all__ = [
 # operation (`_one_torch_thread`), so two tensors keep two cores busy (the speed benchmark's
 # merge, in-process: 1.36 → 1.17 s). Each holds K × `measure.REREAD` values of its inputs.
 MEASURING = min(2, os.cpu_count() or 1)
+BASE_MODES = ("auto", "mean", "none")  # `--base` values that name no checkpoint
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,7 @@ def _merge(
 
     def measure(i: int) -> tuple[bool, list[Option], torch.Tensor | None, tuple[str, torch.Tensor] | None]:
         info, d = infos[i], decisions[i]
-        lookup = is_lookup(info.name) or any(is_lookup(a) for a, n in ties.items() if n == info.name)
+        lookup = _is_lookup(info.name, ties)
 
         def read() -> _Copies:
             return _Copies(checkpoints, info.name)
@@ -487,9 +489,14 @@ def _settle(d: Decision, chosen: Option | None, options: Sequence[Option]) -> De
     return replace(d, role=Role.PER_CONTEXT, reason=f"error {best:.2g}: over the budget")
 
 
+def _is_lookup(name: str, ties: dict[str, str]) -> bool:
+    """A lookup table, under its own name or under a name tied to it."""
+    return is_lookup(name) or any(is_lookup(alias) for alias, n in ties.items() if n == name)
+
+
 def _centres(options: MergeOptions) -> tuple[str, ...]:
     """The storage options `--base` allows a superposed tensor."""
-    if options.link_base and options.base in ("auto", "mean", "none"):
+    if options.link_base and options.base in BASE_MODES:
         raise PolicyError(f"--link-base needs --base PATH (the parent checkpoint), not --base {options.base}")
     return {"none": ("none",), "mean": ("mean",), "auto": ("none", "mean")}.get(options.base, ("base",))
 
@@ -592,7 +599,8 @@ def centre_options(
     d = Decision(info.name, Role.SUPERPOSED, "", fan_in(info.shape, info.fan_in_axis), 0.0)
     _, found, _, _ = _measure(
         info, d, lambda: _Copies(checkpoints, info.name), None if parent is None else parent[info.name],
-        _centres(options), Kind(options.kind), options, options.policy.eta, is_lookup(info.name),
+        _centres(options), Kind(options.kind), options, options.policy.eta,
+        _is_lookup(info.name, checkpoints[0].ties),
     )  # fmt: skip
     return [o for o in found if o.centre]
 

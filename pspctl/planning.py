@@ -34,7 +34,7 @@ from pspctl.contexts import Kind
 from pspctl.dtypes import itemsize
 from pspctl.errors import PolicyError, TaskError
 from pspctl.fileformat import SuperposedWriter
-from pspctl.merge import MergeOptions, centre_options, open_base, store_tensor
+from pspctl.merge import BASE_MODES, MergeOptions, centre_options, open_base, store_tensor
 from pspctl.policy import FLOAT_DTYPES, Decision, Policy, Role, matches_any
 from pspctl.superpose import fan_in
 from pspctl.task import Task, load_model, on_task_data, run_model
@@ -159,7 +159,7 @@ def measured_policy(
 
     # What merge would store, one superposed tensor per name (one model's worth in memory).
     stored = SuperposedWriter(kind, K, linked=link_base)
-    merging = "base" if centre not in ("none", "mean", "auto") else centre
+    merging = centre if centre in BASE_MODES else "base"
     options = MergeOptions(
         kind=kind,
         seed=seed,
@@ -178,11 +178,10 @@ def measured_policy(
         found = centre_options(info, checkpoints, options, parent) if merging == "auto" else []
         # A centre whose stored base leaves nothing saved (3 complex inputs) is no candidate.
         found = [o for o in found if o.nbytes < K * own] or found
-        centres[info.name] = (
-            min(found, key=lambda o: (o.error * o.nbytes, o.error)).centre
-            if found
-            else merging.replace("auto", "none")
-        )
+        if found:
+            centres[info.name] = min(found, key=lambda o: (o.error * o.nbytes, o.error)).centre
+        else:  # auto on K equal copies (stored once, whatever the centre), or a fixed centre
+            centres[info.name] = "none" if merging == "auto" else merging
         decision = Decision(
             info.name,
             Role.SUPERPOSED,
@@ -269,7 +268,7 @@ def policy_for_merge(
     if options.task is None:
         raise PolicyError("--policy measured needs --task (a task file with load_data)")
     checkpoints = open_inputs(inputs, options)
-    parent = None if options.base in ("auto", "mean", "none") else open_base(options, checkpoints[0])
+    parent = None if options.base in BASE_MODES else open_base(options, checkpoints[0])
     task = load_task(options.task)
     result = measured_policy(
         checkpoints, task, kind=options.kind, seed=options.seed, max_drop=max_drop,
