@@ -475,6 +475,23 @@ def test_analyze_recommends_on_the_centre_merge_would_use(tmp_path):
     assert all(0 < e <= 0.1 for e in advice["output_error"])
 
 
+def test_analyze_recommends_on_the_linked_parent(tmp_path):
+    """A file merged on a linked parent is advised on that parent, as a re-merge with
+    `--base PARENT --link-base --policy measured` would measure it (auto would say mean)."""
+    from pspctl.analysis import analyze
+
+    parent, paths = finetunes(tmp_path, frozen=False)
+    (tmp_path / "task.py").write_text(MEASURED_TASK)
+    out = tmp_path / "w.safetensors"
+    merge(paths, out, MergeOptions(base=str(parent), link_base=True, task=str(tmp_path / "task.py")))
+    report = analyze(out, originals=paths, max_drop=100.0, max_output_error=0.1)
+    advice = report.recommendation
+    assert advice is not None
+    assert {advice["centres"][n] for n in ("0.weight", "2.weight", "4.weight")} == {"base"}
+    assert sorted(advice["superpose"]) == ["0.weight", "2.weight", "4.weight"]
+    assert all(0 < e <= 0.1 for e in advice["output_error"])
+
+
 def test_measured_policy_auto_skips_a_centre_that_saves_nothing(tmp_path):
     """3 complex inputs: the mean plus the complex sum take 3 copies' bytes, as much as keeping
     them; auto then measures the uncentred sum, which saves a copy."""

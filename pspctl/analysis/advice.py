@@ -49,15 +49,22 @@ def recommend(
     max_samples: int,
     notes: list[str],
 ) -> dict[str, Any] | None:
-    """The measured policy for `max_drop` on the originals (each tensor on the centre merge's
-    default `--base auto` gives it), or None (with a note) without them."""
+    """The measured policy for `max_drop` on the originals, or None (with a note) without them.
+
+    Each tensor is measured on the centre a re-merge would use: the linked parent for a file
+    merged with `--link-base` (as `merge --base PARENT --link-base --policy measured`), else the
+    one merge's default `--base auto` gives it (a stored parent holds only its centred tensors,
+    too few to merge on again).
+    """
     if task is None or origs is None or task.load_data is None:
         notes.append("--max-drop needs the originals and a task with load_data: no recommendation")
         return None
     from pspctl.planning import measured_policy
 
+    parent = sf.linked_base() if sf.linked else None
     result = measured_policy(
         origs, task, kind=sf.kind, seed=sf.header.seed, max_drop=max_drop, max_output_error=max_output_error,
-        max_samples=max_samples, dtype=sf.header.recipe.get("dtype"), centre="auto",
+        max_samples=max_samples, dtype=sf.header.recipe.get("dtype"),
+        centre="auto" if parent is None else "base", parent=parent, link_base=parent is not None,
     )  # fmt: skip
     return result.to_dict()
