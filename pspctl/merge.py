@@ -331,7 +331,7 @@ def _merge(
             _check_finite(checkpoints[k], info.name, w, norm, options.allow_nonfinite)
 
         base = None if parent is None or d.role is not Role.SUPERPOSED else parent[info.name]
-        eta = etas.get(info.name) or options.policy.eta
+        eta = etas.get(info.name) or options.policy.prior(info.shape)
         return _measure(info, d, read, base, centres, kind, options, eta, lookup, check)
 
     # MEASURING tensors at once, each in its own thread (torch frees the GIL), results in order.
@@ -351,7 +351,7 @@ def _merge(
             if shared:
                 decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
             elif measured[info.name]:
-                eta = etas.get(info.name) or options.policy.eta
+                eta = etas.get(info.name) or options.policy.prior(info.shape)
                 source = "calib" if info.name in etas else "prior"
                 decisions[i] = replace(d, eta=min(eta) if isinstance(eta, list) else eta, eta_source=source)
     measured = {name: opts for name, opts in measured.items() if opts}
@@ -457,12 +457,12 @@ def _calibrate(
 
     task = load_task(options.task)
     if task.load_data is None:
-        return {}, [f"task {options.task} has no load_data(): η is the prior --eta {options.policy.eta:g}"]
+        return {}, [f"task {options.task} has no load_data(): η is the {options.policy.prior_text()}"]
     etas = measure_etas(task, checkpoints, candidates, samples=options.calib_samples)
     missing = [n for n in candidates if n not in etas.values]
     note = f"η measured on {etas.source} for {len(etas.values)} of {len(candidates)} candidate tensors"
     if missing:
-        note += f"; the prior --eta {options.policy.eta:g} for {listed(missing)}"
+        note += f"; the {options.policy.prior_text()} for {listed(missing)}"
     return etas.values, [note]
 
 
@@ -471,7 +471,7 @@ def _eta_record(
 ) -> dict[str, Any]:
     """Where each candidate's η came from, for the report's JSON."""
     return {
-        "prior": options.policy.eta,
+        "prior": {"matrix": options.policy.prior((1, 1)), "conv": options.policy.prior((1, 1, 1))},
         "calib_samples": options.calib_samples if etas else 0,
         "measured": {n: e for n, e in etas.items()},
         "from_prior": [d.name for d in decisions if d.eta_source == "prior"],
@@ -599,7 +599,7 @@ def centre_options(
     d = Decision(info.name, Role.SUPERPOSED, "", fan_in(info.shape, info.fan_in_axis), 0.0)
     _, found, _, _ = _measure(
         info, d, lambda: _Copies(checkpoints, info.name), None if parent is None else parent[info.name],
-        _centres(options), Kind(options.kind), options, options.policy.eta,
+        _centres(options), Kind(options.kind), options, options.policy.prior(info.shape),
         _is_lookup(info.name, checkpoints[0].ties),
     )  # fmt: skip
     return [o for o in found if o.centre]

@@ -16,9 +16,27 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from pspctl.superpose import fan_in
-from pspctl.types import ETA_PRIOR, MAX_ERROR, TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE, Kind, Role
+from pspctl.types import (
+    CONV_ETA_PRIOR,
+    ETA_PRIOR,
+    MAX_ERROR,
+    TRAIN_MAX_INTERFERENCE,
+    TRAIN_MIN_SHARE,
+    Kind,
+    Role,
+)
 
-__all__ = ["Decision", "Option", "Policy", "Role", "TensorInfo", "choose", "decide", "predicted_errors"]
+__all__ = [
+    "Decision",
+    "Option",
+    "Policy",
+    "Role",
+    "TensorInfo",
+    "choose",
+    "decide",
+    "predicted_errors",
+    "prior_eta",
+]
 
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 EMBEDDING_PATTERNS = ("*embed*", "*wte.*", "*wpe.*", "*tok_embeddings*")
@@ -38,10 +56,28 @@ class Policy:
     superpose: tuple[str, ...] = ()
     origin: str = ""  # who chose keep/superpose, e.g. "measured"; replaces the "--keep"/"--superpose" reason
     max_error: float = MAX_ERROR
-    eta: float = ETA_PRIOR
+    eta: float | None = None  # the η prior for every tensor; None: `prior_eta`'s, by shape
     # (name, centre) pairs: a superposed tensor stored on this centre ("none", "mean", "base")
     # whatever the budget would pick, as `--policy measured` measured it.
     centres: tuple[tuple[str, str], ...] = ()
+
+    def prior(self, shape: Sequence[int]) -> float:
+        """The η to predict a tensor of this shape with where nothing measured it."""
+        return prior_eta(shape) if self.eta is None else self.eta
+
+    def prior_text(self) -> str:
+        """The prior, as notes name it."""
+        if self.eta is not None:
+            return f"--eta {self.eta:g}"
+        return f"prior {ETA_PRIOR:g} ({CONV_ETA_PRIOR:g} for convolution kernels)"
+
+
+def prior_eta(shape: Sequence[int]) -> float:
+    """The η prior: a convolution kernel (≥3 dims) sees inputs less aligned with its weights
+    than a matrix does (docs/policy.md: ResNet-18's 3×3 convolutions measured 0.026–0.053, 1×1
+    convolutions in ResNet-18 and MobileNetV3 0.044–0.18, MLP and transformer matrices
+    0.15–0.25), so it gets a prior at or below every convolution measured."""
+    return CONV_ETA_PRIOR if len(shape) >= 3 else ETA_PRIOR
 
 
 # The shape rules of earlier versions alone, no error budget: what training uses (it has no

@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_ATOL",
     "DEFAULT_OPSET",
     "DEFAULT_RTOL",
+    "CONV_ETA_PRIOR",
     "ETA_PRIOR",
     "MAX_ERROR",
     "DType",
@@ -29,7 +30,10 @@ __all__ = [
 
 # Policy defaults, here so that `--help` need not import torch (docs/policy.md measures them).
 MAX_ERROR = 0.2  # merge: predicted relative output error, all superposed tensors together
-ETA_PRIOR = 0.15  # merge: alignment η of layer inputs with the weights, where nothing measured it
+ETA_PRIOR = 0.15  # merge: alignment η of layer inputs with a weight matrix, where nothing measured it
+CONV_ETA_PRIOR = (
+    0.025  # merge: the same for a convolution kernel (≥3 dims); ResNet-18 3×3 measured 0.026–0.053
+)
 CALIB_SAMPLES = 64  # merge --task: calib inputs per model to measure η on (a ratio of sums: settles fast)
 TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE = 0.02, 0.05  # train: the shape rules (no weights to measure)
 # ONNX export (pspctl.onnx_export; export --opset, --atol, --rtol). Opset 20: onnxruntime ≥ 1.17

@@ -19,7 +19,7 @@ from pspctl.cli.common import (
     print_json,
     progress_bar,
 )
-from pspctl.types import CALIB_SAMPLES, ETA_PRIOR, MAX_ERROR, DType, Kind, PolicySource, StateDictFormat
+from pspctl.types import CALIB_SAMPLES, MAX_ERROR, DType, Kind, PolicySource, StateDictFormat
 
 if TYPE_CHECKING:
     from pspctl.merge import MergeReport
@@ -49,7 +49,13 @@ MaxErrorOpt = Annotated[
         help="Budget: predicted relative output error of all superposed tensors together (docs/policy.md)."
     ),
 ]
-EtaOpt = Annotated[float, typer.Option(help="Prior alignment η of layer inputs with the weights.")]
+EtaOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Prior alignment η of layer inputs with the weights, for every tensor "
+        "(default: 0.15 for matrices, 0.025 for convolution kernels)."
+    ),
+]
 BaseOpt = Annotated[
     Path | None,
     typer.Option(
@@ -111,7 +117,7 @@ def merge(
     keep: KeepOpt = None,
     superpose: SuperposeOpt = None,
     max_error: MaxErrorOpt = MAX_ERROR,
-    eta: EtaOpt = ETA_PRIOR,
+    eta: EtaOpt = None,
     max_interference: MaxInterferenceOpt = None,
     min_share: MinShareOpt = 0.0,
     dtype: Annotated[
@@ -267,7 +273,7 @@ def policy_from_flags(
     superpose: list[str] | None,
     *,
     max_error: float = MAX_ERROR,
-    eta: float = ETA_PRIOR,
+    eta: float | None = None,
 ) -> Policy:
     """The Policy that the shared policy flags describe."""
     from pspctl.policy import Policy
