@@ -392,6 +392,11 @@ def _merge(
             writer, info, d, checkpoints, options, base=base, bound=bound.pop(info.name, None)
         )
 
+    noisy = [f"{label} {e:.3g}" for label, e in zip(labels, errors, strict=True) if e > 1]
+    if noisy:  # each tensor may stay under 1 while they add up above it
+        warnings.append(
+            f"predicted output error above 1 for {listed(noisy)}: the retrieved models are mostly noise"
+        )
     notes = [f"{c.path.name}: {n}" for c in checkpoints for n in c.notes] + eta_notes
     if hf is not None:
         hf["predicted_error"] = [float(f"{e:.4g}") for e in errors]
@@ -434,13 +439,29 @@ def _merge(
         base=header.base,
         eta=_eta_record(decisions, options, etas),
     )
-    if report.storage_ratio < 1.25 and options.base != "none":
-        report.notes.append(
-            f"storage ratio {report.storage_ratio:.2f}×: little was superposed within the error budget "
-            f"(--max-error {options.policy.max_error:g}). Fine-tunes of one parent merge far better on it: "
-            "--base PATH (or --base mean)"
-        )
+    if report.storage_ratio < 1.25:
+        report.notes.append(_saved_little(report.storage_ratio, options))
     return report
+
+
+def _saved_little(ratio: float, options: MergeOptions) -> str:
+    """The note for a merge that saved little: what else may, given the --base it had."""
+    said = (
+        f"storage ratio {ratio:.2f}×: little was superposed within the error budget "
+        f"(--max-error {options.policy.max_error:g})"
+    )
+    trade = "--task measures η on calib inputs; a larger --max-error trades accuracy for storage"
+    if options.base == "none":
+        return (
+            f"{said} with plain superposition (--base none). Fine-tunes of one parent and folds "
+            "of one init merge far better centred: --base auto (the default) or --base PATH"
+        )
+    if options.base in BASE_MODES:  # auto, mean
+        return (
+            f"{said}: the models differ too much, even from their mean. Fine-tunes of one parent "
+            f"may fit better on it (--base PATH); {trade}"
+        )
+    return f"{said}: the models differ too much, even from the parent. {trade}"
 
 
 def _calibrate(

@@ -208,7 +208,7 @@ def test_a_merge_that_saves_nothing_says_so_on_the_command_line_and_points_to_ba
     text = " ".join(result.stdout.split())  # the note wraps at 80 columns
     # tiny models: the header makes the output a little larger than the inputs
     assert re.search(r"note: storage ratio 0\.9\d×: little was superposed within the error budget", text)
-    assert "--base PATH (or --base mean)" in text
+    assert "the models differ too much, even from their mean" in text and "(--base PATH)" in text
     # the predicted output error per context, next to the storage ratio
     assert re.search(
         r"storage ratio 0\.9\d×; predicted output error per context: model0 0\.000, model1", text
@@ -302,3 +302,48 @@ def test_a_convolution_kernel_is_predicted_with_the_conv_prior(tmp_path):
     one = merge(paths, tmp_path / "e.safetensors", MergeOptions(policy=Policy(eta=0.3, superpose=("*",))))
     assert {d.eta for d in one.decisions if d.role is Role.SUPERPOSED} == {0.3}
     assert one.eta is not None and one.eta["prior"] == {"matrix": 0.3, "conv": 0.3}
+
+
+@pytest.mark.parametrize(
+    ("base", "said", "not_said"),
+    [
+        ("none", "with plain superposition (--base none)", "even from"),
+        ("model0.pt", "the models differ too much, even from the parent", "--base PATH"),
+    ],
+)
+def test_a_merge_that_saves_little_points_past_the_base_it_had(tmp_path, monkeypatch, base, said, not_said):
+    """The note names what the merge did not try: --base for a plain merge, not for one on a parent."""
+    from tests.conftest import mlp, save_models
+
+    save_models([mlp(i, width=64) for i in range(3)], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["merge", "model0.pt", "model1.pt", "model2.pt", "--base", base, "--json"])
+    assert result.exit_code == 0, result.output
+    notes = " ".join(json.loads(result.stdout)["notes"])
+    assert said in notes and not_said not in notes
+    if base == "none":
+        assert "--base auto (the default) or --base PATH" in notes
+
+
+def test_a_merge_warns_when_the_tensors_add_up_above_1(tmp_path):
+    """Two tensors predicted at 0.84 each stay under the per-tensor warning, but a context's
+    combined prediction, sqrt(0.84² + 0.85²), is above 1: merge says so."""
+    from tests.conftest import mlp, save_models
+
+    paths = save_models([mlp(i, width=64) for i in range(2)], tmp_path)
+    both = merge(
+        paths,
+        tmp_path / "b.safetensors",
+        MergeOptions(base="none", policy=Policy(superpose=("2.weight", "4.weight"))),
+    )
+    per_tensor = [d.error for d in both.decisions if d.error is not None]
+    assert len(per_tensor) == 2 and all(0.5 < e < 1 for e in per_tensor)
+    assert all(e > 1 for e in both.predicted_error)
+    expected = ", ".join(f"model{k} {e:.3g}" for k, e in enumerate(both.predicted_error))
+    assert both.warnings == [
+        f"predicted output error above 1 for {expected}: the retrieved models are mostly noise"
+    ]
+    one = merge(
+        paths, tmp_path / "o.safetensors", MergeOptions(base="none", policy=Policy(superpose=("2.weight",)))
+    )
+    assert one.warnings == [] and all(e < 1 for e in one.predicted_error)
