@@ -174,3 +174,16 @@ def test_recorded_task_gone_is_a_note(workdir):
     assert "task task.py (recorded by merge) not found: pass --task" in flat(result)
     assert "random probe inputs" not in flat(result) and "function-space error per layer" in flat(result)
     assert {r.method for r in analyze("w.safetensors").layers} == {"matrix"}
+
+
+def test_analyze_and_info_fold_at_80_columns_never_cut(workdir, monkeypatch):
+    """At 80 columns rich would cut cells to "conte…"/"model…", and layers could not be told
+    apart; every table folds them onto more lines instead."""
+    monkeypatch.setenv("COLUMNS", "80")
+    for args in (("analyze", "-q"), ("info", "w.safetensors")):
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.output, args
+        assert max(len(line) for line in result.output.splitlines()) <= 80
+        rows = [line for line in result.output.splitlines() if line.startswith("│")]
+        assert rows and all(line.endswith("│") for line in rows), args  # no table cropped at the edge

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pspctl.cli.common import app, console, handle_errors, human_bytes, progress_bar
+from pspctl.cli.common import app, console, folded, handle_errors, human_bytes, progress_bar
 from pspctl.cli.core import DEFAULT_FILE, BaseOpt, superposed_path
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def render(r: Report) -> None:
         t.add_row(escape(f"{c.context} {c.label}"), _f(c.original_metric, ".2f"), _f(c.retrieved_metric, ".2f"),
                   _f(c.same_budget_metric, ".2f"), _f(c.same_budget_density, ".1%"), _f(c.output_error),
                   _f(c.same_budget_output_error), win)  # fmt: skip
-    console.print(t)
+    console.print(folded(t))
 
     if r.layers:
         t = Table(title="function-space error per layer, worst first (Proposition 2, as merge predicts it)")
@@ -166,7 +166,7 @@ def render(r: Report) -> None:
             ratio = e.measured / e.predicted if e.predicted else None
             t.add_row(escape(e.name), str(e.context), str(e.fan_in), f"{e.inputs}/{e.method}", _f(e.eta_mean),
                       _f(e.eta_rms), _f(e.measured), _f(e.predicted), _f(ratio, ".2f"))  # fmt: skip
-        console.print(t)
+        console.print(folded(t))
         if len(r.layers) > WORST_LAYERS:
             console.print(f"({len(r.layers) - WORST_LAYERS} more rows in --json)")
 
@@ -185,7 +185,7 @@ def render(r: Report) -> None:
                 plain = w.expected_without_base
                 row.append("" if plain is None else _f(sum(plain) / len(plain)))
             t.add_row(*row)
-        console.print(t)
+        console.print(folded(t))
 
     if r.pruning:
         t = Table(title="global magnitude pruning of the superposed values (per context: mean, worst)")
@@ -198,7 +198,7 @@ def render(r: Report) -> None:
             t.add_row(f"{p.sparsity:.0%}", f"{p.achieved:.1%}", _f(sum(werrs) / len(werrs) if werrs else None),
                       _f(sum(errs) / len(errs) if errs else None), _f(sum(ok) / len(ok) if ok else None, ".2f"),
                       _f(min(ok) if ok else None, ".2f"))  # fmt: skip
-        console.print(t)
+        console.print(folded(t))
 
     if r.magnitudes:
         cuts = ", ".join(f"{x:g}" for x in r.thresholds)
@@ -216,7 +216,7 @@ def render(r: Report) -> None:
                 t.add_row(escape(name), label, _f(avg(lambda m: m.rms), ".4f"), _f(avg(lambda m: m.max_abs), ".4f"),
                           f"{avg(lambda m: m.sparsity):.1%}",
                           *(f"{avg(lambda m, k=f'{x:g}': m.below[k]):.1%}" for x in r.thresholds))  # fmt: skip
-        console.print(t)
+        console.print(folded(t))
 
     if r.advice:
         t = Table(title="policy advice: what superposing each tensor saves and costs")
@@ -224,7 +224,7 @@ def render(r: Report) -> None:
             t.add_column(col, justify="left" if col in ("tensor", "now") else "right")
         for a in r.advice:
             t.add_row(escape(a.name), a.role, human_bytes(a.bytes_saved), _f(a.mean_error), _f(a.max_error))
-        console.print(t)
+        console.print(folded(t))
     if r.recommendation:
         rec = r.recommendation
         console.print(

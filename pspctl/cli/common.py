@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from typer.core import TyperGroup
 
 from pspctl import digests  # standard library only: cheap at start-up
@@ -249,6 +250,14 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
 def command_line() -> str:
     """The command as the user typed it, for the recipe recorded in output files."""
     return shlex.join(["pspctl", *sys.argv[1:]])
+
+
+def folded(table: Table) -> Table:
+    """`table` with every column folding at the terminal's width: a long name takes more lines
+    rather than being cut to '…' (rich's default), so rows stay told apart."""
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
 
 
 def human_bytes(n: float) -> str:

@@ -13,6 +13,7 @@ from pspctl.cli.common import (
     command_line,
     console,
     err_console,
+    folded,
     handle_errors,
     human_bytes,
     prefetch_digests,
@@ -376,14 +377,14 @@ def info(
     for k, label in enumerate(h.labels):
         src = h.inputs[k] if k < len(h.inputs) else {}
         contexts.add_row(str(k), escape(label), escape(src.get("path", "")), src.get("sha256", "")[:12])
-    console.print(contexts)
+    console.print(folded(contexts))
     tensors = Table("tensor", "role", "base", "dtype", "shape", "fan-in", "why", title="tensors")
     for name, m in h.tensors.items():
         tensors.add_row(
             escape(name), m.role, "centred" if m.centred else "", m.dtype, "×".join(map(str, m.shape)) or "scalar",
             str(m.fan_in) + ("" if m.fan_in_axis is None else f" (dim {m.fan_in_axis})"), escape(m.reason),
         )  # fmt: skip
-    console.print(tensors)
+    console.print(folded(tensors))
     for alias, name in h.tied.items():
         console.print(f"tied: {escape(alias)} is {escape(name)}")
     if h.task:
@@ -421,5 +422,5 @@ def demo(
             r.kind, f"{r.context} {r.label}", f"{r.original:.2f}", f"{r.retrieved:.2f}",
             f"[{color}]{delta:+.2f}[/]", f"{r.storage_ratio:.2f}×",
         )  # fmt: skip
-    console.print(table)
+    console.print(folded(table))
     console.print(f"superposed files in {outdir}/; try: pspctl info {outdir}/binary.safetensors")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pspctl.cli.common import app, console, handle_errors, human_bytes, print_json
+from pspctl.cli.common import app, console, folded, handle_errors, human_bytes, print_json
 from pspctl.cli.core import DEFAULT_FILE, BaseOpt, FileArg, superposed_path
 from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
@@ -94,7 +94,7 @@ def _render(report: ExportReport, json_out: bool) -> None:
     for c in report.checks:
         status = "[green]ok[/]" if c.passed else "[bold red]FAIL[/]"
         table.add_row(f"{c.context} ({c.label})", c.output, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", status)
-    console.print(table)
+    console.print(folded(table))
     if not report.passed:
         return
     for path, size in report.files.items():

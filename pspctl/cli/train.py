@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pspctl.cli.common import app, command_line, console, handle_errors, print_json, progress_bar
+from pspctl.cli.common import app, command_line, console, folded, handle_errors, print_json, progress_bar
 from pspctl.cli.core import (
     DEFAULT_FILE,
     BaseOpt,
@@ -148,7 +148,7 @@ def train_command(
     for k in range(contexts):
         own = _own_block(report.evaluations, k)
         table.add_row(str(k), f"{own[report.metric]:.2f}", f"{report.final[k][report.metric]:.2f}")
-    console.print(table)
+    console.print(folded(table))
     console.print(f"mean {report.metric} {report.mean_final:.2f} · {report.wall_s:.1f} s")
     console.print(f"wrote {output}, {metrics}" + (f", {plot}" if plot else ""))
 
@@ -255,7 +255,7 @@ def tune_command(
         table.add_row(
             str(k), _fmt(report.originals, k, m), _fmt(report.before, k, m), _fmt(report.after, k, m)
         )
-    console.print(table)
+    console.print(folded(table))
     d = report.to_dict()
     line = f"mean {m} {d['mean_before']:.2f} → {d['mean_after']:.2f}"
     if d["mean_originals"] is not None:
