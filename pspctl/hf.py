@@ -319,7 +319,9 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
             raise InputError(f"{sf.path}: config.json has model_type {model_type!r}, unknown to transformers")
         cfg = transformers.CONFIG_MAPPING[model_type].from_dict(config)
         cfg.use_cache = False  # logits only: a KV cache in the outputs is no tensor for export/analyze
-        return getattr(transformers, auto).from_config(cfg).eval()
+        model = getattr(transformers, auto).from_config(cfg).eval()
+        _check_names(model, sf, auto, transformers)
+        return model
 
     def inputs() -> tuple[Tensor, ...]:
         return example_inputs(config)
@@ -335,6 +337,37 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
         example_inputs=inputs,
         load_data=load_data if synthetic_data else None,
     )
+
+
+def _check_names(model: Any, sf: SuperposedFile, auto: str, transformers: Any) -> None:
+    """Refuse, in one line, a model that transformers names otherwise than its checkpoints.
+
+    transformers 5 renames some architectures' weights when it loads them (ViT's
+    `encoder.layer.N.attention.attention.query` is `layers.N.attention.q_proj` in the model) and
+    back when it saves them. pspctl matches the file's names to the model's modules, so it
+    cannot run such a model yet; `from_pretrained` loads the extracted folders all the same.
+
+    Raises:
+        MismatchError: the names differ and transformers has a renaming for this model.
+    """
+    from pspctl.task import check_fits
+
+    try:
+        check_fits(model, sf.shapes(), str(sf.path), whose=f"the {auto}")
+    except MismatchError:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        if not get_model_conversion_mapping(model):
+            raise  # not a renaming: check_fits' own error, where the caller checks
+        own = model.state_dict()
+        saved = next((n for n in sf.names() if n not in own), "")
+        built = next((n for n in own if n not in set(sf.names())), "")
+        raise MismatchError(
+            f"{sf.path}: transformers {transformers.__version__} names {type(model).__name__}'s weights "
+            f"otherwise than its checkpoints (the file has {saved}, the model {built}; from_pretrained "
+            "renames them), and pspctl cannot rename them yet: extract the models "
+            "(pspctl extract --context all) and load each with from_pretrained"
+        ) from None
 
 
 def hf_paths(paths: Sequence[Path]) -> bool:

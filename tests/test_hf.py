@@ -398,3 +398,30 @@ def test_max_shard_size_shards_the_weights_with_an_index(finetunes, tmp_path):
         "extract", folder / "w.safetensors", "-c", "1", "-o", tmp_path / "n", "--max-shard-size", "big"
     )
     assert result.exit_code == 2 and "is not a size; use e.g. 2GB" in result.output
+
+
+def test_a_model_transformers_renames_is_refused_in_one_line(tmp_path):
+    """transformers 5 builds ViT with other weight names than `save_pretrained` writes (it
+    renames them in from_pretrained): analyze and export say so, exit 3, write nothing."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, num_labels=3)  # fmt: skip
+    model = ViTForImageClassification(cfg)
+    for k in range(2):
+        model.save_pretrained(tmp_path / f"v{k}")
+    saved = set(load_file(str(tmp_path / "v0" / "model.safetensors")))
+    if saved == set(model.state_dict()):
+        pytest.skip("this transformers saves ViT under the names it builds it with")
+    out = tmp_path / "w.safetensors"
+    merge([tmp_path / "v0", tmp_path / "v1"], out)
+    for args in (("analyze", out), ("export", out, "--context", "0", "-o", tmp_path / "onnx")):
+        result = run(*args)
+        assert result.exit_code == 3, result.output
+        line = result.output.strip()
+        assert (
+            "\n" not in line and "ViTForImageClassification's weights otherwise than its checkpoints" in line
+        )
+        assert "pspctl extract --context all" in line
+    assert not (tmp_path / "onnx").exists()
