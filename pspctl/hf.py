@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -360,8 +361,22 @@ def _check_names(model: Any, sf: SuperposedFile, auto: str, transformers: Any) -
         if not get_model_conversion_mapping(model):
             raise  # not a renaming: check_fits' own error, where the caller checks
         own = model.state_dict()
-        saved = next((n for n in sf.names() if n not in own), "")
-        built = next((n for n in own if n not in set(sf.names())), "")
+        renamings = [
+            (src, dst)
+            for t in get_model_conversion_mapping(model)
+            for src, dst in zip(
+                getattr(t, "source_patterns", []), getattr(t, "target_patterns", []), strict=False
+            )
+        ]  # transformers' regexes from the saved names to the model's
+
+        def renamed(name: str) -> str:
+            for src, dst in renamings:
+                name = re.sub(src, dst, name)
+            return name
+
+        unknown = [n for n in sf.names() if n not in own]
+        pairs = [(n, renamed(n)) for n in unknown if renamed(n) in own]
+        saved, built = pairs[0] if pairs else (unknown[0] if unknown else "", next(iter(own)))
         raise MismatchError(
             f"{sf.path}: transformers {transformers.__version__} names {type(model).__name__}'s weights "
             f"otherwise than its checkpoints (the file has {saved}, the model {built}; from_pretrained "

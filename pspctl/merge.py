@@ -439,17 +439,17 @@ def _merge(
         base=header.base,
         eta=_eta_record(decisions, options, etas),
     )
-    if report.storage_ratio < 1.25:
-        report.notes.append(_saved_little(report.storage_ratio, options))
+    if round(report.storage_ratio, 2) < 1.25:  # as printed: 1.2496 reads 1.25×
+        was_forced = any(d.forced for d in report.decisions if d.role is Role.SUPERPOSED)
+        report.notes.append(_saved_little(report.storage_ratio, options, was_forced))
     return report
 
 
-def _saved_little(ratio: float, options: MergeOptions) -> str:
+def _saved_little(ratio: float, options: MergeOptions, forced: bool) -> str:
     """The note for a merge that saved little: what else may, given the --base it had."""
-    said = (
-        f"storage ratio {ratio:.2f}×: little was superposed within the error budget "
-        f"(--max-error {options.policy.max_error:g})"
-    )
+    said = f"storage ratio {ratio:.2f}×: little was superposed"
+    if not forced:  # forced tensors are superposed whatever the budget
+        said += f" within the error budget (--max-error {options.policy.max_error:g})"
     trade = "--task measures η on calib inputs; a larger --max-error trades accuracy for storage"
     if options.base == "none":
         return (
@@ -458,10 +458,10 @@ def _saved_little(ratio: float, options: MergeOptions) -> str:
         )
     if options.base in BASE_MODES:  # auto, mean
         return (
-            f"{said}: the models differ too much, even from their mean. Fine-tunes of one parent "
-            f"may fit better on it (--base PATH); {trade}"
+            f"{said}, even centred on the inputs' mean. Fine-tunes of one parent may fit better "
+            f"on it (--base PATH); {trade}"
         )
-    return f"{said}: the models differ too much, even from the parent. {trade}"
+    return f"{said}, even centred on the parent. The inputs' mean is often nearer (--base auto); {trade}"
 
 
 def _calibrate(
@@ -482,8 +482,11 @@ def _calibrate(
     etas = measure_etas(task, checkpoints, candidates, samples=options.calib_samples)
     missing = [n for n in candidates if n not in etas.values]
     note = f"η measured on {etas.source} for {len(etas.values)} of {len(candidates)} candidate tensors"
-    if missing:
-        note += f"; the {options.policy.prior_text()} for {listed(missing)}"
+    by_prior: dict[float, list[str]] = {}
+    for name in missing:
+        by_prior.setdefault(options.policy.prior(checkpoints[0].infos[name].shape), []).append(name)
+    for prior, names in by_prior.items():
+        note += f"; the prior {prior:g} for {listed(names)}"
     return etas.values, [note]
 
 

@@ -490,6 +490,8 @@ def test_analyze_recommends_on_the_linked_parent(tmp_path):
     assert {advice["centres"][n] for n in ("0.weight", "2.weight", "4.weight")} == {"base"}
     assert sorted(advice["superpose"]) == ["0.weight", "2.weight", "4.weight"]
     assert all(0 < e <= 0.1 for e in advice["output_error"])
+    flags = f"--policy measured --max-drop 100 --max-output-error 0.1 --base {parent} --link-base"
+    assert advice["merge_flags"] == flags  # what the analyze text tells the user to merge with
 
 
 def test_measured_policy_auto_skips_a_centre_that_saves_nothing(tmp_path):

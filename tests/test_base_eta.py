@@ -208,7 +208,7 @@ def test_a_merge_that_saves_nothing_says_so_on_the_command_line_and_points_to_ba
     text = " ".join(result.stdout.split())  # the note wraps at 80 columns
     # tiny models: the header makes the output a little larger than the inputs
     assert re.search(r"note: storage ratio 0\.9\d×: little was superposed within the error budget", text)
-    assert "the models differ too much, even from their mean" in text and "(--base PATH)" in text
+    assert "even centred on the inputs' mean" in text and "(--base PATH)" in text
     # the predicted output error per context, next to the storage ratio
     assert re.search(
         r"storage ratio 0\.9\d×; predicted output error per context: model0 0\.000, model1", text
@@ -308,7 +308,11 @@ def test_a_convolution_kernel_is_predicted_with_the_conv_prior(tmp_path):
     ("base", "said", "not_said"),
     [
         ("none", "with plain superposition (--base none)", "even from"),
-        ("model0.pt", "the models differ too much, even from the parent", "--base PATH"),
+        (
+            "model0.pt",
+            "even centred on the parent. The inputs' mean is often nearer (--base auto)",
+            "--base PATH",
+        ),
     ],
 )
 def test_a_merge_that_saves_little_points_past_the_base_it_had(tmp_path, monkeypatch, base, said, not_said):
@@ -321,8 +325,16 @@ def test_a_merge_that_saves_little_points_past_the_base_it_had(tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     notes = " ".join(json.loads(result.stdout)["notes"])
     assert said in notes and not_said not in notes
+    assert "within the error budget (--max-error 0.2)" in notes
     if base == "none":
         assert "--base auto (the default) or --base PATH" in notes
+    forced = runner.invoke(
+        app, ["merge", "model0.pt", "model1.pt", "model2.pt", "--base", base, "--superpose", "4.weight",
+              "-o", "f.safetensors", "--json"],
+    )  # fmt: skip
+    assert forced.exit_code == 0, forced.output
+    said = " ".join(json.loads(forced.stdout)["notes"])
+    assert "little was superposed" in said and "within the error budget" not in said  # it was forced
 
 
 def test_a_merge_warns_when_the_tensors_add_up_above_1(tmp_path):

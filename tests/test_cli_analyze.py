@@ -178,12 +178,16 @@ def test_recorded_task_gone_is_a_note(workdir):
 
 def test_analyze_and_info_fold_at_80_columns_never_cut(workdir, monkeypatch):
     """At 80 columns rich would cut cells to "conte…"/"model…", and layers could not be told
-    apart; every table folds them onto more lines instead."""
-    monkeypatch.setenv("COLUMNS", "80")
-    for args in (("analyze", "-q"), ("info", "w.safetensors")):
-        result = run(*args)
-        assert result.exit_code == 0, result.output
-        assert "…" not in result.output, args
-        assert max(len(line) for line in result.output.splitlines()) <= 80
-        rows = [line for line in result.output.splitlines() if line.startswith("│")]
-        assert rows and all(line.endswith("│") for line in rows), args  # no table cropped at the edge
+    apart; every table folds them onto more lines instead, and keeps numbers whole where they fit."""
+    layers = analyze("w.safetensors").to_dict()["layers"]
+    for columns in ("80", "60"):
+        monkeypatch.setenv("COLUMNS", columns)
+        for args in (("analyze", "-q"), ("info", "w.safetensors")):
+            result = run(*args)
+            assert result.exit_code == 0, result.output
+            assert "…" not in result.output, args
+            assert max(len(line) for line in result.output.splitlines()) <= int(columns)
+            rows = [line for line in result.output.splitlines() if line.startswith("│")]
+            assert rows and all(line.endswith("│") for line in rows), args  # no table cropped at the edge
+            if args[0] == "analyze":  # the per-layer table's measured errors, each on one line
+                assert all(f"{e['measured']:.3f}" in result.output for e in layers), columns

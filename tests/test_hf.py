@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 
 import pytest
@@ -424,4 +425,7 @@ def test_a_model_transformers_renames_is_refused_in_one_line(tmp_path):
             "\n" not in line and "ViTForImageClassification's weights otherwise than its checkpoints" in line
         )
         assert "pspctl extract --context all" in line
+        found = re.search(r"the file has (\S+), the model (\S+);", line)
+        assert found and found[1] in saved and found[2] in model.state_dict()
+        assert found[1].rsplit(".", 1)[1] == found[2].rsplit(".", 1)[1]  # one weight under two names
     assert not (tmp_path / "onnx").exists()

@@ -67,4 +67,10 @@ def recommend(
         max_samples=max_samples, dtype=sf.header.recipe.get("dtype"),
         centre="auto" if parent is None else "base", parent=parent, link_base=parent is not None,
     )  # fmt: skip
-    return result.to_dict()
+    # The merge flags that store what was measured: the parent linked again, or the default.
+    flags = f"--policy measured --max-drop {max_drop:g}"
+    if max_output_error is not None:
+        flags += f" --max-output-error {max_output_error:g}"
+    if parent is not None:
+        flags += f" --base {parent.path} --link-base"
+    return {**result.to_dict(), "merge_flags": flags}

@@ -231,6 +231,6 @@ def render(r: Report) -> None:
             f"measured policy for --max-drop {rec['max_drop']:g}: superpose {', '.join(rec['superpose']) or 'nothing'}; "
             f"keep {', '.join(rec['keep']) or 'nothing'} (saves {human_bytes(rec['bytes_saved'])}; "
             f"worst calib drop {max((d for d in rec['drop'] if d is not None), default=0):.2f} points). "
-            "Merge with: --policy measured --max-drop "
-            f"{rec['max_drop']:g}"
+            f"Merge with: {escape(rec['merge_flags'])}",
+            highlight=False,
         )

@@ -254,9 +254,32 @@ def command_line() -> str:
 
 def folded(table: Table) -> Table:
     """`table` with every column folding at the terminal's width: a long name takes more lines
-    rather than being cut to '…' (rich's default), so rows stay told apart."""
+    rather than being cut to '…' (rich's default), so rows stay told apart. Right-aligned
+    columns (numbers) keep their widest cell where the table still fits with them so (names and
+    headers fold first), so `0.028` does not read as `0.02` over `8`."""
+    import io
+
+    from rich.text import Text
+
     for column in table.columns:
         column.overflow = "fold"
+    numbers = [c for c in table.columns if c.justify == "right"]
+    widest = [max((Text.from_markup(str(cell)).cell_len for cell in c.cells), default=1) for c in numbers]
+
+    def fits() -> bool:
+        out = io.StringIO()
+        Console(width=console.width, file=out, color_system=None).print(table)
+        rows = [line for line in out.getvalue().splitlines() if line[:1] in "│┃"]
+        return all(line[-1:] in "│┃" for line in rows)  # not cropped at the edge
+
+    for column, w in zip(numbers, widest, strict=True):
+        column.min_width = w
+    if not fits():
+        table.padding = (0, 0)  # a narrow terminal: the cells' padding goes before the numbers break
+        if not fits():  # still too narrow: let the numbers fold too
+            table.padding = (0, 1)
+            for column in numbers:
+                column.min_width = None
     return table
 
 
