@@ -322,7 +322,7 @@ def _merge(
 
     def measure(i: int) -> tuple[bool, list[Option], torch.Tensor | None, tuple[str, torch.Tensor] | None]:
         info, d = infos[i], decisions[i]
-        lookup = _is_lookup(info.name, ties)
+        lookup = _is_lookup(info, ties)
 
         def read() -> _Copies:
             return _Copies(checkpoints, info.name)
@@ -513,9 +513,10 @@ def _settle(d: Decision, chosen: Option | None, options: Sequence[Option]) -> De
     return replace(d, role=Role.PER_CONTEXT, reason=f"error {best:.2g}: over the budget")
 
 
-def _is_lookup(name: str, ties: dict[str, str]) -> bool:
-    """A lookup table, under its own name or under a name tied to it."""
-    return is_lookup(name) or any(is_lookup(alias) for alias, n in ties.items() if n == name)
+def _is_lookup(info: TensorInfo, ties: dict[str, str]) -> bool:
+    """A lookup table (a matrix), under its own name or under a name tied to it."""
+    names = [info.name, *(alias for alias, n in ties.items() if n == info.name)]
+    return len(info.shape) == 2 and any(is_lookup(n) for n in names)
 
 
 def _centres(options: MergeOptions) -> tuple[str, ...]:
@@ -624,7 +625,7 @@ def centre_options(
     _, found, _, _ = _measure(
         info, d, lambda: _Copies(checkpoints, info.name), None if parent is None else parent[info.name],
         _centres(options), Kind(options.kind), options, options.policy.prior(info.shape),
-        _is_lookup(info.name, checkpoints[0].ties),
+        _is_lookup(info, checkpoints[0].ties),
     )  # fmt: skip
     return [o for o in found if o.centre]
 

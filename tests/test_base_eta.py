@@ -359,3 +359,31 @@ def test_a_merge_warns_when_the_tensors_add_up_above_1(tmp_path):
         paths, tmp_path / "o.safetensors", MergeOptions(base="none", policy=Policy(superpose=("2.weight",)))
     )
     assert one.warnings == [] and all(e < 1 for e in one.predicted_error)
+
+
+def test_a_conv_named_like_an_embedding_is_no_lookup_table(tmp_path):
+    """A ViT's patch embedding is a convolution (4 dims): it sums over its fan-in like any conv,
+    so it is predicted as one (conv prior, 1/M); a matrix named *embed* stays a lookup table."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    parent = {"patch_embed.proj.weight": torch.randn(32, 3, 4, 4, generator=g),
+              "embed_tokens.weight": torch.randn(50, 32, generator=g)}  # fmt: skip
+    paths = []
+    for k in range(4):
+        gk = torch.Generator().manual_seed(1 + k)
+        paths.append(tmp_path / f"v{k}.safetensors")
+        save_file({n: t + 0.05 * t.std() * torch.randn(t.shape, generator=gk) for n, t in parent.items()},
+                  str(paths[-1]))  # fmt: skip
+    default = {d.name: d for d in merge(paths, tmp_path / "d.safetensors", MergeOptions()).decisions}
+    assert default["embed_tokens.weight"].reason == "embedding lookup: no attenuation"
+    assert default["patch_embed.proj.weight"].reason != "embedding lookup: no attenuation"
+    forced = merge(paths, tmp_path / "f.safetensors", MergeOptions(policy=Policy(superpose=("*",))))
+    rows = {d.name: d for d in forced.decisions}
+    states = [load_file(str(p)) for p in paths]
+    for name, lookup in (("patch_embed.proj.weight", False), ("embed_tokens.weight", True)):
+        mean = sum(s[name] for s in states) / 4
+        w_sq = [float(s[name].double().norm() ** 2) for s in states]
+        d_sq = [float((s[name].double() - mean.double()).norm() ** 2) for s in states]
+        expected = max(predicted_errors("binary", rows[name].fan_in, 0.025, w_sq, d_sq, lookup=lookup))
+        assert rows[name].error == pytest.approx(expected, rel=1e-3), name
