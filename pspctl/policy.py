@@ -135,7 +135,7 @@ def _rule(info: TensorInfo, interference: float | None, share: float, policy: Po
         return Role.PER_CONTEXT, "not floating point"
     if len(info.shape) < 2:
         return Role.PER_CONTEXT, "fewer than 2 dims"
-    if len(info.shape) == 2 and _matches(info.name.lower(), EMBEDDING_PATTERNS):  # a ViT's patch conv is no table
+    if len(info.shape) == 2 and _matches(info.name.lower(), EMBEDDING_PATTERNS):  # not a ViT's patch conv
         return Role.PER_CONTEXT, "embedding lookup: no attenuation"
     if (
         policy.max_interference is not None

@@ -338,6 +338,24 @@ def _looks_like_path(spec: str | Path) -> bool:
     return isinstance(spec, Path) or text.endswith(".py") or "/" in text or "\\" in text
 
 
+def _import_module(name: str) -> ModuleType:
+    """`importlib.import_module`, and where the module is not found, once more from the working
+    directory, as `python -m` would find it: the `pspctl` console script, unlike `python -m
+    pspctl`, does not put the working directory on `sys.path` (`--task samples.digits_task`
+    from the repository root). The directory leaves `sys.path` again afterwards."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here = str(Path.cwd())
+        if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")) or here in sys.path:
+            raise
+        sys.path.insert(0, here)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(here)
+
+
 def _import(spec: str | Path) -> ModuleType:
     if _looks_like_path(spec):
         path = Path(spec)
@@ -359,7 +377,7 @@ def _import(spec: str | Path) -> ModuleType:
             raise TaskError(f"task file {path} failed to import: {one_line(exc)}") from exc
         return module
     try:
-        return importlib.import_module(str(spec))
+        return _import_module(str(spec))
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if str(spec) == missing or str(spec).startswith(missing + "."):

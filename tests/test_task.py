@@ -274,3 +274,33 @@ def test_a_module_imported_earlier_is_hidden_then_put_back(tmp_path: Path) -> No
         assert sys.modules["model"] is other
     finally:
         del sys.modules["model"]
+
+
+def test_the_console_script_finds_a_task_module_in_the_working_directory(tmp_path):
+    """`pspctl … --task mytask` from the folder holding mytask.py, as `python -m` would find it
+    (the console script does not put the working directory on sys.path)."""
+    import json
+    import subprocess
+
+    from tests.conftest import mlp, save_models
+
+    script = Path(sys.executable).parent / "pspctl"
+    if not script.exists():
+        pytest.skip("no pspctl console script beside this interpreter")
+    save_models([mlp(i) for i in range(2)], tmp_path)
+    (tmp_path / "mytask.py").write_text(
+        "from torch import nn\n\n\ndef build_model():\n"
+        "    return nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4))\n"
+    )
+    found = subprocess.run(
+        [str(script), "merge", "model0.pt", "model1.pt", "--task", "mytask", "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert (tmp_path / json.loads(found.stdout)["output"]).is_file()
+    missing = subprocess.run(
+        [str(script), "merge", "model0.pt", "model1.pt", "--task", "nosuchtask", "-o", "x.safetensors"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert missing.returncode != 0 and "task module nosuchtask not found" in missing.stderr
+    assert not (tmp_path / "x.safetensors").exists()
