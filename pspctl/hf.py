@@ -358,12 +358,13 @@ def _check_names(model: Any, sf: SuperposedFile, auto: str, transformers: Any) -
     except MismatchError:
         from transformers.conversion_mapping import get_model_conversion_mapping
 
-        if not get_model_conversion_mapping(model):
+        conversions = get_model_conversion_mapping(model)
+        if not conversions:
             raise  # not a renaming: check_fits' own error, where the caller checks
         own = model.state_dict()
         renamings = [
             (src, dst)
-            for t in get_model_conversion_mapping(model)
+            for t in conversions
             for src, dst in zip(
                 getattr(t, "source_patterns", []), getattr(t, "target_patterns", []), strict=False
             )
@@ -375,7 +376,7 @@ def _check_names(model: Any, sf: SuperposedFile, auto: str, transformers: Any) -
             return name
 
         unknown = [n for n in sf.names() if n not in own]
-        pairs = [(n, renamed(n)) for n in unknown if renamed(n) in own]
+        pairs = [(n, new) for n in unknown if (new := renamed(n)) in own]
         saved, built = pairs[0] if pairs else (unknown[0] if unknown else "", next(iter(own)))
         raise MismatchError(
             f"{sf.path}: transformers {transformers.__version__} names {type(model).__name__}'s weights "

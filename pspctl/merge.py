@@ -320,6 +320,10 @@ def _merge(
     writer = SuperposedWriter(kind, K, linked=options.link_base)
     hashes = _hash_inputs(paths)  # in a thread while the inputs are read (hashlib frees the GIL)
 
+    def eta_of(info: TensorInfo) -> float | list[float]:
+        """η per context measured on calib, else the prior for the tensor's shape."""
+        return etas.get(info.name) or options.policy.prior(info.shape)
+
     def measure(i: int) -> tuple[bool, list[Option], torch.Tensor | None, tuple[str, torch.Tensor] | None]:
         info, d = infos[i], decisions[i]
         lookup = _is_lookup(info, ties)
@@ -331,8 +335,7 @@ def _merge(
             _check_finite(checkpoints[k], info.name, w, norm, options.allow_nonfinite)
 
         base = None if parent is None or d.role is not Role.SUPERPOSED else parent[info.name]
-        eta = etas.get(info.name) or options.policy.prior(info.shape)
-        return _measure(info, d, read, base, centres, kind, options, eta, lookup, check)
+        return _measure(info, d, read, base, centres, kind, options, eta_of(info), lookup, check)
 
     # MEASURING tensors at once, each in its own thread (torch frees the GIL), results in order.
     with ThreadPoolExecutor(max_workers=MEASURING, thread_name_prefix="pspctl-measure") as pool:
@@ -351,7 +354,7 @@ def _merge(
             if shared:
                 decisions[i] = replace(d, role=Role.SHARED, reason="equal in every input")
             elif measured[info.name]:
-                eta = etas.get(info.name) or options.policy.prior(info.shape)
+                eta = eta_of(info)
                 source = "calib" if info.name in etas else "prior"
                 decisions[i] = replace(d, eta=min(eta) if isinstance(eta, list) else eta, eta_source=source)
     measured = {name: opts for name, opts in measured.items() if opts}
@@ -495,7 +498,7 @@ def _eta_record(
 ) -> dict[str, Any]:
     """Where each candidate's η came from, for the report's JSON."""
     return {
-        "prior": {"matrix": options.policy.prior((1, 1)), "conv": options.policy.prior((1, 1, 1))},
+        "prior": options.policy.priors(),
         "calib_samples": options.calib_samples if etas else 0,
         "measured": {n: e for n, e in etas.items()},
         "from_prior": [d.name for d in decisions if d.eta_source == "prior"],

@@ -65,11 +65,15 @@ class Policy:
         """The η to predict a tensor of this shape with where nothing measured it."""
         return prior_eta(shape) if self.eta is None else self.eta
 
+    def priors(self) -> dict[str, float]:
+        """The prior for a matrix and for a convolution kernel, as merge's JSON records them."""
+        return {"matrix": self.prior((1, 1)), "conv": self.prior((1, 1, 1))}
+
     def prior_text(self) -> str:
         """The prior, as notes name it."""
         if self.eta is not None:
             return f"--eta {self.eta:g}"
-        return f"prior {ETA_PRIOR:g} ({CONV_ETA_PRIOR:g} for convolution kernels)"
+        return "prior {matrix:g} ({conv:g} for convolution kernels)".format(**self.priors())
 
 
 def prior_eta(shape: Sequence[int]) -> float:

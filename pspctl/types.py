@@ -31,9 +31,8 @@ __all__ = [
 # Policy defaults, here so that `--help` need not import torch (docs/policy.md measures them).
 MAX_ERROR = 0.2  # merge: predicted relative output error, all superposed tensors together
 ETA_PRIOR = 0.15  # merge: alignment η of layer inputs with a weight matrix, where nothing measured it
-CONV_ETA_PRIOR = (
-    0.025  # merge: the same for a convolution kernel (≥3 dims); ResNet-18 3×3 measured 0.026–0.053
-)
+# merge: the same for a convolution kernel (≥3 dims); ResNet-18's 3×3 convolutions measured 0.026–0.053
+CONV_ETA_PRIOR = 0.025
 CALIB_SAMPLES = 64  # merge --task: calib inputs per model to measure η on (a ratio of sums: settles fast)
 TRAIN_MAX_INTERFERENCE, TRAIN_MIN_SHARE = 0.02, 0.05  # train: the shape rules (no weights to measure)
 # ONNX export (pspctl.onnx_export; export --opset, --atol, --rtol). Opset 20: onnxruntime ≥ 1.17

@@ -275,9 +275,9 @@ def folded(table: Table) -> Table:
     for column, w in zip(numbers, widest, strict=True):
         column.min_width = w
     if not fits():
-        table.padding = (0, 0)  # a narrow terminal: the cells' padding goes before the numbers break
+        padding, table.padding = table.padding, (0, 0)  # a narrow terminal: padding goes first
         if not fits():  # still too narrow: let the numbers fold too
-            table.padding = (0, 1)
+            table.padding = padding
             for column in numbers:
                 column.min_width = None
     return table
