@@ -458,39 +458,28 @@ def test_merge_policy_measured_says_who_chose_a_noisy_tensor(tmp_path):
     assert not any("as forced" in w for w in report["warnings"])
 
 
-def test_analyze_recommends_on_the_centre_merge_would_use(tmp_path):
-    """analyze --max-drop measures its recommendation as `merge --policy measured` does by
-    default: fine-tunes on their mean, where plain superposition of 64-wide layers fails."""
-    from pspctl.analysis import analyze
-
-    _, paths = finetunes(tmp_path, frozen=False)
-    (tmp_path / "task.py").write_text(MEASURED_TASK)
-    out = tmp_path / "w.safetensors"
-    merge(paths, out, MergeOptions(task=str(tmp_path / "task.py")))
-    report = analyze(out, originals=paths, max_drop=100.0, max_output_error=0.1)
-    advice = report.recommendation
-    assert advice is not None
-    assert {advice["centres"][n] for n in ("0.weight", "2.weight", "4.weight")} == {"mean"}
-    assert sorted(advice["superpose"]) == ["0.weight", "2.weight", "4.weight"]
-    assert all(0 < e <= 0.1 for e in advice["output_error"])
-
-
-def test_analyze_recommends_on_the_linked_parent(tmp_path):
-    """A file merged on a linked parent is advised on that parent, as a re-merge with
-    `--base PARENT --link-base --policy measured` would measure it (auto would say mean)."""
+@pytest.mark.parametrize("linked", [False, True], ids=["default", "linked-parent"])
+def test_analyze_recommends_on_the_centre_merge_would_use(tmp_path, linked):
+    """analyze --max-drop measures its recommendation as a re-merge with `--policy measured`
+    would: by default, fine-tunes on their mean (plain superposition of 64-wide layers fails);
+    a file merged on a linked parent, on that parent (`--base PARENT --link-base`)."""
     from pspctl.analysis import analyze
 
     parent, paths = finetunes(tmp_path, frozen=False)
     (tmp_path / "task.py").write_text(MEASURED_TASK)
     out = tmp_path / "w.safetensors"
-    merge(paths, out, MergeOptions(base=str(parent), link_base=True, task=str(tmp_path / "task.py")))
+    on_parent = {"base": str(parent), "link_base": True} if linked else {}
+    merge(paths, out, MergeOptions(task=str(tmp_path / "task.py"), **on_parent))
     report = analyze(out, originals=paths, max_drop=100.0, max_output_error=0.1)
     advice = report.recommendation
     assert advice is not None
-    assert {advice["centres"][n] for n in ("0.weight", "2.weight", "4.weight")} == {"base"}
+    assert {advice["centres"][n] for n in ("0.weight", "2.weight", "4.weight")} == {
+        "base" if linked else "mean"
+    }
     assert sorted(advice["superpose"]) == ["0.weight", "2.weight", "4.weight"]
     assert all(0 < e <= 0.1 for e in advice["output_error"])
-    flags = f"--policy measured --max-drop 100 --max-output-error 0.1 --base {parent} --link-base"
+    flags = "--policy measured --max-drop 100 --max-output-error 0.1"
+    flags += f" --base {parent} --link-base" if linked else ""
     assert advice["merge_flags"] == flags  # what the analyze text tells the user to merge with
 
 
