@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -161,6 +163,61 @@ def test_inactive_contexts_get_no_gradient():
     assert isinstance(bias, Stacked)
     assert [p.grad is not None for p in bias.items] == [False, True, False]
     assert psp.tensors["0.weight"].weight.grad is not None
+
+
+class TokenNet(nn.Module):
+    """torchvision's VisionTransformer in miniature: the class token sits on the root and the
+    position embedding on the encoder, each beside submodules."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.proj = nn.Linear(8, 16)
+        self.encoder = nn.Module()
+        self.encoder.pos_embedding = nn.Parameter(torch.randn(1, 6, 16))
+        self.encoder.register_buffer("scale", torch.tensor(0.5))
+        self.encoder.block = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.class_token.expand(len(x), -1, -1), self.proj(x)], 1)
+        h = h + self.encoder.pos_embedding * self.encoder.scale
+        return self.head((h + self.encoder.block(h))[:, 0])
+
+
+def test_a_module_owning_tensors_beside_submodules(tmp_path):
+    """Its own tensors are context k's at each forward, train, save and load like any other."""
+    torch.manual_seed(0)
+    policy = Policy(superpose=("*weight", "encoder.pos_embedding"), keep=("class_token",))
+    psp = superpose(TokenNet(), K, seed=2, policy=policy)
+    _perturb(psp, 1)
+    x = torch.randn(4, 5, 8)
+    with psp.context(1):
+        psp(x).square().sum().backward()
+    token = psp.tensors["class_token"]
+    assert isinstance(token, Stacked)
+    assert [p.grad is not None for p in token.items] == [False, True, False]
+    save(psp, tmp_path / "w.safetensors")
+    file = SuperposedFile(tmp_path / "w.safetensors")
+    assert file.header.tensors["encoder.pos_embedding"].role == "superposed"
+    assert psp.tensors["encoder.pos_embedding"].weight.grad is not None
+    reloaded = load(tmp_path / "w.safetensors", TokenNet())
+    twin = copy.deepcopy(reloaded)
+    outputs = []
+    for k in range(K):
+        plain = TokenNet()
+        plain.load_state_dict(file.state_dict(k))
+        torch.testing.assert_close(file.state_dict(k)["class_token"], token.items[k].detach())
+        with psp.context(k), reloaded.context(k), twin.context(k):
+            y = psp(x)
+            torch.testing.assert_close(y, plain(x), atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(reloaded(x), y)
+            torch.testing.assert_close(twin(x), y)
+        outputs.append(y)
+    assert not torch.allclose(outputs[0], outputs[1])
+    with torch.no_grad():  # the copy holds tensors of its own
+        twin.tensors["class_token"].items[0].add_(1.0)
+    assert not torch.allclose(twin(x), reloaded(x))
 
 
 def test_bad_input(tmp_path):

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from pspctl.nn.tensors import Binding, Stacked, Superposed
 
-__all__ = ["PSPConv", "PSPLayer", "PSPLinear", "PerContext"]
+__all__ = ["OwnTensors", "PSPConv", "PSPLayer", "PSPLinear", "PerContext"]
 
 
 def _current(binding: Binding, k: int) -> Tensor:
@@ -106,6 +106,39 @@ class PerContext(PSPLayer):
 
     def extra_repr(self) -> str:
         return type(self._module).__name__
+
+
+class OwnTensors(PSPLayer):
+    """The tensors of a module that also has submodules (a ViT's class token beside its blocks).
+
+    That module cannot be wrapped like `PerContext`: its submodules run inside its forward and
+    have their own PSP layers. It stays where it is and its own tensors leave it. `PSPModel`
+    keeps this holder in its module tree and, for the length of each forward, sets context k's
+    tensors on the module as plain attributes, so `self.class_token` reads them (and trains
+    them) wherever the model reads it from.
+    """
+
+    _owner: nn.Module
+
+    def __init__(self, owner: nn.Module, bindings: dict[str, Binding]):
+        super().__init__()
+        for name in bindings:
+            if name in owner._parameters:
+                owner.register_parameter(name, None)
+            else:
+                owner.register_buffer(name, None)
+        self.__dict__["_owner"] = owner  # already in the model's tree
+        self.tensors = nn.ModuleDict(bindings)
+
+    def assign(self) -> None:
+        for name, b in self.tensors.items():
+            self._owner.__dict__[name] = _current(b, self.context)  # type: ignore[arg-type]
+
+    def clear(self) -> None:
+        # Not kept between forwards: a retrieved tensor is part of a graph, and a module
+        # holding one cannot be deep-copied.
+        for name in self.tensors:
+            self._owner.__dict__.pop(name, None)
 
 
 def _shape(binding: Binding) -> tuple[int, ...]:

@@ -16,11 +16,11 @@ from pspctl.architectures import axes_from_model
 from pspctl.checkpoints import dtype_name, find_ties
 from pspctl.contexts import Kind, make_contexts
 from pspctl.dtypes import torch_dtype
-from pspctl.errors import ContextError, MismatchError, PolicyError, TaskError, ValidationError
+from pspctl.errors import ContextError, MismatchError, PolicyError, ValidationError
 from pspctl.fileformat import Header, SuperposedFile, SuperposedWriter, TensorMeta
 from pspctl.header import check_labels
 from pspctl.merge import MergeOptions, plan
-from pspctl.nn.layers import PerContext, PSPConv, PSPLayer, PSPLinear
+from pspctl.nn.layers import OwnTensors, PerContext, PSPConv, PSPLayer, PSPLinear
 from pspctl.nn.tensors import Binding, Stacked, Superposed, initial_superposed, mix_contexts
 from pspctl.policy import SHAPE_RULES, Policy, Role, TensorInfo
 from pspctl.task import check_fits, model_ties
@@ -50,9 +50,11 @@ class PSPModel(nn.Module):
         mixture: bool = False,
         base: dict[str, Any] | None = None,
         tied: Mapping[str, str] | None = None,
+        owned: Sequence[OwnTensors] = (),
     ):
         super().__init__()
         self.module = module
+        self.owned = nn.ModuleList(owned)  # tensors of modules that also have submodules
         self.tensors = tensors  # a plain dict: the layers already own these modules
         self.metas = metas
         self.kind = kind  # as stored: a mixture is saved as complex contexts
@@ -82,7 +84,7 @@ class PSPModel(nn.Module):
                 f"context {k} out of range: this model holds contexts 0..{self.num_contexts - 1}"
             )
         self._context = k
-        for m in self.module.modules():
+        for m in self.modules():
             if isinstance(m, PSPLayer):
                 m.context = k
 
@@ -97,7 +99,13 @@ class PSPModel(nn.Module):
             self.set_context(previous)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        for holder in self.owned:
+            holder.assign()  # type: ignore[operator]
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            for holder in self.owned:
+                holder.clear()  # type: ignore[operator]
 
     def state_dict_for(self, k: int) -> dict[str, Tensor]:
         """Context k's plain state_dict (retrieved weights in the original dtypes), like extract."""
@@ -118,20 +126,19 @@ def _direct_tensors(module: nn.Module) -> list[str]:
     return params + buffers
 
 
-def _convert(model: nn.Module, tensors: Mapping[str, Binding]) -> nn.Module:
-    """Replace every module owning tensors with its PSP layer; returns the new root."""
-    root = model
+def _convert(model: nn.Module, tensors: Mapping[str, Binding]) -> tuple[nn.Module, list[OwnTensors]]:
+    """Replace every leaf module owning tensors with its PSP layer, and give every other
+    owner an `OwnTensors`; returns the new root and those holders."""
+    root, owned = model, []
     for prefix, module in list(model.named_modules()):
         names = _direct_tensors(module)
         if not names:
             continue
-        if next(module.children(), None) is not None:
-            raise TaskError(
-                f"module {prefix or '<root>'} ({type(module).__name__}) owns tensors and has submodules; "
-                "pspctl.nn supports tensors on leaf modules only"
-            )
         full = {n: f"{prefix}.{n}" if prefix else n for n in names}
         bindings = {n: tensors[f] for n, f in full.items()}
+        if next(module.children(), None) is not None:
+            owned.append(OwnTensors(module, bindings))
+            continue
         bias = bindings.get("bias")
         new: nn.Module
         if type(module) is nn.Linear:
@@ -145,7 +152,7 @@ def _convert(model: nn.Module, tensors: Mapping[str, Binding]) -> nn.Module:
         else:
             parent_name, _, child = prefix.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
-    return root
+    return root, owned
 
 
 def _trainable(model: nn.Module) -> set[str]:
@@ -175,7 +182,6 @@ def superpose(
     Raises:
         PolicyError: bad kind, mixture without complex contexts, rotation fan-in over the limit.
         MismatchError: `labels` is not one label per context.
-        TaskError: a module owns tensors and has submodules.
     """
     try:
         kind = Kind(kind)
@@ -218,9 +224,9 @@ def superpose(
     tensors.update({alias: tensors[name] for alias, name in ties.items()})
     labels = check_labels(labels if labels else [str(k) for k in range(num_contexts)], num_contexts)
     stored_kind = Kind.COMPLEX if mixture else kind
+    root, owned = _convert(model, tensors)
     return PSPModel(
-        _convert(model, tensors), tensors, metas, kind=stored_kind, seed=seed, labels=labels, mixture=mixture,
-        tied=ties,
+        root, tensors, metas, kind=stored_kind, seed=seed, labels=labels, mixture=mixture, tied=ties, owned=owned
     )  # fmt: skip
 
 
@@ -320,8 +326,9 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
         if have is not None:
             tensors.setdefault(alias, tensors[have])
             tensors.setdefault(name, tensors[have])
+    root, owned = _convert(model, tensors)
     return PSPModel(
-        _convert(model, tensors),
+        root,
         tensors,
         dict(file.header.tensors),
         kind=file.kind,
@@ -330,4 +337,5 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
         mixture=bool(file.header.recipe.get("mixture", False)),
         base=file.header.base,
         tied=file.tied,
+        owned=owned,
     )
