@@ -267,6 +267,29 @@ def test_untraceable_model_gives_the_exporters_reason(tmp_path):
     assert_nothing_left(tmp_path, before)
 
 
+class BatchAsNumber(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) + torch.zeros(len(x), 1)  # len(): the batch becomes a constant
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_a_forward_that_fixes_the_batch_is_refused(tmp_path, multi):
+    """The exporter silently traces such a forward at the example's batch; the graph would
+    refuse every other batch size, so export names the cause instead of writing it."""
+
+    def build():
+        return BatchAsNumber(*mlp(0))
+
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(TraceError, match=r"fixed the batch of input_?0? at 4: .*len\(x\)"):
+        if multi:
+            export_multi(file, task_of(build, MLP_IN), tmp_path / "m.onnx")
+        else:
+            export_contexts(file, task_of(build, MLP_IN), 0, tmp_path / "m.onnx")
+    assert_nothing_left(tmp_path, before)
+
+
 def test_output_directory_that_is_a_file(tmp_path):
     file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
     (tmp_path / "out").write_text("not a directory")

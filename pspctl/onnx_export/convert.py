@@ -109,10 +109,31 @@ def to_onnx(
         if program is None:  # only the legacy exporter returns None
             raise TraceError("the ONNX exporter returned no program")
         program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    _check_batch_dynamic(path, args[1:] if varargs else args, input_names[1:] if varargs else input_names)
     if branches:
         localize_initializers(path)
     # By path, so that the checker follows external data past the 2 GiB protobuf limit.
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def _check_batch_dynamic(path: Path, args: Sequence[object], names: Sequence[str]) -> None:
+    """The exporter silently fixes a batch the forward turns into a Python number; say so.
+
+    Raises:
+        TraceError: an input's batch dim came out a constant.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {i.name: i.type.tensor_type.shape.dim for i in graph.input}
+    for name, arg in zip(names, args, strict=False):
+        dim = dims[name][0] if name in dims and isinstance(arg, Tensor) and arg.dim() > 0 else None
+        if dim is not None and dim.HasField("dim_value"):
+            raise TraceError(
+                f"the ONNX exporter fixed the batch of {name} at {dim.dim_value}: the model's forward turns "
+                "the batch size into a Python number (len(x), int(x.shape[0]), a loop over the batch); "
+                "keep it a tensor size (x.shape[0], x.size(0)) for a graph that takes any batch"
+            )
 
 
 def localize_initializers(path: Path) -> int:
