@@ -116,6 +116,16 @@ class Superposed(nn.Module):
             y = y + F.linear(xj, wj)
         return y if self.base is None else y + F.linear(x, self.base)
 
+    # What a model reads off a weight it does not own (ViT casts its pixels to
+    # `patch_embeddings.projection.weight.dtype`): those of the retrieved tensor.
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self._parts()[0].device
+
     def value(self) -> Tensor:
         """The superposed weight to store: complex64 for complex kinds, else float32."""
         if self.ops.is_complex:
@@ -145,6 +155,18 @@ class Stacked(nn.Module):
     def get(self, k: int) -> Tensor:
         # A view of the buffer: in-place updates (BatchNorm running stats) land in copy k.
         return self.items[k] if self.trainable else self.stack[k]  # type: ignore[no-any-return]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.get(0).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.get(0).device
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.get(0).shape
 
     def stacked(self) -> Tensor:
         """The K copies stacked on a new dim 0, detached."""
