@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -317,6 +317,34 @@ def find_ties(state: Mapping[str, Tensor]) -> dict[str, str]:
             first = next((n for n in names if is_lookup(n)), names[0])
             ties.update({n: first for n in names if n != first})
     return ties
+
+
+def checkpoint_names(model: torch.nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """Where transformers names `model`'s weights otherwise than its checkpoints: each
+    checkpoint name in `names` that it renames -> the model's name.
+
+    transformers 5 builds some architectures under other names than it saves (ViT's
+    `encoder.layer.N.attention.attention.query` is `layers.N.attention.q_proj` in the model;
+    DeiT, Swin) and renames the weights in `from_pretrained` and `save_pretrained`; its own
+    renaming rules are applied here. Empty for any other model, and where renaming alone does
+    not give the model's names (then `check_fits` says what differs).
+    """
+    if not type(model).__module__.startswith("transformers."):
+        return {}
+    names = list(names)
+    own = model.state_dict()
+    if all(n in own for n in names):
+        return {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # another transformers: no renaming to apply
+        return {}
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]  # type: ignore[arg-type]
+    renamed = {n: rename_source_key(n, renamings, [])[0] for n in names}
+    if not all(r in own for r in renamed.values()) or len(set(renamed.values())) < len(renamed):
+        return {}
+    return {n: r for n, r in renamed.items() if n != r}
 
 
 def save_state_dict(

@@ -8,18 +8,20 @@ Tensor names in the file, for an original tensor `name`:
 
 from __future__ import annotations
 
+import copy
 import json
 import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from pspctl.checkpoints import ST_DTYPES, Checkpoint, open_checkpoint
+from pspctl.checkpoints import ST_DTYPES, Checkpoint, checkpoint_names, open_checkpoint
 from pspctl.contexts import ContextSet, Kind
 from pspctl.digests import INDEX_SUFFIX, PICKLE_SUFFIXES, sha256_checkpoint
 from pspctl.dtypes import torch_dtype
@@ -431,7 +433,37 @@ class SuperposedFile(_Stored):
             self.files.append(path)
         return meta, stored
 
+    saved_names: dict[str, str] = {}  # noqa: RUF012  a renamed view's names -> the file's
+
+    def renamed(self, names: Mapping[str, str]) -> SuperposedFile:
+        """This file with its tensors under other names (`names`: the file's -> the new ones),
+        for a model that names its weights otherwise than its checkpoints (`hf.checkpoint_names`).
+        The view reads the same file; `saved_names` maps its names back."""
+        view = copy.copy(self)
+        view.header = replace(
+            self.header,
+            tensors={names.get(n, n): m for n, m in self.header.tensors.items()},
+            tied={names.get(a, a): names.get(n, n) for a, n in self.header.tied.items()},
+        )
+        view.metas, view.tied, view._last = view.header.tensors, dict(view.header.tied), None
+        kept = {n: s for n, s in self.saved_names.items() if n not in names}
+        view.saved_names = kept | {new: self.saved_name(n) for n, new in names.items()}
+        return view
+
+    def named_as(self, model: torch.nn.Module) -> SuperposedFile:
+        """This file under `model`'s names: a `renamed` view where transformers names the
+        model's weights otherwise than its checkpoints (`checkpoint_names`), else itself."""
+        names = checkpoint_names(model, self.shapes())
+        return self.renamed(names) if names else self
+
+    def saved_name(self, name: str) -> str:
+        """The file's own name for `name` (the same unless this is a `renamed` view)."""
+        return self.saved_names.get(name, name)
+
     def raw(self, stored_name: str) -> Tensor:
+        if self.saved_names:  # a renamed view: every stored name is <role>/<tensor name>
+            role, _, name = stored_name.partition("/")
+            stored_name = f"{role}/{self.saved_name(name)}"
         if self.linked and stored_name.startswith(BASE):
             return self.linked_base()[stored_name[len(BASE) :]]
         return self._raw(stored_name)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -320,9 +319,7 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
             raise InputError(f"{sf.path}: config.json has model_type {model_type!r}, unknown to transformers")
         cfg = transformers.CONFIG_MAPPING[model_type].from_dict(config)
         cfg.use_cache = False  # logits only: a KV cache in the outputs is no tensor for export/analyze
-        model = getattr(transformers, auto).from_config(cfg).eval()
-        _check_names(model, sf, auto, transformers)
-        return model
+        return getattr(transformers, auto).from_config(cfg).eval()
 
     def inputs() -> tuple[Tensor, ...]:
         return example_inputs(config)
@@ -338,52 +335,6 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
         example_inputs=inputs,
         load_data=load_data if synthetic_data else None,
     )
-
-
-def _check_names(model: Any, sf: SuperposedFile, auto: str, transformers: Any) -> None:
-    """Refuse, in one line, a model that transformers names otherwise than its checkpoints.
-
-    transformers 5 renames some architectures' weights when it loads them (ViT's
-    `encoder.layer.N.attention.attention.query` is `layers.N.attention.q_proj` in the model) and
-    back when it saves them. pspctl matches the file's names to the model's modules, so it
-    cannot run such a model yet; `from_pretrained` loads the extracted folders all the same.
-
-    Raises:
-        MismatchError: the names differ and transformers has a renaming for this model.
-    """
-    from pspctl.task import check_fits
-
-    try:
-        check_fits(model, sf.shapes(), str(sf.path), whose=f"the {auto}")
-    except MismatchError:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-
-        conversions = get_model_conversion_mapping(model)
-        if not conversions:
-            raise  # not a renaming: check_fits' own error, where the caller checks
-        own = model.state_dict()
-        renamings = [
-            (src, dst)
-            for t in conversions
-            for src, dst in zip(
-                getattr(t, "source_patterns", []), getattr(t, "target_patterns", []), strict=False
-            )
-        ]  # transformers' regexes from the saved names to the model's
-
-        def renamed(name: str) -> str:
-            for src, dst in renamings:
-                name = re.sub(src, dst, name)
-            return name
-
-        unknown = [n for n in sf.names() if n not in own]
-        pairs = [(n, new) for n in unknown if (new := renamed(n)) in own]
-        saved, built = pairs[0] if pairs else (unknown[0] if unknown else "", next(iter(own)))
-        raise MismatchError(
-            f"{sf.path}: transformers {transformers.__version__} names {type(model).__name__}'s weights "
-            f"otherwise than its checkpoints (the file has {saved}, the model {built}; from_pretrained "
-            "renames them), and pspctl cannot rename them yet: extract the models "
-            "(pspctl extract --context all) and load each with from_pretrained"
-        ) from None
 
 
 def hf_paths(paths: Sequence[Path]) -> bool:

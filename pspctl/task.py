@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.checkpoints import find_ties
+from pspctl.checkpoints import checkpoint_names, find_ties
 from pspctl.errors import InputError, MismatchError, PspctlError, TaskError, listed, one_line
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -397,6 +397,8 @@ def check_fits(
     Raises:
         MismatchError: naming `what`, with the first keys missing, not in the model, and of another shape.
     """
+    names = checkpoint_names(model, given)  # transformers' renaming, where it renames
+    given = {names.get(k, k): v for k, v in given.items()}
     own = {k: list(v.shape) for k, v in model.state_dict().items()}
     ties = model_ties(model)
     groups = {
@@ -436,9 +438,11 @@ def load_model(task: Task, state: Mapping[str, torch.Tensor], what: str) -> nn.M
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
-    """`model` with `state` loaded (checked by `check_fits`; tied keys as `load_model` says)."""
+    """`model` with `state` loaded (checked by `check_fits`; tied keys as `load_model` says;
+    renamed as transformers renames the checkpoints of some architectures, `checkpoint_names`)."""
     check_fits(model, {k: v.shape for k, v in state.items()}, what)
-    state = dict(state)
+    names = checkpoint_names(model, state)
+    state = {names.get(k, k): v for k, v in state.items()}
     ties = model_ties(model)
     for name in set(ties.values()):
         group = [name, *(a for a, n in ties.items() if n == name)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 
 import pytest
@@ -336,6 +335,16 @@ def test_tune_without_a_task_file_distils_on_made_up_inputs(finetunes, tmp_path)
 
     before, after = errors(folder / "w.safetensors"), errors(out)
     assert sum(after) < 0.8 * sum(before), (before, after)
+    # The tuned file is still an HF merge: its non-weight files came along, extract writes folders.
+    merged, tuned = SuperposedFile(folder / "w.safetensors"), SuperposedFile(out)
+    assert tuned.header.hf == merged.header.hf
+    assert all(
+        tuned.file(f["name"]) == merged.file(f["name"]) for f in merged.header.hf["files"] if f["stored"]
+    )
+    assert run("extract", out, "-c", "1", "-o", tmp_path / "ft1").exit_code == 0
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "ft1").iterdir()
+    }
 
 
 def test_tune_without_a_task_file_or_the_originals_says_what_it_needs(finetunes, tmp_path):
@@ -401,31 +410,48 @@ def test_max_shard_size_shards_the_weights_with_an_index(finetunes, tmp_path):
     assert result.exit_code == 2 and "is not a size; use e.g. 2GB" in result.output
 
 
-def test_a_model_transformers_renames_is_refused_in_one_line(tmp_path):
-    """transformers 5 builds ViT with other weight names than `save_pretrained` writes (it
-    renames them in from_pretrained): analyze and export say so, exit 3, write nothing."""
-    from transformers import ViTConfig, ViTForImageClassification
+def test_a_model_transformers_renames_runs_in_every_command(tmp_path):
+    """transformers 5 builds ViT under other weight names than `save_pretrained` writes (it
+    renames them in from_pretrained), and its embeddings own tensors beside submodules:
+    analyze, export and tune take its renaming, and the tuned file keeps the saved names."""
+    from transformers import ViTForImageClassification
 
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=64, num_labels=3)  # fmt: skip
-    model = ViTForImageClassification(cfg)
-    for k in range(2):
+    from pspctl.onnx_export.validate import session
+
+    build, x = H.vit()
+    models = H.finetunes(build, K=3)
+    for k, model in enumerate(models):
         model.save_pretrained(tmp_path / f"v{k}")
-    saved = set(load_file(str(tmp_path / "v0" / "model.safetensors")))
-    if saved == set(model.state_dict()):
+    saved = list(load_file(str(tmp_path / "v0" / "model.safetensors")))
+    if set(saved) == set(models[0].state_dict()):
         pytest.skip("this transformers saves ViT under the names it builds it with")
     out = tmp_path / "w.safetensors"
-    merge([tmp_path / "v0", tmp_path / "v1"], out)
-    for args in (("analyze", out), ("export", out, "--context", "0", "-o", tmp_path / "onnx")):
-        result = run(*args)
-        assert result.exit_code == 3, result.output
-        line = result.output.strip()
-        assert (
-            "\n" not in line and "ViTForImageClassification's weights otherwise than its checkpoints" in line
-        )
-        assert "pspctl extract --context all" in line
-        found = re.search(r"the file has (\S+), the model (\S+);", line)
-        assert found and found[1] in saved and found[2] in model.state_dict()
-        assert found[1].rsplit(".", 1)[1] == found[2].rsplit(".", 1)[1]  # one weight under two names
-    assert not (tmp_path / "onnx").exists()
+    merge([tmp_path / f"v{k}" for k in range(3)], out)
+    sf = SuperposedFile(out)
+    assert set(sf.names()) == set(saved)
+
+    result = run("analyze", out, "--json", tmp_path / "report.json", "-q")
+    assert result.exit_code == 0, result.output
+    layers = json.loads((tmp_path / "report.json").read_text())["layers"]
+    assert {row["name"] for row in layers} == set(sf.names("superposed"))  # hooked under the model's names
+    assert all(row["measured"] > 0 for row in layers)
+
+    result = run("export", out, "--multi", "-o", tmp_path / "multi.onnx")
+    assert result.exit_code == 0, result.output
+    graph = session(tmp_path / "multi.onnx")
+    for k in range(3):
+        reference = build().eval()
+        reference.load_state_dict(sf.named_as(reference).state_dict(k))
+        (y,) = graph.run(["output"], {"context": torch.tensor(k).numpy(), "input": x[0].numpy()})
+        torch.testing.assert_close(torch.from_numpy(y), H.outputs(reference, x), atol=1e-4, rtol=1e-3)
+
+    result = run("tune", out, "--steps", "5", "-o", tmp_path / "t.safetensors")
+    assert result.exit_code == 0, result.output
+    tuned = SuperposedFile(tmp_path / "t.safetensors")
+    assert tuned.names() == sf.names() and tuned.header.hf == sf.header.hf
+    assert run("extract", tmp_path / "t.safetensors", "-c", "all", "-o", tmp_path / "ext").exit_code == 0
+    model, info = ViTForImageClassification.from_pretrained(tmp_path / "ext" / "v1", output_loading_info=True)
+    assert not any(info.values()), info
+    retrieved = tuned.named_as(model).state_dict(1)
+    assert all(torch.equal(retrieved[n], t) for n, t in model.state_dict().items())
+    assert any(not torch.equal(tuned.superposed(n), sf.superposed(n)) for n in sf.names("superposed"))

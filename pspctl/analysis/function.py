@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pspctl.checkpoints import checkpoint_names
 from pspctl.superpose import as_matrix
 from pspctl.task import as_tensor
 
@@ -90,11 +91,13 @@ def capture(model: nn.Module, names: list[str], run: Callable[[], Any]) -> dict[
     """Run `run()` with hooks on the modules owning the tensors `names`; return their inputs.
 
     Tensors that are not a direct parameter of a submodule (e.g. a buffer) are left out.
+    `names` are the checkpoint's, renamed as transformers renames them (`checkpoint_names`).
     """
     caps: dict[str, Capture] = {}
     handles = []
+    in_model = checkpoint_names(model, names)
     for name in names:
-        path, _, param = name.rpartition(".")
+        path, _, param = in_model.get(name, name).rpartition(".")
         try:
             module = model.get_submodule(path)
         except AttributeError:

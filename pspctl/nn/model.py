@@ -51,10 +51,13 @@ class PSPModel(nn.Module):
         base: dict[str, Any] | None = None,
         tied: Mapping[str, str] | None = None,
         owned: Sequence[OwnTensors] = (),
+        saved_names: Mapping[str, str] | None = None,
     ):
         super().__init__()
         self.module = module
         self.owned = nn.ModuleList(owned)  # tensors of modules that also have submodules
+        # The file's name for each tensor the model names otherwise (transformers' renaming)
+        self.saved_names = dict(saved_names or {})
         self.tensors = tensors  # a plain dict: the layers already own these modules
         self.metas = metas
         self.kind = kind  # as stored: a mixture is saved as complex contexts
@@ -245,6 +248,8 @@ def save(
     inputs: Sequence[Mapping[str, Any]] = (),
     history: Sequence[Mapping[str, Any]] = (),
     max_shard_size: int | str | None = None,
+    hf: Mapping[str, Any] | None = None,
+    files: Mapping[str, bytes] | None = None,
 ) -> None:
     """Write `model` as an ordinary pspctl superposed file, atomically (with `max_shard_size`:
     as shards of at most that size and their index).
@@ -252,6 +257,9 @@ def save(
     Under DDP call it on rank 0 (every rank holds the whole model). A model sharded with
     FSDP2 (`fully_shard`) is gathered tensor by tensor, a collective: call `save` on every
     rank; only rank 0 writes.
+
+    `hf` and `files` carry a Hugging Face merge's record and its stored non-weight files
+    (config.json, tokenizer…) over, so that `extract` still writes model folders.
 
     Raises:
         ValidationError: a tensor holds NaN/Inf (a broken file is never written).
@@ -262,11 +270,12 @@ def save(
     )
     written: set[int] = set()
     sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
-    for name, b in model.tensors.items():
-        if name in model.tied or id(b) in written:
+    saved = model.saved_names
+    for own_name, b in model.tensors.items():
+        if own_name in model.tied or id(b) in written:
             continue  # stored once, under the name it is tied to
         written.add(id(b))
-        meta = model.metas[name]
+        meta, name = model.metas[own_name], saved.get(own_name, own_name)
         value = b.value() if isinstance(b, Superposed) else b.stacked()
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             raise ValidationError(f"{name} has NaN/Inf values; refusing to write {path}")
@@ -289,8 +298,11 @@ def save(
         task=task,
         history=[dict(h) for h in history],
         base=model.base,
-        tied=dict(model.tied),
+        tied={saved.get(a, a): saved.get(n, n) for a, n in model.tied.items()},
+        hf=None if hf is None else dict(hf),
     )
+    for name, data in (files or {}).items():
+        writer.add_file(name, data)
     if sharded and torch.distributed.get_rank() != 0:
         return  # the whole tensors were gathered on every rank; rank 0 writes them
     writer.write(path, header, force=force, max_shard_size=max_shard_size)
@@ -307,6 +319,7 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
     """
     file = path if isinstance(path, SuperposedFile) else SuperposedFile(path)
     check_fits(model, file.shapes(), str(file.path), whose="the given")
+    file = file.named_as(model)  # a transformers model may name its weights otherwise
     model = copy.deepcopy(model)
     trainable = _trainable(model)
     tensors: dict[str, Binding] = {}
@@ -338,4 +351,5 @@ def load(path: str | Path | SuperposedFile, model: nn.Module) -> PSPModel:
         base=file.header.base,
         tied=file.tied,
         owned=owned,
+        saved_names=file.saved_names,
     )

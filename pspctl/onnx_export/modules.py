@@ -478,6 +478,7 @@ class MultiContextModel(nn.Module):
 
     def __init__(self, model: nn.Module, file: SuperposedFile, *, batch: int = 1):
         super().__init__()
+        file = file.named_as(model)  # a transformers model may name its weights otherwise
         self.num_contexts = K = file.num_contexts
         self.slot = ContextSlot()
         self.layers: dict[str, str] = {}

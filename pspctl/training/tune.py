@@ -258,6 +258,7 @@ def tune(
     report.after, report.steps = evaluate(options.steps) or [], options.steps
 
     def write() -> None:
+        hf = file.header.hf  # a merge of HF folders: extract still writes model folders
         record = {
             "step": "tune",
             "input": str(file.path),
@@ -277,6 +278,8 @@ def tune(
             inputs=file.header.inputs,
             history=[*file.header.history, record],
             max_shard_size=max_shard_size,
+            hf=hf,
+            files={f["name"]: file.file(f["name"]) for f in hf["files"] if f["stored"]} if hf else None,
         )
 
     world.on_main(write)
