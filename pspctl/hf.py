@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pspctl.digests import sha256_file
 from pspctl.dtypes import itemsize
-from pspctl.errors import InputError, MismatchError, PspctlError
+from pspctl.errors import InputError, MismatchError, PspctlError, listed, one_line
 from pspctl.fileformat import SuperposedFile, SuperposedWriter
 from pspctl.header import check_label
 from pspctl.outputs import parse_size, plan_shards, shard_name, write_safetensors
@@ -37,6 +37,7 @@ __all__ = [
     "MAX_STORED_FILE",
     "WEIGHTS",
     "hf_task",
+    "check_folders",
     "is_hf_folder",
     "non_weight_files",
     "shard_plan",
@@ -75,6 +76,63 @@ def non_weight_files(folder: Path) -> list[Path]:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# What a folder's config.json says about where it came from, not about the model.
+_ORIGIN_KEYS = ("_name_or_path", "transformers_version")
+
+
+def check_folders(folders: Sequence[Path]) -> list[str]:
+    """The folders must build the same model: pspctl stores the first's non-weight files for
+    every context. Returns a warning for each other file that differs from the first's.
+
+    Raises:
+        MismatchError: a config.json that differs from the first's (but for `_ORIGIN_KEYS`),
+            naming the first keys that differ with both values.
+        InputError: a config.json that is not a JSON object.
+    """
+    first = _config(folders[0])
+    warnings = []
+    for folder in folders[1:]:
+        other = _config(folder)
+        keys = sorted(
+            k for k in first.keys() | other.keys() if k not in _ORIGIN_KEYS and first.get(k) != other.get(k)
+        )
+        if keys:
+            shown = "; ".join(f"{k} {_brief(other.get(k))}, not {_brief(first.get(k))}" for k in keys[:3])
+            raise MismatchError(
+                f"{folder}/config.json differs from {folders[0]}'s ({shown}{'; …' if len(keys) > 3 else ''}): "
+                "pspctl keeps one config.json for all contexts, so this model would be extracted with "
+                "another's; merge folders whose configs agree (or their weight files, keeping each config)"
+            )
+    for path in non_weight_files(folders[0]):
+        if path.name == "config.json":
+            continue
+        digest = sha256_file(path)
+        others = [
+            f for f in folders[1:] if not (f / path.name).is_file() or sha256_file(f / path.name) != digest
+        ]
+        if others:
+            warnings.append(
+                f"{path.name} of {listed([str(f) for f in others])} differs from {folders[0]}'s (or is missing); "
+                f"every extracted model gets {folders[0]}'s"
+            )
+    return warnings
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}/config.json: cannot be read as JSON ({one_line(e)})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{folder}/config.json: not a JSON object")
+    return config
+
+
+def _brief(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value) if value is not None else "absent"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def record_folder(folder: Path, writer: SuperposedWriter, *, max_stored: int | None = None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import InputError, MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output, pack
 from pspctl.header import check_labels, safe_label
-from pspctl.hf import hf_paths, record_folder
+from pspctl.hf import check_folders, hf_paths, record_folder
 from pspctl.kinds import OPS
 from pspctl.measure import measure_bind
 from pspctl.outputs import refuse_inputs
@@ -150,6 +150,18 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
         problems += [f"{n}: only in {ckpt.path.name}" for n in ckpt.names if n not in ref.infos]
     if problems:
         raise MismatchError(f"inputs do not match: {listed(problems, '; ')}")
+
+
+def _same_inputs(labels: Sequence[str], digests: Sequence[str]) -> list[str]:
+    """A warning for each input given more than once (same sha256): its contexts are one model."""
+    groups: dict[str, list[str]] = {}
+    for label, digest in zip(labels, digests, strict=True):
+        groups.setdefault(digest, []).append(label)
+    return [
+        f"{listed(same)} are the same checkpoint (sha256 {digest[:12]}…): their contexts hold one model"
+        for digest, same in groups.items()
+        if len(same) > 1
+    ]
 
 
 def open_inputs(paths: Sequence[str | Path], options: MergeOptions) -> list[Checkpoint]:
@@ -293,6 +305,7 @@ def _merge(
     labels = _labels(paths, options.labels)
     centres = _centres(options)
     checkpoints = open_inputs(paths, options)
+    folder_warnings = check_folders(paths) if hf_paths(paths) else []
     parent = None
     if "base" in centres:
         parent = open_base(options, checkpoints[0])
@@ -395,6 +408,7 @@ def _merge(
             writer, info, d, checkpoints, options, base=base, bound=bound.pop(info.name, None)
         )
 
+    warnings += folder_warnings + _same_inputs(labels, [h.result() for h in hashes])
     noisy = [f"{label} {e:.3g}" for label, e in zip(labels, errors, strict=True) if e > 1]
     if noisy:  # each tensor may stay under 1 while they add up above it
         warnings.append(

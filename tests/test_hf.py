@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 
 import pytest
@@ -455,3 +456,38 @@ def test_a_model_transformers_renames_runs_in_every_command(tmp_path):
     retrieved = tuned.named_as(model).state_dict(1)
     assert all(torch.equal(retrieved[n], t) for n, t in model.state_dict().items())
     assert any(not torch.equal(tuned.superposed(n), sf.superposed(n)) for n in sf.names("superposed"))
+
+
+def test_folders_whose_configs_differ_are_refused_and_other_files_warned(tmp_path):
+    """One config.json is kept for all contexts: a fine-tune saved with other heads, activation
+    or labels would be extracted with the first's, a wrong model. Other files only warn."""
+    build, _ = H.bert()
+    models = H.finetunes(build, K=3)
+    for k, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"b{k}")
+        (tmp_path / f"b{k}" / "vocab.txt").write_text("[PAD]\n[UNK]\n" + ("x\n" if k == 2 else ""))
+    config = json.loads((tmp_path / "b1" / "config.json").read_text())
+    (tmp_path / "b1" / "config.json").write_text(
+        json.dumps({**config, "_name_or_path": "elsewhere", "id2label": {"0": "neg", "1": "neu", "2": "pos"}})
+    )
+    result = run("merge", tmp_path / "b0", tmp_path / "b1", tmp_path / "b2", "-o", tmp_path / "w.safetensors")
+    assert result.exit_code == 3 and not (tmp_path / "w.safetensors").exists()
+    line = result.output.strip()
+    assert "\n" not in line and "b1/config.json differs from" in line
+    assert 'id2label {"0": "neg", "1": "neu", "2": "pos"}, not {"0": "LABEL_0"' in line
+    assert "_name_or_path" not in line  # where a folder came from may differ
+
+    (tmp_path / "b1" / "config.json").write_text(json.dumps({**config, "_name_or_path": "elsewhere"}))
+    report = merge([tmp_path / f"b{k}" for k in range(3)], tmp_path / "w.safetensors")
+    assert report.warnings == [
+        f"vocab.txt of {tmp_path / 'b2'} differs from {tmp_path / 'b0'}'s (or is missing); every extracted model "
+        f"gets {tmp_path / 'b0'}'s"
+    ]
+
+
+def test_an_input_given_twice_is_warned(tmp_path, mlp_paths):
+    report = merge([mlp_paths[0], mlp_paths[1], mlp_paths[0]], tmp_path / "w.safetensors")
+    assert len(report.warnings) == 1
+    assert re.fullmatch(
+        r"model0-0, model0-2 are the same checkpoint \(sha256 [0-9a-f]{12}…\): .*", report.warnings[0]
+    )
