@@ -220,6 +220,39 @@ def test_a_module_owning_tensors_beside_submodules(tmp_path):
     assert not torch.allclose(twin(x), reloaded(x))
 
 
+class AttentionNet(nn.Module):
+    """A parent reading its children's weights: nn.MultiheadAttention reads `out_proj.weight`
+    (and owns `in_proj_weight` beside it), the head reads the embedding's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return F.linear(h[:, 0], self.embed.weight)
+
+
+def test_a_parent_reading_its_childrens_weights_gets_the_active_contexts(tmp_path):
+    torch.manual_seed(0)
+    psp = superpose(AttentionNet(), K, seed=1, policy=ALL_WEIGHTS)
+    _perturb(psp, 2)
+    x = torch.randint(0, 10, (3, 5))
+    save(psp, tmp_path / "w.safetensors")
+    file = SuperposedFile(tmp_path / "w.safetensors")
+    for k in range(K):
+        plain = AttentionNet()
+        plain.load_state_dict(file.state_dict(k))
+        with psp.context(k):
+            torch.testing.assert_close(psp(x), plain(x), atol=2e-5, rtol=1e-4)
+    with psp.context(1):
+        psp(x).square().sum().backward()
+    for name in ("attn.out_proj.weight", "attn.in_proj_weight", "embed.weight"):  # read by a parent
+        assert any(p.grad is not None for p in psp.tensors[name].parameters()), name
+
+
 def test_bad_input(tmp_path):
     model = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(PolicyError, match="mixture of contexts needs --kind complex"):

@@ -94,6 +94,22 @@ class PerContext(PSPLayer):
         self.__dict__["_module"] = module
         self.tensors = nn.ModuleDict(bindings)
 
+    def __getattr__(self, name: str) -> Any:
+        # What a parent reads off the module it holds (nn.MultiheadAttention reads
+        # `out_proj.weight`, a tied head `embed.weight`): context k's tensor, else the module's own
+        # attribute (`in_features`, `batch_first`…).
+        try:
+            return super().__getattr__(name)  # the wrapper's own: `tensors`
+        except AttributeError:
+            pass
+        tensors = self._modules.get("tensors")
+        if tensors is not None and name in tensors._modules:
+            return _current(tensors._modules[name], self.context)  # type: ignore[arg-type]
+        module = self.__dict__.get("_module")
+        if module is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(module, name)
+
     def train(self, mode: bool = True) -> PerContext:
         # The wrapped module is outside the module tree; its mode (BatchNorm, Dropout) must follow.
         self._module.train(mode)
