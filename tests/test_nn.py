@@ -253,6 +253,27 @@ def test_a_parent_reading_its_childrens_weights_gets_the_active_contexts(tmp_pat
         assert any(p.grad is not None for p in psp.tensors[name].parameters()), name
 
 
+def test_a_shared_tensor_trained_apart_is_saved_per_context_and_says_why(tmp_path):
+    torch.manual_seed(0)
+    models = [conv_net() for _ in range(K)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+        _perturb(m[0], len(m))  # the first conv differs; the BatchNorm's statistics do not
+    paths = [tmp_path / f"m{k}.safetensors" for k in range(K)]
+    for m, path in zip(models, paths, strict=True):
+        save_state_dict(m.state_dict(), path)
+    merge(paths, tmp_path / "w.safetensors", MergeOptions(base="none"))
+    merged = SuperposedFile(tmp_path / "w.safetensors")
+    assert merged.header.tensors["4.running_mean"].role == "shared"
+    psp = load(tmp_path / "w.safetensors", conv_net())
+    for k in range(K):  # each context's batches move its own running statistics
+        with psp.context(k):
+            psp(torch.randn(4, 2, 8) + k)
+    save(psp, tmp_path / "t.safetensors")
+    meta = SuperposedFile(tmp_path / "t.safetensors").header.tensors["4.running_mean"]
+    assert (meta.role, meta.reason) == ("per_context", "equal in every input, then trained apart")
+
+
 def test_bad_input(tmp_path):
     model = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(PolicyError, match="mixture of contexts needs --kind complex"):

@@ -28,6 +28,7 @@ from pspctl.task import check_fits, model_ties
 __all__ = ["PSPModel", "load", "save", "superpose"]
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRAINED_APART = "equal in every input, then trained apart"  # a shared tensor that training changed
 
 
 class PSPModel(nn.Module):
@@ -285,8 +286,12 @@ def save(
         value = value.to(torch_dtype(meta.dtype))
         if meta.role == Role.SHARED and all(torch.equal(value[0], v) for v in value[1:]):
             writer.add_shared(name, meta, value[0])
-        else:  # training may have made a shared tensor differ between contexts
-            writer.add_per_context(name, replace(meta, role=Role.PER_CONTEXT.value), value)
+        elif meta.role == Role.SHARED:  # training made a shared tensor differ between contexts
+            writer.add_per_context(
+                name, replace(meta, role=Role.PER_CONTEXT.value, reason=TRAINED_APART), value
+            )
+        else:
+            writer.add_per_context(name, meta, value)
     header = Header(
         kind=model.kind.value,
         seed=model.seed,
