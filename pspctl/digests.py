@@ -197,3 +197,32 @@ def forget_prefetched() -> None:
     the same process cannot take one whose file changed within the timestamps' resolution."""
     with _LOCK:
         _PREFETCHED.clear()
+
+
+def record_path(path: str | Path, output: str | Path) -> str:
+    """How a file records another it was made from: an absolute path as given, a relative one
+    relative to the recording file's folder, so that the two can move together and be read
+    from any working directory (`candidates`)."""
+    p = Path(path)
+    if p.is_absolute():
+        return str(p)
+    return os.path.relpath(p.absolute(), Path(output).absolute().parent)
+
+
+def candidates(recorded: str, beside: Path) -> list[Path]:
+    """Where a recorded path may be now: relative to the recording file's folder `beside`
+    (`record_path`), as recorded (earlier files recorded it relative to the working directory
+    of the merge), then its basename beside the file."""
+    p = Path(recorded)
+    out = [p] if p.is_absolute() else [beside / p, p]
+    out.append(beside / p.name)
+    return list(dict.fromkeys(out))
+
+
+def rebase(recorded: str, old: Path, new: str | Path) -> str:
+    """A path `old` recorded, as `new` records it (a file made from `old`, e.g. by tune): where
+    it is found now (`candidates`), recorded for `new`; as it was if it is not found."""
+    found = next((p for p in candidates(recorded, old.parent) if p.exists()), None)
+    if found is None or Path(recorded).is_absolute():
+        return recorded
+    return os.path.relpath(found.absolute(), Path(new).absolute().parent)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from pspctl.checkpoints import ST_DTYPES, Checkpoint, checkpoint_names, open_checkpoint
 from pspctl.contexts import ContextSet, Kind
-from pspctl.digests import INDEX_SUFFIX, PICKLE_SUFFIXES, sha256_checkpoint
+from pspctl.digests import INDEX_SUFFIX, PICKLE_SUFFIXES, candidates, sha256_checkpoint
 from pspctl.dtypes import torch_dtype
 from pspctl.errors import ContextError, FormatError, InputError, MismatchError, OutputError
 from pspctl.header import (
@@ -478,10 +478,8 @@ class SuperposedFile(_Stored):
         if self._base is None:
             record = self.header.base or {}
             recorded = Path(record["path"])
-            candidates = (
-                [self._base_path] if self._base_path else [recorded, self.path.parent / recorded.name]
-            )
-            found = next((p for p in candidates if p.exists()), None)
+            where = [self._base_path] if self._base_path else candidates(record["path"], self.path.parent)
+            found = next((p for p in where if p.exists()), None)
             if found is None:
                 raise InputError(
                     f"{self.path}: its linked base {recorded} is not there; pass --base PATH to the parent checkpoint"

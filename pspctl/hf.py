@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pspctl.digests import sha256_file
+from pspctl.digests import candidates, sha256_file
 from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, MismatchError, PspctlError, listed, one_line
 from pspctl.fileformat import SuperposedFile, SuperposedWriter
@@ -163,12 +163,8 @@ def record_folder(folder: Path, writer: SuperposedWriter, *, max_stored: int | N
 
 
 def _source_folder(sf: SuperposedFile) -> Path | None:
-    """The recorded first input folder: as recorded, else beside the superposed file."""
-    recorded = Path((sf.header.hf or {})["source"])
-    for p in (recorded, sf.path.parent / recorded, sf.path.parent / recorded.name):
-        if p.is_dir():
-            return p
-    return None
+    """The recorded first input folder, looked for as the originals are (`candidates`)."""
+    return next((p for p in candidates((sf.header.hf or {})["source"], sf.path.parent) if p.is_dir()), None)
 
 
 def file_bytes(sf: SuperposedFile, record: Mapping[str, Any]) -> bytes:

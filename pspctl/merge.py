@@ -18,7 +18,7 @@ import torch
 from pspctl.architectures import axes_from_config, axes_from_model, resolve_axes
 from pspctl.checkpoints import Checkpoint, open_checkpoint
 from pspctl.contexts import Kind, make_contexts
-from pspctl.digests import DIRECTORY_NAMES, INDEX_SUFFIX, checkpoint_files, sha256_checkpoint
+from pspctl.digests import DIRECTORY_NAMES, INDEX_SUFFIX, checkpoint_files, record_path, sha256_checkpoint
 from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import InputError, MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output, pack
@@ -387,6 +387,8 @@ def _merge(
 
     # Pass 2: store each tensor as chosen.
     hf = record_folder(paths[0], writer) if hf_paths(paths) else None
+    if hf is not None:
+        hf["source"] = record_path(paths[0], output)
     stored: dict[str, int] = {}
     errors = [0.0] * K
     warnings = []
@@ -429,12 +431,14 @@ def _merge(
         labels=labels,
         tensors={},
         inputs=[
-            {"path": str(p), "sha256": digest.result(), "label": lab}
+            {"path": record_path(p, output), "sha256": digest.result(), "label": lab}
             for p, lab, digest in zip(paths, labels, hashes, strict=True)
         ],
         recipe=_recipe(options),
-        task=options.task,
-        base=_base_record(decisions, options),
+        task=record_path(options.task, output)
+        if options.task and str(options.task).endswith(".py")
+        else options.task,
+        base=_base_record(decisions, options, output),
         tied=ties,
         hf=hf,
     )
@@ -698,17 +702,16 @@ def _mean(weights: Iterable[torch.Tensor]) -> torch.Tensor:
     return mean
 
 
-def _base_record(decisions: Sequence[Decision], options: MergeOptions) -> dict[str, Any] | None:
+def _base_record(decisions: Sequence[Decision], options: MergeOptions, output: Path) -> dict[str, Any] | None:
     centres = {d.centre for d in decisions if d.role is Role.SUPERPOSED} - {"none"}
     if not centres:
         return None
     if centres == {"mean"}:
         return {"source": "mean", "path": None, "sha256": None, "linked": False}
-    path = str(options.base)
     return {
         "source": "checkpoint",
-        "path": path,
-        "sha256": sha256_checkpoint(path),
+        "path": record_path(options.base, output),
+        "sha256": sha256_checkpoint(options.base),
         "linked": options.link_base,
     }
 

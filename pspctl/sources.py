@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pspctl.checkpoints import Checkpoint, open_checkpoint
-from pspctl.digests import sha256_checkpoint
+from pspctl.digests import candidates, sha256_checkpoint
 from pspctl.errors import MismatchError, TaskError, listed
 from pspctl.fileformat import SuperposedFile
 from pspctl.hf import hf_task
@@ -33,17 +33,6 @@ __all__ = [
     "recorded_task",
     "require_task",
 ]
-
-
-def candidates(recorded: str, beside: Path) -> list[Path]:
-    """Where a recorded input may be now: as recorded, then next to the superposed file
-    (the recorded relative path, then its basename)."""
-    p = Path(recorded)
-    out = [p]
-    if not p.is_absolute():
-        out.append(beside / p)
-    out.append(beside / p.name)
-    return out
 
 
 @dataclass
@@ -153,14 +142,14 @@ def find_originals(
 def recorded_task(sf: SuperposedFile) -> tuple[str | None, bool]:
     """The task spec the file records, resolved like the originals: (spec, found).
 
-    A recorded `.py` path that does not exist as recorded is looked for beside the file;
-    (the recorded spec, False) when it is nowhere. A module name is returned as it is.
-    (None, False) when the file records no task.
+    A recorded `.py` path is looked for as the originals are (`candidates`); (the recorded
+    spec, False) when it is nowhere. A module name is returned as it is. (None, False) when
+    the file records no task.
     """
     spec = sf.header.task
     if spec is None:
         return None, False
-    if not spec.endswith(".py") or Path(spec).exists():
+    if not spec.endswith(".py"):
         return spec, True
     found = next((p for p in candidates(spec, sf.path.parent) if p.exists()), None)
     return (spec, False) if found is None else (str(found), True)

@@ -64,6 +64,51 @@ def test_tune_from_another_directory_distills_like_analyze_finds_the_originals(e
     assert result.exit_code == 2 and "original orig0.safetensors not found" in result.output
 
 
+def test_relative_paths_are_recorded_relative_to_the_file(tmp_path, monkeypatch):
+    """Inputs, base, task in one folder, the merge written to another, from a third: the file
+    records them relative to itself, so they are found from any working directory, and a file
+    tune writes elsewhere records them relative to itself in turn."""
+    models, out = tmp_path / "models", tmp_path / "out"
+    models.mkdir()
+    out.mkdir()
+    task = write_task(models)
+    paths = make_originals(models, task, K=3)
+    monkeypatch.chdir(tmp_path)
+    rel = [p.relative_to(tmp_path) for p in paths]
+    options = MergeOptions(
+        base=str(rel[2]), link_base=True, task="models/task.py", policy=Policy(superpose=("*weight",))
+    )
+    merge(rel[:2], "out/w.safetensors", options)
+    sf = SuperposedFile(out / "w.safetensors")
+    assert [i["path"] for i in sf.header.inputs] == [
+        "../models/orig0.safetensors",
+        "../models/orig1.safetensors",
+    ]
+    assert (sf.header.base["path"], sf.header.task) == ("../models/orig2.safetensors", "../models/task.py")
+
+    for where in (out, models, Path("/")):
+        monkeypatch.chdir(where)
+        sf = SuperposedFile(out / "w.safetensors")
+        assert locate_originals(sf).paths == [
+            out / ".." / "models" / f"orig{k}.safetensors" for k in range(2)
+        ]
+        assert recorded_task(sf) == (str(out / ".." / "models" / "task.py"), True)
+        assert sf.linked_base().path == out / ".." / "models" / "orig2.safetensors"
+
+    result = run("tune", out / "w.safetensors", "--steps", 1, "-o", tmp_path / "t.safetensors")
+    assert result.exit_code == 0, result.output
+    tuned = SuperposedFile(tmp_path / "t.safetensors")
+    assert [i["path"] for i in tuned.header.inputs] == [
+        "models/orig0.safetensors",
+        "models/orig1.safetensors",
+    ]
+    assert (tuned.header.base["path"], tuned.header.task) == ("models/orig2.safetensors", "models/task.py")
+    assert (
+        locate_originals(tuned).found
+        and tuned.linked_base().path == tmp_path / "models" / "orig2.safetensors"
+    )
+
+
 def test_no_recorded_task_is_one_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     task = write_task(tmp_path)

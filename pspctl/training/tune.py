@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.digests import INDEX_SUFFIX, sha256_checkpoint
+from pspctl.digests import INDEX_SUFFIX, rebase, record_path, sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
@@ -259,6 +259,12 @@ def tune(
 
     def write() -> None:
         hf = file.header.hf  # a merge of HF folders: extract still writes model folders
+        task = file.header.task or options.task_spec
+        if task is not None and task.endswith(".py"):  # a path: recorded relative to the output
+            task = rebase(task, file.path, output) if file.header.task else record_path(task, output)
+        model = world.on_cpu(psp)
+        if model.base and model.base.get("path"):
+            model.base = {**model.base, "path": rebase(model.base["path"], file.path, output)}
         record = {
             "step": "tune",
             "input": str(file.path),
@@ -270,15 +276,15 @@ def tune(
             "wall_s": round(report.wall_s, 3),
         }
         save(
-            world.on_cpu(psp),
+            model,
             output,
             force=force,
             recipe=file.header.recipe,
-            task=file.header.task or options.task_spec,
-            inputs=file.header.inputs,
+            task=task,
+            inputs=[{**i, "path": rebase(i["path"], file.path, output)} for i in file.header.inputs],
             history=[*file.header.history, record],
             max_shard_size=max_shard_size,
-            hf=hf,
+            hf=None if hf is None else {**hf, "source": rebase(hf["source"], file.path, output)},
             files={f["name"]: file.file(f["name"]) for f in hf["files"] if f["stored"]} if hf else None,
         )
 
