@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import signal
 import subprocess
 import sys
 
@@ -80,6 +83,66 @@ def test_ctrl_c_while_the_libraries_are_imported_is_one_line_too(workdir, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(common, "_import_libraries", interrupted)
+    assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+
+
+def test_ctrl_c_after_an_interrupted_import_imports_nothing_more(workdir, monkeypatch):
+    """The way out after a Ctrl-C in torch's import must not import torch again (it used to,
+    through pspctl.checkpoints: a traceback of `partially initialized module 'torch'`)."""
+    from pspctl.cli import common
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    class HalfImported(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith(("torch.", "pspctl.")):
+                raise AttributeError("partially initialized module 'torch' has no attribute 'autograd'")
+            return None
+
+    monkeypatch.setattr(common, "_import_libraries", interrupted)
+    for name in [m for m in sys.modules if m == "torch" or m.startswith("pspctl.checkpoints")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [HalfImported(), *sys.meta_path])
+    assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+
+
+def test_ctrl_c_during_the_import_of_torch_waits_for_it_to_finish(workdir, monkeypatch):
+    """torch's import is not safe to interrupt (pybind11 aborts, or a half-made module is left
+    in sys.modules): a Ctrl-C in it is held until it ends, then it is the usual one line."""
+    torch = sys.modules["torch"]
+    finished = []
+
+    class SlowTorch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name != "torch":
+                return None
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, halfway through the import
+            return importlib.machinery.ModuleSpec(name, self)
+
+        def create_module(self, spec):
+            return torch
+
+        def exec_module(self, module):
+            finished.append(module)
+
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(sys, "meta_path", [SlowTorch(), *sys.meta_path])
+    assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+    assert finished == [torch] and sys.modules["torch"] is torch
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    assert not (workdir / "w.safetensors").exists()  # nothing written
+
+
+def test_ctrl_c_while_the_options_are_parsed_is_one_line_too(workdir, monkeypatch):
+    """merge's inputs start hashing in a callback while click parses: typer made a Ctrl-C there
+    a silent exit 130."""
+    from pspctl.cli import common
+
+    def interrupted(value):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.digests, "prefetch", interrupted)
     assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
 
 

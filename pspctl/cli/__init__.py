@@ -5,20 +5,26 @@ The app and what the commands share live in pspctl.cli.common; importing this pa
 registers every command on `app` (the modules import common, never this package: no cycle).
 """
 
-from pspctl.cli import analyze, core, export, train  # noqa: F401  (they register on `app`)
-from pspctl.cli.common import (
-    app,
-    command_line,
-    console,
-    err_console,
-    error_line,
-    handle_errors,
-    human_bytes,
-    main,
-    print_json,
-    progress_bar,
-    state,
-)
+import sys
+
+try:
+    from pspctl.cli import analyze, core, export, train  # noqa: F401  (they register on `app`)
+    from pspctl.cli.common import (
+        app,
+        command_line,
+        console,
+        err_console,
+        error_line,
+        handle_errors,
+        human_bytes,
+        main,
+        print_json,
+        progress_bar,
+        state,
+    )
+except KeyboardInterrupt:  # Ctrl-C while typer and rich load (the `pspctl` script's first 0.3 s)
+    sys.stderr.write("error: interrupted\n")  # rich may be what was interrupted
+    raise SystemExit(130) from None
 
 __all__ = [
     "app",

@@ -56,6 +56,25 @@ class _RootGroup(TyperGroup):
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
+    # A command's own Ctrl-C is one line (`handle_errors`); one while click parses (the digest
+    # prefetch runs as a callback) reached typer, which turns it into a silent exit 130.
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _interrupt_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _interrupt_in_one_line():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _interrupt_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        raise typer.Exit(130) from None
+
 
 def _help_hint(e: ClickException) -> str:
     ctx = getattr(e, "ctx", None)  # set on usage errors
@@ -165,9 +184,10 @@ def _import_libraries() -> None:
         if "torch" not in sys.modules:
             _paused = _paused or gc.isenabled()
             gc.disable()
-            import torch  # noqa: F401
+            with _ctrl_c_held():
+                import torch  # noqa: F401
 
-            import pspctl.fileformat  # noqa: F401
+                import pspctl.fileformat  # noqa: F401
 
             gc.freeze()
     finally:
@@ -176,17 +196,49 @@ def _import_libraries() -> None:
         _paused = False
 
 
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends, then raise it there. For torch's import, which
+    is not safe to interrupt: a KeyboardInterrupt raised inside its C++ start-up aborts the
+    process (pybind11's `terminate called`) or corrupts it (`SystemError: ... bad call
+    flags`, a segfault), and one raised in its Python part leaves a half-made `torch` in
+    sys.modules that the next import trips over (`partially initialized module 'torch'`).
+    Only Python's own handler, in the main thread, is replaced: one set by someone else (or
+    SIG_IGN) is theirs to keep."""
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 _paused = False  # whether `main` or `_import_libraries` paused the garbage collector
 
 
 def _name_pickled_code() -> None:
-    """With --trust-pickle, say which files' pickled code ran (merge, analyze, tune alike)."""
-    from pspctl.checkpoints import RAN_PICKLED
+    """With --trust-pickle, say which files' pickled code ran (merge, analyze, tune alike).
 
-    if RAN_PICKLED:
-        ran = ", ".join(dict.fromkeys(str(p) for p in RAN_PICKLED))
+    Runs on every way out, a Ctrl-C included, so it imports nothing: pspctl.checkpoints
+    imports torch, and after an interrupted or failed start-up that import fails in its turn
+    (a traceback instead of the one line). A command that never imported it ran no pickle."""
+    checkpoints = sys.modules.get("pspctl.checkpoints")
+    ran_pickled = getattr(checkpoints, "RAN_PICKLED", None)
+    if ran_pickled:
+        ran = ", ".join(dict.fromkeys(str(p) for p in ran_pickled))
         err_console.print(f"warning: executed pickled code from {ran}", markup=False)
-        RAN_PICKLED.clear()
+        ran_pickled.clear()
 
 
 def _one_line_errors(fn: F, command: str) -> F:
