@@ -224,6 +224,11 @@ def primary_metric(metrics: Mapping[str, float]) -> tuple[str, float]:
     return name, float(metrics[name])
 
 
+def lower_is_better(metric: str) -> bool:
+    """Metric direction from its name: losses, errors and perplexities go down."""
+    return any(s in metric.lower() for s in ("loss", "error", "perplexity", "ppl"))
+
+
 def as_tensor(output: Any) -> torch.Tensor:
     """The tensor to compare of a model's output: itself, `.logits`, or the first tensor inside."""
     if isinstance(output, torch.Tensor):

@@ -162,6 +162,55 @@ def _all() -> Policy:
     return Policy(superpose=("*weight",))
 
 
+def test_tune_warns_when_the_tuned_file_is_worse(workdir):
+    """A learning rate far too large makes the merge worse: tune still writes the file (exit 0)
+    but says so on stderr, with a lower --lr to try; a tune that helps says nothing."""
+    task = write_task(workdir)
+    merge(make_originals(workdir, task), "w.safetensors",
+          MergeOptions(base="none", kind="complex", task=str(task), policy=_all()))  # fmt: skip
+    result = run("tune", "--steps", 6, "--lr", 10, "--metrics", "worse.json", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(Path("worse.json").read_text())
+    assert report["mean_after"] < report["mean_before"] and report["worse"] is True
+    before, after = report["mean_before"], report["mean_after"]
+    warning = (
+        f"warning: w.tuned.safetensors is worse than its input w.safetensors: mean accuracy "
+        f"{before:.4g} → {after:.4g}; it was written anyway. Try a lower --lr (e.g. 1, a tenth of 10)\n"
+    )
+    assert result.stderr == warning and report["warnings"] == [warning.removeprefix("warning: ")[:-1]]
+    assert "wrote w.tuned.safetensors" in result.stdout and Path("w.tuned.safetensors").exists()
+
+    result = run("tune", "--steps", 6, "--lr", "1e-2", "-o", "better.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["mean_after"] > report["mean_before"]
+    assert report["worse"] is False and report["warnings"] == [] and result.stderr == ""
+    result = run("tune", "--steps", 6, "--lr", "1e-2", "-o", "better.safetensors", "--force", "-q")
+    assert result.exit_code == 0 and result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("metric", "before", "after", "worse"),
+    [
+        ("accuracy", [90.0, 80.0], [80.0, 80.0], True),
+        ("accuracy", [90.0, 80.0], [95.0, 80.0], False),
+        ("loss", [0.5, 0.3], [0.6, 0.3], True),  # lower is better
+        ("output error", [0.035, 0.053, 0.029], [0.040, 0.042, 0.041], True),  # mean .039 → .041
+        ("output error", [0.040, 0.042, 0.041], [0.035, 0.053, 0.029], False),
+        ("accuracy", [90.0], [90.0], False),
+        ("accuracy", [], [], False),  # a rank other than 0 measures nothing
+    ],
+)  # fmt: skip
+def test_tune_report_worse_follows_the_metric_direction(metric, before, after, worse):
+    from pspctl.training import TuneReport
+
+    def rows(values: list[float]) -> list[dict[str, float]]:  # the primary metric comes first
+        return [{metric: v, "other": 0.0} for v in values]
+
+    report = TuneReport("w.safetensors", "t.safetensors", "distill", metric, rows(before), rows(after), None)
+    assert report.worse is worse and report.to_dict()["worse"] is worse
+
+
 def test_bad_input(workdir):
     no_data = write_task(workdir, with_data=False, name="nodata.py")
     result = run("train", "--task", no_data, "-k", 2, "--steps", 3)

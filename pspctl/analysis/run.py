@@ -30,17 +30,21 @@ from pspctl.checkpoints import Checkpoint
 from pspctl.dtypes import itemsize
 from pspctl.fileformat import SuperposedFile, open_superposed
 from pspctl.policy import Role, predicted_errors
-from pspctl.task import Task, check_fits, load_model, load_task, on_task_data, primary_metric, run_model
+from pspctl.task import (
+    Task,
+    check_fits,
+    load_model,
+    load_task,
+    lower_is_better,
+    on_task_data,
+    primary_metric,
+    run_model,
+)
 from pspctl.types import Progress
 
 __all__ = ["DEFAULT_SPARSITIES", "analyze", "lower_is_better"]
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.9)
-
-
-def lower_is_better(metric: str) -> bool:
-    """Metric direction from its name: losses, errors and perplexities go down."""
-    return any(s in metric.lower() for s in ("loss", "error", "perplexity", "ppl"))
 
 
 def analyze(

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pspctl.cli.common import app, command_line, console, folded, handle_errors, print_json, progress_bar
+from pspctl.cli.common import (
+    app,
+    command_line,
+    console,
+    err_console,
+    folded,
+    handle_errors,
+    print_json,
+    progress_bar,
+)
 from pspctl.cli.core import (
     DEFAULT_FILE,
     BaseOpt,
@@ -262,3 +271,5 @@ def tune_command(
         line += f" (originals {d['mean_originals']:.2f})"
     console.print(f"{line} · {report.wall_s:.1f} s")
     console.print(f"wrote {output}")
+    for warning in report.warnings:
+        err_console.print(f"warning: {warning}", markup=False)

@@ -23,7 +23,15 @@ from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
 from pspctl.sources import locate_originals, open_originals
-from pspctl.task import Task, as_tensor, check_fits, load_model, on_task_data, primary_metric
+from pspctl.task import (
+    Task,
+    as_tensor,
+    check_fits,
+    load_model,
+    lower_is_better,
+    on_task_data,
+    primary_metric,
+)
 from pspctl.training.common import (
     Progress,
     batch_stream,
@@ -67,11 +75,24 @@ class TuneReport:
     curve: list[dict[str, Any]] = field(default_factory=list)  # {"step", "metrics"}
     steps: int = 0
     wall_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # e.g. the tuned file is worse
+
+    @property
+    def worse(self) -> bool:
+        """Whether tuning made the mean primary metric worse (lower, or higher for a loss or
+        an error): too large a learning rate does, and the file is written all the same."""
+        if not self.before or not self.after:  # a rank other than 0 measures nothing
+            return False
+        before, after = mean_primary(self.before), mean_primary(self.after)
+        if math.isclose(before, after, rel_tol=1e-9, abs_tol=1e-12):
+            return False
+        return after > before if lower_is_better(self.metric) else after < before
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["mean_before"], out["mean_after"] = mean_primary(self.before), mean_primary(self.after)
         out["mean_originals"] = mean_primary(self.originals) if self.originals else None
+        out["worse"] = self.worse
         return out
 
 
@@ -289,4 +310,10 @@ def tune(
         )
 
     world.on_main(write)
+    if report.worse:
+        report.warnings.append(
+            f"{output} is worse than its input {file.path}: mean {report.metric} "
+            f"{mean_primary(report.before):.4g} → {mean_primary(report.after):.4g}; it was written "
+            f"anyway. Try a lower --lr (e.g. {options.lr / 10:.2g}, a tenth of {options.lr:g})"
+        )
     return report
