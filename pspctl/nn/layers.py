@@ -6,6 +6,7 @@ all of them at once. Biases, norms and anything the policy keeps per context are
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -88,9 +89,7 @@ class PerContext(PSPLayer):
 
     def __init__(self, module: nn.Module, bindings: dict[str, Binding]):
         super().__init__()
-        for name in bindings:
-            if name in module._parameters:
-                module.register_parameter(name, None)
+        _release(module, bindings)  # its buffers stay: functional_call replaces them per call
         self.__dict__["_module"] = module
         self.tensors = nn.ModuleDict(bindings)
 
@@ -138,11 +137,7 @@ class OwnTensors(PSPLayer):
 
     def __init__(self, owner: nn.Module, bindings: dict[str, Binding]):
         super().__init__()
-        for name in bindings:
-            if name in owner._parameters:
-                owner.register_parameter(name, None)
-            else:
-                owner.register_buffer(name, None)
+        _release(owner, bindings, buffers=True)
         self.__dict__["_owner"] = owner  # already in the model's tree
         self.tensors = nn.ModuleDict(bindings)
 
@@ -155,6 +150,15 @@ class OwnTensors(PSPLayer):
         # holding one cannot be deep-copied.
         for name in self.tensors:
             self._owner.__dict__.pop(name, None)
+
+
+def _release(module: nn.Module, names: Iterable[str], *, buffers: bool = False) -> None:
+    """Take the tensors `names` off `module` (their bindings hold them now)."""
+    for name in names:
+        if name in module._parameters:
+            module.register_parameter(name, None)
+        elif buffers:
+            module.register_buffer(name, None)
 
 
 def _shape(binding: Binding) -> tuple[int, ...]:
