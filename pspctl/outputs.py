@@ -6,7 +6,11 @@
   and appears by a rename only when complete. Without --force the rename never replaces a file
   that appeared meanwhile (another run): `link` then `unlink`, which fails on an existing name.
 - A folder of outputs (`--context all`) is staged whole and moved into place on success, so a
-  failure leaves nothing, not even an empty folder.
+  failure leaves nothing, not even an empty folder. Staging is on the outputs' file system:
+  inside the folder if it exists (it may be a mount point), else beside it; missing parent
+  folders are made only for the final move.
+- A move that fails (another file system, say) is an OutputError naming the output, and
+  leaves no claim of its name behind.
 - Leftovers of killed runs carry the output's name and the dead run's pid; the next write of
   the same output removes them.
 - Files follow the umask, like any file the user creates.
@@ -103,7 +107,18 @@ def _appeared(path: Path) -> OutputError:
 
 
 def _publish(tmp: Path, path: Path, *, force: bool) -> None:
-    """Give `tmp` the name `path`; without `force`, never replace a file that exists by now."""
+    """Give `tmp` the name `path`; without `force`, never replace a file that exists by now.
+
+    Raises:
+        OutputError: `path` appeared meanwhile, or the move failed (e.g. across file systems).
+    """
+    try:
+        _rename(tmp, path, force=force)
+    except OSError as e:
+        raise cannot_write(path, e) from e
+
+
+def _rename(tmp: Path, path: Path, *, force: bool) -> None:
     if force:
         os.replace(tmp, path)
         return
@@ -127,7 +142,12 @@ def _publish(tmp: Path, path: Path, *, force: bool) -> None:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:
             raise _appeared(path) from None
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:  # give the name back: an empty claim would read as an output
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
     else:
         os.unlink(tmp)
 
@@ -139,7 +159,12 @@ def _publish_folder(tmp: Path, path: Path) -> None:
         os.mkdir(path)
     except FileExistsError:
         raise _appeared(path) from None
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # our empty claim
+        raise cannot_write(path, e) from e
 
 
 def _check_target(path: Path, *, force: bool, inputs: Sequence[str | Path]) -> None:
@@ -231,15 +256,16 @@ def atomic_path(
 def staged_folder(
     folder: str | Path, names: Sequence[str], *, force: bool = False, inputs: Sequence[str | Path] = ()
 ) -> Iterator[Path]:
-    """Yield an empty staging folder beside `folder`; on success its files move into `folder`
-    (made if missing). On failure nothing appears, not even `folder`.
+    """Yield an empty staging folder on `folder`'s file system; on success its files move into
+    `folder` (made if missing, with its missing parents). On failure nothing appears, not even
+    `folder`.
 
     Args:
         names: the files the body will write, checked before any work is done.
 
     Raises:
-        OutputError: `folder` is a file, its parent is missing, or a target is refused as in
-            `atomic_path`.
+        OutputError: `folder` or one of its parents is a file, a target is refused as in
+            `atomic_path`, or a move fails.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -247,16 +273,20 @@ def staged_folder(
     for name in names:
         _check_target(folder / name, force=force, inputs=inputs)
     absolute = folder.resolve()
-    if not absolute.parent.is_dir():
-        raise OutputError(f"{folder.parent}: no such directory")
-    clean_stale(absolute)
-    staging = _tmp_name(absolute)
+    # Inside the folder if it exists: beside it may be another file system (a mount point),
+    # where no rename reaches. A folder to be made is on the nearest existing one's.
+    beside = absolute / names[0] if absolute.is_dir() else _existing_parent(absolute) / absolute.name
+    clean_stale(beside)
+    staging = _tmp_name(beside)
     try:
         staging.mkdir(mode=0o777)
         yield staging
         if not folder.exists():
-            with contextlib.suppress(OSError):  # it appeared meanwhile: move file by file below
-                os.rename(staging, folder)
+            try:
+                moved = _rename_folder(staging, absolute)
+            except OSError as e:  # another file system, say: one line, exit 8
+                raise cannot_write(folder, e) from e
+            if moved:
                 return
         for item in sorted(staging.iterdir()):  # check all before moving any
             _check_target(folder / item.name, force=force, inputs=inputs)
@@ -269,6 +299,39 @@ def staged_folder(
         raise _write_error(folder / names[0] if len(names) == 1 else folder, e) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest existing folder above the absolute `path`.
+
+    Raises:
+        OutputError: the nearest existing one is a file.
+    """
+    parent = next(p for p in path.parents if p.exists())  # the root exists
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: is a file, not a directory")
+    return parent
+
+
+def _rename_folder(staging: Path, folder: Path) -> bool:
+    """Move `staging` to the absolute `folder`, making its missing parents (mkdir -p) only now;
+    False if `folder` appeared meanwhile (its files are then moved one by one). If the move
+    fails, the parents it made are removed again and the OSError raised."""
+    made = []
+    try:
+        for parent in reversed([p for p in folder.parents if not p.exists()]):
+            with contextlib.suppress(FileExistsError):  # made meanwhile: not ours to remove
+                os.mkdir(parent)
+                made.append(parent)
+        os.rename(staging, folder)
+    except OSError:
+        for parent in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        if folder.exists():
+            return False
+        raise
+    return True
 
 
 def _write_error(path: Path, exc: OSError) -> Exception:

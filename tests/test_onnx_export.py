@@ -6,6 +6,8 @@ the library never saw (batch 1 and an odd batch), against the model rebuilt from
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -191,6 +193,24 @@ def test_all_contexts_named_after_labels(tmp_path):
         "model2.onnx",
     ]
     assert [c.context for c in report.checks] == [0, 1, 2] and len(report.files) == 3
+
+
+def test_graphs_go_into_missing_parent_folders_and_a_failed_move_leaves_nothing(tmp_path, monkeypatch):
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
+    task = task_of(lambda: mlp(0), MLP_IN)
+    export_contexts(file, task, "all", tmp_path / "onnx" / "vit")  # made if missing, parents too
+    assert sorted(p.name for p in (tmp_path / "onnx" / "vit").iterdir()) == ["model0.onnx", "model1.onnx"]
+    before = {p.name for p in tmp_path.iterdir()}
+
+    def cross_device(*args):  # the output folder is the root of another file system
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    for name in ("link", "replace"):
+        monkeypatch.setattr(os, name, cross_device)
+    for force in (False, True):
+        with pytest.raises(OutputError, match="m.onnx: cannot write: Invalid cross-device link"):
+            export_contexts(file, task, 0, tmp_path / "m.onnx", force=force)
+    assert_nothing_left(tmp_path, before)
 
 
 def test_large_weights_use_external_data(tmp_path, monkeypatch):

@@ -93,6 +93,59 @@ def test_staged_folder_into_an_existing_folder_checks_every_name_first(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
 
+def cross_device(*args, **kwargs):
+    raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+
+def test_staging_is_inside_an_existing_folder_which_may_be_a_mount_point(tmp_path):
+    out = tmp_path / "models"  # beside it may be another file system, where no rename reaches
+    out.mkdir()
+    with staged_folder(out, ["a.bin"]) as staging:
+        assert staging.parent == out
+        (staging / "a.bin").write_text("a")
+    assert [p.name for p in out.iterdir()] == ["a.bin"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_move_that_fails_is_one_output_error_and_leaves_no_claim(tmp_path, monkeypatch, force):
+    out = tmp_path / "models"
+    out.mkdir()
+    for name in ("link", "replace", "rename"):
+        monkeypatch.setattr(os, name, cross_device)
+    error = "{}: cannot write: Invalid cross-device link"
+    with (
+        pytest.raises(OutputError, match=error.format("a.bin")),
+        staged_folder(out, ["a.bin"], force=force) as tmp,
+    ):
+        (tmp / "a.bin").write_text("a")
+    with (
+        pytest.raises(OutputError, match=error.format("b.bin")),
+        atomic_path(out / "b.bin", force=force) as tmp,
+    ):
+        tmp.write_text("b")
+    with pytest.raises(OutputError, match=error.format("hf")), staged_folder(out, ["hf"], force=force) as tmp:
+        (tmp / "hf").mkdir()
+    assert list(out.iterdir()) == []  # no empty file or folder that a retry would find
+
+
+def test_missing_parents_are_made_only_for_the_final_move(tmp_path, monkeypatch):
+    out = tmp_path / "a" / "b" / "models"
+    with pytest.raises(RuntimeError), staged_folder(out, ["x.bin"]):
+        raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == []
+    with staged_folder(out, ["x.bin"]) as staging:
+        assert not (tmp_path / "a").exists()
+        (staging / "x.bin").write_text("x")
+    assert (out / "x.bin").read_text() == "x"
+    monkeypatch.setattr(os, "rename", cross_device)
+    with (
+        pytest.raises(OutputError, match="c/models: cannot write"),
+        staged_folder(tmp_path / "c" / "models", ["x.bin"]),
+    ):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # c/, made for the move, is gone
+
+
 def test_written_safetensors_match_the_library_and_are_reproducible(tmp_path):
     tensors = {
         "b": torch.randn(3, 5, dtype=torch.float64),

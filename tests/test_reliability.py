@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from benchmarks import fuzz_header
 from pspctl.cli import app
-from pspctl.outputs import crc32, write_safetensors
+from pspctl.outputs import TMP_SUFFIX, crc32, write_safetensors
 from tests.conftest import mlp, save_models
 
 runner = CliRunner()
@@ -139,6 +140,29 @@ def test_extract_all_is_all_or_nothing(merged, monkeypatch):
         extract(merged, "all", "out")
     assert not Path("out").exists()
     assert sorted(p.name for p in merged.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_extract_all_makes_missing_parents_and_a_failed_move_is_exit_8(merged, monkeypatch):
+    result = run("extract", merged, "--context", "all", "-o", "new/sub")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in Path("new/sub").iterdir()) == [f"model{i}.safetensors" for i in range(4)]
+    Path("mnt").mkdir()  # as if the root of another file system: no rename reaches it
+
+    def cross_device(real):
+        def move(src, dst):  # within the staging folder (each file's own atomic write) as usual
+            if Path(dst).parent.name.endswith(TMP_SUFFIX):
+                return real(src, dst)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        return move
+
+    for name in ("link", "replace", "rename"):
+        monkeypatch.setattr(os, name, cross_device(getattr(os, name)))
+    for force in ([], ["--force"]):
+        result = run("extract", merged, "--context", "all", "-o", "mnt", *force)
+        assert result.exit_code == 8, result.output
+        assert result.output == "error: mnt/model0.safetensors: cannot write: Invalid cross-device link\n"
+    assert list(Path("mnt").iterdir()) == []  # no empty file for a retry to call existing
 
 
 def test_two_merges_to_one_output_one_wins_the_other_says_so(merged, monkeypatch):
