@@ -204,9 +204,18 @@ def record_path(path: str | Path, output: str | Path) -> str:
     relative to the recording file's folder, so that the two can move together and be read
     from any working directory (`candidates`)."""
     p = Path(path)
-    if p.is_absolute():
-        return str(p)
-    return os.path.relpath(p.absolute(), Path(output).absolute().parent)
+    return str(p) if p.is_absolute() else _relative(p, output)
+
+
+def record_task(spec: str | Path | None, output: str | Path) -> str | None:
+    """A task as a file records it: a `.py` file as `record_path` says, a module name as given."""
+    if spec is None or not str(spec).endswith(".py"):
+        return None if spec is None else str(spec)
+    return record_path(spec, output)
+
+
+def _relative(path: Path, output: str | Path) -> str:
+    return os.path.relpath(path.absolute(), Path(output).absolute().parent)
 
 
 def candidates(recorded: str, beside: Path) -> list[Path]:
@@ -223,6 +232,4 @@ def rebase(recorded: str, old: Path, new: str | Path) -> str:
     """A path `old` recorded, as `new` records it (a file made from `old`, e.g. by tune): where
     it is found now (`candidates`), recorded for `new`; as it was if it is not found."""
     found = next((p for p in candidates(recorded, old.parent) if p.exists()), None)
-    if found is None or Path(recorded).is_absolute():
-        return recorded
-    return os.path.relpath(found.absolute(), Path(new).absolute().parent)
+    return recorded if found is None or Path(recorded).is_absolute() else _relative(found, new)

@@ -37,7 +37,8 @@ __all__ = [
     "MAX_STORED_FILE",
     "WEIGHTS",
     "hf_task",
-    "check_folders",
+    "check_configs",
+    "differing_files",
     "is_hf_folder",
     "non_weight_files",
     "shard_plan",
@@ -82,9 +83,9 @@ def _sha256(data: bytes) -> str:
 _ORIGIN_KEYS = ("_name_or_path", "transformers_version")
 
 
-def check_folders(folders: Sequence[Path]) -> list[str]:
-    """The folders must build the same model: pspctl stores the first's non-weight files for
-    every context. Returns a warning for each other file that differs from the first's.
+def check_configs(folders: Sequence[Path]) -> None:
+    """The folders must build the same model: pspctl keeps the first's config.json for every
+    context (`record_folder`).
 
     Raises:
         MismatchError: a config.json that differs from the first's (but for `_ORIGIN_KEYS`),
@@ -92,7 +93,6 @@ def check_folders(folders: Sequence[Path]) -> list[str]:
         InputError: a config.json that is not a JSON object.
     """
     first = _config(folders[0])
-    warnings = []
     for folder in folders[1:]:
         other = _config(folder)
         keys = sorted(
@@ -105,16 +105,24 @@ def check_folders(folders: Sequence[Path]) -> list[str]:
                 "pspctl keeps one config.json for all contexts, so this model would be extracted with "
                 "another's; merge folders whose configs agree (or their weight files, keeping each config)"
             )
-    for path in non_weight_files(folders[0]):
-        if path.name == "config.json":
+
+
+def differing_files(folders: Sequence[Path], record: Mapping[str, Any]) -> list[str]:
+    """A warning for each non-weight file of the first folder (`record_folder`'s `record` of
+    it) that another folder lacks or holds otherwise: every extracted model gets the first's.
+    config.json is `check_configs`' to judge."""
+    warnings = []
+    for f in record["files"]:
+        if f["name"] == "config.json":
             continue
-        digest = sha256_file(path)
         others = [
-            f for f in folders[1:] if not (f / path.name).is_file() or sha256_file(f / path.name) != digest
+            d
+            for d in folders[1:]
+            if not (d / f["name"]).is_file() or sha256_file(d / f["name"]) != f["sha256"]
         ]
         if others:
             warnings.append(
-                f"{path.name} of {listed([str(f) for f in others])} differs from {folders[0]}'s (or is missing); "
+                f"{f['name']} of {listed([str(d) for d in others])} differs from {folders[0]}'s (or is missing); "
                 f"every extracted model gets {folders[0]}'s"
             )
     return warnings
@@ -135,9 +143,12 @@ def _brief(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def record_folder(folder: Path, writer: SuperposedWriter, *, max_stored: int | None = None) -> dict[str, Any]:
+def record_folder(
+    folder: Path, writer: SuperposedWriter, *, source: str | None = None, max_stored: int | None = None
+) -> dict[str, Any]:
     """Record `folder`'s non-weight files for the header's `hf` entry, storing the small ones
-    in `writer`. Returns the record (its `predicted_error` is filled in by merge).
+    in `writer`. Returns the record (its `predicted_error` is filled in by merge); `source`:
+    how the record names `folder` (default: as given).
 
     Raises:
         InputError: a file cannot be read, or its name is not a safe file name.
@@ -159,7 +170,7 @@ def record_folder(folder: Path, writer: SuperposedWriter, *, max_stored: int | N
         if stored:
             writer.add_file(path.name, data)
         files.append({"name": path.name, "size": size, "sha256": digest, "stored": stored})
-    return {"source": str(folder), "files": files, "predicted_error": []}
+    return {"source": str(folder) if source is None else source, "files": files, "predicted_error": []}
 
 
 def _source_folder(sf: SuperposedFile) -> Path | None:

@@ -18,12 +18,19 @@ import torch
 from pspctl.architectures import axes_from_config, axes_from_model, resolve_axes
 from pspctl.checkpoints import Checkpoint, open_checkpoint
 from pspctl.contexts import Kind, make_contexts
-from pspctl.digests import DIRECTORY_NAMES, INDEX_SUFFIX, checkpoint_files, record_path, sha256_checkpoint
+from pspctl.digests import (
+    DIRECTORY_NAMES,
+    INDEX_SUFFIX,
+    checkpoint_files,
+    record_path,
+    record_task,
+    sha256_checkpoint,
+)
 from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import InputError, MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output, pack
 from pspctl.header import check_labels, safe_label
-from pspctl.hf import check_folders, hf_paths, record_folder
+from pspctl.hf import check_configs, differing_files, hf_paths, record_folder
 from pspctl.kinds import OPS
 from pspctl.measure import measure_bind
 from pspctl.outputs import refuse_inputs
@@ -305,7 +312,9 @@ def _merge(
     labels = _labels(paths, options.labels)
     centres = _centres(options)
     checkpoints = open_inputs(paths, options)
-    folder_warnings = check_folders(paths) if hf_paths(paths) else []
+    folders = hf_paths(paths)
+    if folders:
+        check_configs(paths)
     parent = None
     if "base" in centres:
         parent = open_base(options, checkpoints[0])
@@ -386,9 +395,7 @@ def _merge(
         del means[name]
 
     # Pass 2: store each tensor as chosen.
-    hf = record_folder(paths[0], writer) if hf_paths(paths) else None
-    if hf is not None:
-        hf["source"] = record_path(paths[0], output)
+    hf = record_folder(paths[0], writer, source=record_path(paths[0], output)) if folders else None
     stored: dict[str, int] = {}
     errors = [0.0] * K
     warnings = []
@@ -410,7 +417,8 @@ def _merge(
             writer, info, d, checkpoints, options, base=base, bound=bound.pop(info.name, None)
         )
 
-    warnings += folder_warnings + _same_inputs(labels, [h.result() for h in hashes])
+    warnings += differing_files(paths, hf) if hf is not None else []
+    warnings += _same_inputs(labels, [h.result() for h in hashes])
     noisy = [f"{label} {e:.3g}" for label, e in zip(labels, errors, strict=True) if e > 1]
     if noisy:  # each tensor may stay under 1 while they add up above it
         warnings.append(
@@ -435,9 +443,7 @@ def _merge(
             for p, lab, digest in zip(paths, labels, hashes, strict=True)
         ],
         recipe=_recipe(options),
-        task=record_path(options.task, output)
-        if options.task and str(options.task).endswith(".py")
-        else options.task,
+        task=record_task(options.task, output),
         base=_base_record(decisions, options, output),
         tied=ties,
         hf=hf,

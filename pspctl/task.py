@@ -445,9 +445,9 @@ def load_model(task: Task, state: Mapping[str, torch.Tensor], what: str) -> nn.M
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
     """`model` with `state` loaded (checked by `check_fits`; tied keys as `load_model` says;
     renamed as transformers renames the checkpoints of some architectures, `checkpoint_names`)."""
-    check_fits(model, {k: v.shape for k, v in state.items()}, what)
     names = checkpoint_names(model, state)
     state = {names.get(k, k): v for k, v in state.items()}
+    check_fits(model, {k: v.shape for k, v in state.items()}, what)
     ties = model_ties(model)
     for name in set(ties.values()):
         group = [name, *(a for a, n in ties.items() if n == name)]

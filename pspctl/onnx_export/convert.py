@@ -9,6 +9,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -108,29 +109,30 @@ def to_onnx(
             raise TraceError(f"the ONNX exporter cannot trace this model: {_reason(e)}") from e
         if program is None:  # only the legacy exporter returns None
             raise TraceError("the ONNX exporter returned no program")
+        _check_batch_dynamic(
+            program, args[1:] if varargs else args, input_names[1:] if varargs else input_names
+        )
         program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
-    _check_batch_dynamic(path, args[1:] if varargs else args, input_names[1:] if varargs else input_names)
     if branches:
         localize_initializers(path)
     # By path, so that the checker follows external data past the 2 GiB protobuf limit.
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _check_batch_dynamic(path: Path, args: Sequence[object], names: Sequence[str]) -> None:
+def _check_batch_dynamic(program: Any, args: Sequence[object], names: Sequence[str]) -> None:
     """The exporter silently fixes a batch the forward turns into a Python number; say so.
+    `program` is the exporter's ONNXProgram: its graph's input shapes, before anything is saved.
 
     Raises:
         TraceError: an input's batch dim came out a constant.
     """
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    dims = {i.name: i.type.tensor_type.shape.dim for i in graph.input}
+    shapes = {v.name: v.shape for v in program.model.graph.inputs}
     for name, arg in zip(names, args, strict=False):
-        dim = dims[name][0] if name in dims and isinstance(arg, Tensor) and arg.dim() > 0 else None
-        if dim is not None and dim.HasField("dim_value"):
+        shape = shapes.get(name)
+        dim = shape[0] if shape is not None and isinstance(arg, Tensor) and arg.dim() > 0 else None
+        if isinstance(dim, int):
             raise TraceError(
-                f"the ONNX exporter fixed the batch of {name} at {dim.dim_value}: the model's forward turns "
+                f"the ONNX exporter fixed the batch of {name} at {dim}: the model's forward turns "
                 "the batch size into a Python number (len(x), int(x.shape[0]), a loop over the batch); "
                 "keep it a tensor size (x.shape[0], x.size(0)) for a graph that takes any batch"
             )

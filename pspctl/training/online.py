@@ -18,7 +18,7 @@ from torch import nn
 
 from pspctl.checkpoints import refuse_existing, save_state_dict
 from pspctl.contexts import Kind
-from pspctl.digests import record_path
+from pspctl.digests import record_task
 from pspctl.errors import InputError
 from pspctl.fileformat import check_output
 from pspctl.nn import PSPModel, save, superpose
@@ -209,9 +209,7 @@ def _write(
             output,
             force=True,
             recipe={"command": options.command, "train": report.options},
-            task=record_path(options.task_spec, output)
-            if options.task_spec and options.task_spec.endswith(".py")
-            else options.task_spec,
+            task=record_task(options.task_spec, output),
             history=[{"step": "train", "steps": report.steps, "final": report.final}],
         )
     else:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.digests import INDEX_SUFFIX, rebase, record_path, sha256_checkpoint
+from pspctl.digests import INDEX_SUFFIX, rebase, record_task, sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import load, save
@@ -280,9 +280,11 @@ def tune(
 
     def write() -> None:
         hf = file.header.hf  # a merge of HF folders: extract still writes model folders
-        task = file.header.task or options.task_spec
-        if task is not None and task.endswith(".py"):  # a path: recorded relative to the output
-            task = rebase(task, file.path, output) if file.header.task else record_path(task, output)
+        task = file.header.task  # a .py path: recorded relative to the output, as merge does
+        if task is None:
+            task = record_task(options.task_spec, output)
+        elif task.endswith(".py"):
+            task = rebase(task, file.path, output)
         model = world.on_cpu(psp)
         if model.base and model.base.get("path"):
             model.base = {**model.base, "path": rebase(model.base["path"], file.path, output)}
