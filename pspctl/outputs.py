@@ -8,7 +8,8 @@
 - A folder of outputs (`--context all`) is staged whole and moved into place on success, so a
   failure leaves nothing, not even an empty folder. Staging is on the outputs' file system:
   inside the folder if it exists (it may be a mount point), else beside it; missing parent
-  folders are made only for the final move.
+  folders are made only for the final move. A single file's (or a sharded one's) missing
+  parent folders are made before it is written, and removed again if the write fails.
 - A move that fails (another file system, say) is an OutputError naming the output, and
   leaves no claim of its name behind.
 - Leftovers of killed runs carry the output's name and the dead run's pid; the next write of
@@ -202,8 +203,9 @@ def refuse_earlier(path: str | Path, *, force: bool, inputs: Iterable[str | Path
     left beside the new file for readers to open.
 
     Raises:
-        OutputError: naming the file found.
+        OutputError: naming the file found, or a parent folder that is a file.
     """
+    _existing_parent(Path(path).absolute())  # a parent that is a file: refused before any work
     found = earlier_output(path)
     for p in found:
         refuse_inputs(p, inputs)
@@ -228,28 +230,29 @@ def atomic_path(
 ) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it becomes `path` only if the body succeeds.
 
+    Missing parent folders are made (mkdir -p), and removed again if the body fails.
+
     Raises:
         OutputError: `path` is a directory, one of `inputs`, exists without `force` (now or
-            when the body is done), or its folder does not exist.
+            when the body is done), or one of its parents is a file.
     """
     path = Path(path)
     _check_target(path, force=force, inputs=inputs)
-    if not path.parent.is_dir():
-        raise OutputError(f"{path.parent}: no such directory")
     refuse_earlier(path, force=force, inputs=inputs)  # a sharded output of the same name counts too
-    clean_stale(path)
-    tmp = _tmp_name(path)
-    try:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
-        yield tmp
-        earlier = earlier_output(path)
-        _publish(tmp, path, force=force)
-        _remove_earlier(earlier, [path], inputs)
-    except OSError as e:  # a full disk, a read-only folder: name the output, not our temp file
-        raise _write_error(path, e) from e
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with _parents_made(path):
+        clean_stale(path)
+        tmp = _tmp_name(path)
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
+            yield tmp
+            earlier = earlier_output(path)
+            _publish(tmp, path, force=force)
+            _remove_earlier(earlier, [path], inputs)
+        except OSError as e:  # a full disk, a read-only folder: name the output, not our temp file
+            raise _write_error(path, e) from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -317,21 +320,37 @@ def _rename_folder(staging: Path, folder: Path) -> bool:
     """Move `staging` to the absolute `folder`, making its missing parents (mkdir -p) only now;
     False if `folder` appeared meanwhile (its files are then moved one by one). If the move
     fails, the parents it made are removed again and the OSError raised."""
-    made = []
     try:
-        for parent in reversed([p for p in folder.parents if not p.exists()]):
-            with contextlib.suppress(FileExistsError):  # made meanwhile: not ours to remove
-                os.mkdir(parent)
-                made.append(parent)
-        os.rename(staging, folder)
+        with _parents_made(folder):
+            os.rename(staging, folder)
     except OSError:
-        for parent in reversed(made):
-            with contextlib.suppress(OSError):
-                os.rmdir(parent)
         if folder.exists():
             return False
         raise
     return True
+
+
+@contextlib.contextmanager
+def _parents_made(path: Path) -> Iterator[None]:
+    """Make the missing folders above `path` (mkdir -p); if the body raises, remove those
+    made here again (what another run made meanwhile, or filled, stays).
+
+    Raises:
+        OutputError: one of them is a file.
+    """
+    _existing_parent(path.absolute())
+    made = []
+    try:
+        for parent in reversed([p for p in path.parents if not p.exists()]):
+            with contextlib.suppress(FileExistsError):  # made meanwhile: not ours to remove
+                os.mkdir(parent)
+                made.append(parent)
+        yield
+    except BaseException:
+        for parent in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        raise
 
 
 def _write_error(path: Path, exc: OSError) -> Exception:
@@ -510,49 +529,50 @@ def write_safetensors_sharded(
     targets = [path.parent / n for n in [*names, index_path(path).name]]
     for target in targets:
         _check_target(target, force=force, inputs=inputs)
-    if not path.parent.is_dir():
-        raise OutputError(f"{path.parent}: no such directory")
     refuse_earlier(path, force=force, inputs=inputs)  # a plain output, or shards of another count
-    clean_stale(path)
-    staging = _tmp_name(path)  # a folder beside the outputs, on their file system
-    published: list[Path] = []
-    try:
-        staging.mkdir(mode=0o777)
-        weight_map, total = {}, 0
-        for name, group in zip(names, groups, strict=True):
-            part = {n: tensors[n] for n in group}
-            write_safetensors(part, staging / name, {**(metadata or {}), **_shard_meta(shard_metadata, part)})
-            weight_map.update(dict.fromkeys(group, name))
-            total += sum(t.numel() * t.element_size() for t in part.values())
-        index = {
-            "metadata": {**(metadata or {}), "total_size": total},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        staged_index = staging / targets[-1].name
-        with open(staged_index, "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if verify is not None:
-            verify(staged_index)
-        for target in targets:  # all checked before any is moved; the index, which readers open, last
-            _check_target(target, force=force, inputs=inputs)
-        earlier = earlier_output(path)
-        for target in targets:
-            _publish(staging / target.name, target, force=force)
-            published.append(target)
-        _remove_earlier(earlier, targets, inputs)
-    except BaseException as e:
-        if not force:  # take back what this run published: all or nothing
-            for target in published:
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from e
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _parents_made(path):  # removed again if anything below fails
+        clean_stale(path)
+        staging = _tmp_name(path)  # a folder beside the outputs, on their file system
+        published: list[Path] = []
+        try:
+            staging.mkdir(mode=0o777)
+            weight_map, total = {}, 0
+            for name, group in zip(names, groups, strict=True):
+                part = {n: tensors[n] for n in group}
+                write_safetensors(
+                    part, staging / name, {**(metadata or {}), **_shard_meta(shard_metadata, part)}
+                )
+                weight_map.update(dict.fromkeys(group, name))
+                total += sum(t.numel() * t.element_size() for t in part.values())
+            index = {
+                "metadata": {**(metadata or {}), "total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            staged_index = staging / targets[-1].name
+            with open(staged_index, "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True, ensure_ascii=False)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if verify is not None:
+                verify(staged_index)
+            for target in targets:  # all checked before any is moved; the index, which readers open, last
+                _check_target(target, force=force, inputs=inputs)
+            earlier = earlier_output(path)
+            for target in targets:
+                _publish(staging / target.name, target, force=force)
+                published.append(target)
+            _remove_earlier(earlier, targets, inputs)
+        except BaseException as e:
+            if not force:  # take back what this run published: all or nothing
+                for target in published:
+                    with contextlib.suppress(OSError):
+                        os.unlink(target)
+            if isinstance(e, OSError):
+                raise _write_error(path, e) from e
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return targets
 
 

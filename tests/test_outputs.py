@@ -11,7 +11,15 @@ import torch
 from safetensors.torch import load, load_file, save
 
 from pspctl.errors import OutputError
-from pspctl.outputs import TMP_SUFFIX, atomic_path, clean_stale, staged_folder, write_safetensors
+from pspctl.outputs import (
+    TMP_SUFFIX,
+    atomic_path,
+    clean_stale,
+    refuse_earlier,
+    staged_folder,
+    write_safetensors,
+    write_safetensors_sharded,
+)
 
 
 def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path):
@@ -168,3 +176,35 @@ def test_written_safetensors_match_the_library_and_are_reproducible(tmp_path):
     # The library's own serialisation of the same dict decodes to the same tensors.
     theirs = load(save({k: v.contiguous() for k, v in tensors.items()}, meta))
     assert all(torch.equal(theirs[k], back[k]) and theirs[k].dtype == back[k].dtype for k in tensors)
+
+
+def test_a_files_missing_parents_are_made_and_removed_again_if_the_write_fails(tmp_path):
+    target = tmp_path / "a" / "b" / "x.bin"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a/b
+    with atomic_path(target) as tmp:
+        tmp.write_text("x")
+    assert target.read_text() == "x"
+    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(3)}
+    with pytest.raises(RuntimeError):  # refused once all shards are staged
+        write_safetensors_sharded(
+            tensors, tmp_path / "c" / "w.safetensors", max_shard_size=1200, verify=_refuse
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    written = write_safetensors_sharded(tensors, tmp_path / "c" / "w.safetensors", max_shard_size=1200)
+    assert len(written) == 4 and all(p.is_file() for p in written)
+
+
+def test_a_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(OutputError, match="f: is a file, not a directory"):
+        refuse_earlier(tmp_path / "f" / "sub" / "x.bin", force=True)
+    with pytest.raises(OutputError, match="is a file"), atomic_path(tmp_path / "f" / "x.bin"):
+        pytest.fail("the body must not run")
+
+
+def _refuse(path):
+    assert path.is_file()
+    raise RuntimeError("refused")

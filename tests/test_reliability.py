@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from benchmarks import fuzz_header
@@ -351,3 +352,19 @@ def test_train_refuses_unsafe_labels_before_training(tmp_path, monkeypatch):
     )
     assert result.exit_code == 3, result.output
     assert "label '../x'" in result.stderr and not Path("t.safetensors").exists()
+
+
+def test_merge_and_extract_make_an_outputs_missing_folders(merged):
+    result = run("merge", *(f"model{i}.pt" for i in range(4)), "-o", "out/new/w.safetensors", "-q")
+    assert result.exit_code == 0, result.output
+    result = run("extract", "out/new/w.safetensors", "--context", "2", "-o", "models/2/m.safetensors")
+    assert result.exit_code == 0, result.output
+    original = torch.load("model2.pt", weights_only=True)
+    back = load_file("models/2/m.safetensors")
+    assert back.keys() == original.keys()
+    assert torch.allclose(back["2.weight"], original["2.weight"])  # per context: exact
+    Path("afile").write_text("not a folder")
+    result = run("merge", *(f"model{i}.pt" for i in range(4)), "-o", "afile/w.safetensors", "-q")
+    assert result.exit_code == 8 and result.output.endswith("afile: is a file, not a directory\n"), (
+        result.output
+    )
