@@ -184,15 +184,22 @@ def test_bundled_samples_export_both_ways(tmp_path, kind):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_all_contexts_named_after_labels(tmp_path):
+def test_all_contexts_named_after_labels_with_progress_per_graph(tmp_path):
     file = merged(tmp_path, [mlp(i) for i in range(3)], "binary")
-    report = export_contexts(file, task_of(lambda: mlp(0), MLP_IN), "all", tmp_path / "out")
+    calls = []
+    task = task_of(lambda: mlp(0), MLP_IN)
+    report = export_contexts(file, task, "all", tmp_path / "out", progress=lambda *a: calls.append(a))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "model0.onnx",
         "model1.onnx",
         "model2.onnx",
     ]
     assert [c.context for c in report.checks] == [0, 1, 2] and len(report.files) == 3
+    assert calls == [(1, 3, "model0"), (2, 3, "model1"), (3, 3, "model2")]
+    calls.clear()
+    export_multi(file, task, tmp_path / "m.onnx", progress=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert [c[2] for c in calls[1:4]] == ["model0", "model1", "model2"]
 
 
 def test_graphs_go_into_missing_parent_folders_and_a_failed_move_leaves_nothing(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from pspctl.cli.common import app, console, folded, handle_errors, human_bytes, print_json
+from pspctl.cli.common import app, console, folded, handle_errors, human_bytes, print_json, progress_bar
 from pspctl.cli.core import DEFAULT_FILE, BaseOpt, FileArg, superposed_path
 from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
@@ -53,6 +53,7 @@ def export(
         ),
     ] = 1,
     base: BaseOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Export ONNX graphs (per context, or one multi-context graph) and validate them in onnxruntime."""
     from pspctl.errors import InputError
@@ -68,14 +69,17 @@ def export(
         raise InputError(f"--atol {atol:g} / --rtol {rtol:g}: tolerances cannot be negative")
     sf = SuperposedFile(file, base=base)
     loaded = require_task(sf, task, "example_inputs")
-    if multi:
-        report = export_multi(
-            sf, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False, batch=batch
-        )
-    else:
-        report = export_contexts(
-            sf, loaded, str(context), output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False
-        )
+    with progress_bar("exporting", quiet=quiet or json_out) as update:
+        if multi:
+            report = export_multi(
+                sf, loaded, output, opset=opset, atol=atol, rtol=rtol, force=force, strict=False,
+                batch=batch, progress=update,
+            )  # fmt: skip
+        else:
+            report = export_contexts(
+                sf, loaded, str(context), output, opset=opset, atol=atol, rtol=rtol, force=force,
+                strict=False, progress=update,
+            )  # fmt: skip
     _render(report, json_out)  # the checks, failed or not: a failure writes nothing
     error = validation_error(report)
     if error is not None:

@@ -27,7 +27,7 @@ from pspctl.onnx_export.report import ExportReport
 from pspctl.onnx_export.validate import compare, session, torch_outputs
 from pspctl.outputs import staged_folder
 from pspctl.task import Task, check_fits, load_state, on_task_data
-from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
+from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, Progress
 
 __all__ = ["export_contexts", "export_multi"]
 
@@ -154,10 +154,12 @@ def export_contexts(
     rtol: float = DEFAULT_RTOL,
     force: bool = False,
     strict: bool = True,
+    progress: Progress | None = None,
 ) -> ExportReport:
     """Export per-context graphs: one ordinary ONNX model per context, retrieved weights folded in.
 
     With `context="all"`, `output` is a directory and the graphs are `<label>.onnx`.
+    `progress(done, total, label)` is called after each context's graph is validated.
 
     Raises:
         ContextError, TaskError, TraceError, MismatchError, OutputError; with `strict` (the
@@ -170,8 +172,9 @@ def export_contexts(
     directory = output if str(context) == "all" else None
     report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
     staged = _staging([t for _, t in todo], force=force, directory=directory, source=file.path)
+    tick = progress or (lambda done, total, item: None)
     with _unless_strict(report, strict), staged as staging:
-        for k, target in todo:
+        for done, (k, target) in enumerate(todo, 1):
             graph = staging / target.name
             model = _export_one(task, file, k, graph, opset)
             inputs, report.inputs_from, what = _validation_inputs(task, k)
@@ -184,6 +187,7 @@ def export_contexts(
                 context=k, label=file.labels[k], atol=atol, rtol=rtol,
             )  # fmt: skip
             report.files[str(target)] = _graph_bytes(graph)
+            tick(done, len(todo), file.labels[k])
         _fail_if_needed(report)
     return report
 
@@ -200,6 +204,7 @@ def export_multi(
     measure_per_context: bool = True,
     strict: bool = True,
     batch: int = 1,
+    progress: Progress | None = None,
 ) -> ExportReport:
     """Export one graph serving all K contexts: inputs (context: int64 scalar, *task inputs).
 
@@ -209,7 +214,8 @@ def export_multi(
     graph is also exported (not kept) to report K × its size beside the multi-context file.
     `batch` is the batch size each per-context Linear's storage is chosen for (one Gemm over
     all K copies, or a Gather; see modules.all_k_pays); the graph runs at any batch.
-    `report.layers` says, per tensor, how it is served.
+    `report.layers` says, per tensor, how it is served. `progress(done, total, step)` is called
+    after the export, each context's validation and the per-context measurement.
 
     Raises:
         As export_contexts; ValidationError if the out-of-range flag misbehaves.
@@ -219,6 +225,8 @@ def export_multi(
     K = file.num_contexts
     report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")
     staged = _staging([output], force=force, directory=None, source=file.path)
+    steps = K + 1 + measure_per_context
+    tick = progress or (lambda done, total, item: None)
     with _unless_strict(report, strict), staged as staging:
         graph = staging / output.name
         if batch < 1:
@@ -234,6 +242,7 @@ def export_multi(
             output_names=[*names, "context_valid"], opset=opset, varargs=True,
             branches=BRANCH in wrapper.layers.values(),
         )  # fmt: skip
+        tick(1, steps, "graph")
         sess = session(graph)
         feeds = [i.name for i in sess.get_inputs()]
         for k in range(K):
@@ -246,6 +255,7 @@ def export_multi(
                 got[:-1], want, names,
                 context=k, label=file.labels[k], atol=atol, rtol=rtol,
             )  # fmt: skip
+            tick(k + 2, steps, file.labels[k])
         for bad in (-1, K):
             if bool(sess.run(None, _feed(feeds, bad, inputs))[-1]):
                 raise ValidationError(f"context {bad} is out of range but the graph does not flag it")
@@ -256,6 +266,7 @@ def export_multi(
             _export_one(task, file, 0, single, opset)
             report.per_context_bytes = K * _graph_bytes(single)
             shutil.rmtree(single.parent)
+            tick(steps, steps, "per-context size")
         _fail_if_needed(report)
     return report
 
