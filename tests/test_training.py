@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,8 @@ def test_tune_end_to_end(workdir):
     before_hash = sha256_file(Path("w.safetensors"))
     result = run("tune", "--steps", 6, "--eval-every", 3, "--metrics", "tune.json", "-q")
     assert result.exit_code == 0, result.output
-    assert "distill objective, 6 steps" in result.output and "wrote w.tuned.safetensors" in result.output
+    assert "distill objective, 6 steps at lr 0.0001" in " ".join(result.output.split())
+    assert "wrote w.tuned.safetensors" in result.output
     assert sha256_file(Path("w.safetensors")) == before_hash  # the input is never modified
     report = json.loads(Path("tune.json").read_text())
     assert report["objective"] == "distill" and [c["step"] for c in report["curve"]] == [0, 3, 6]
@@ -187,6 +189,45 @@ def test_tune_warns_when_the_tuned_file_is_worse(workdir):
     assert report["worse"] is False and report["warnings"] == [] and result.stderr == ""
     result = run("tune", "--steps", 6, "--lr", "1e-2", "-o", "better.safetensors", "--force", "-q")
     assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_tune_without_lr_lowers_it_from_the_file_while_the_result_is_worse(workdir, monkeypatch):
+    """Without --lr, tune tries AUTO_LRS in order, each from the file: the kept result is the
+    one a plain --lr run at that rate gives, not a run continued from the damaged weights."""
+    task = write_task(workdir)
+    merge(make_originals(workdir, task), "w.safetensors",
+          MergeOptions(base="none", kind="complex", task=str(task), policy=_all()))  # fmt: skip
+    monkeypatch.setattr(
+        sys.modules["pspctl.training.tune"], "AUTO_LRS", (10.0, 1e-2)
+    )  # the first is far too large
+    result = run("tune", "--steps", 6, "--metrics", "auto.json", "-q")
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    report = json.loads(Path("auto.json").read_text())
+    assert [(t["lr"], t["worse"]) for t in report["tried"]] == [(10.0, True), (1e-2, False)]
+    assert report["lr"] == 1e-2 and report["worse"] is False and report["warnings"] == []
+    assert report["tried"][0]["mean_after"] < report["mean_before"] < report["mean_after"]
+    out = " ".join(result.stdout.split())
+    assert f"note: lr 10 made the merge worse (mean accuracy {report['mean_before']:.4g} → " in out
+    assert "tried lr 0.01 from the file again" in out and "6 steps at lr 0.01" in out
+    assert [c["step"] for c in report["curve"]] == [0, 6]  # the kept run's curve
+    auto = SuperposedFile("w.tuned.safetensors")
+    record = auto.header.history[-1]
+    assert record["lr"] == 1e-2 and record["lr_tried"] == [10.0, 1e-2]
+    assert run("tune", "--steps", 6, "--lr", "1e-2", "-o", "plain.safetensors", "-q").exit_code == 0
+    plain = SuperposedFile("plain.safetensors")
+    for name in auto.names(role="superposed"):
+        assert torch.equal(auto.superposed(name), plain.superposed(name)), name
+
+    # Worse at every rate: the least bad is written, with a warning naming the rates tried.
+    monkeypatch.setattr(sys.modules["pspctl.training.tune"], "AUTO_LRS", (10.0, 30.0))
+    result = run("tune", "--steps", 6, "-o", "bad.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    tried = {t["lr"]: t["mean_after"] for t in report["tried"]}
+    assert set(tried) == {10.0, 30.0} and all(t["worse"] for t in report["tried"])
+    assert report["mean_after"] == max(tried.values()) and report["lr"] == max(tried, key=tried.get)
+    (warning,) = report["warnings"]
+    assert "at every lr tried (10, 30)" in warning and "the least bad; it was written anyway" in warning
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,14 @@ def tune_command(
             help="distill (match the original models), task (labels), or auto: distill if they exist."
         ),
     ] = Objective.AUTO,
-    lr: Annotated[float, typer.Option(help="Learning rate (Adam).")] = 1e-4,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate (Adam). Default: 1e-4, then 1e-5 and 1e-6, each from the file again, "
+            "while the result is worse than the input.",
+            show_default=False,
+        ),
+    ] = None,
     eval_every: Annotated[
         int, typer.Option(help="Also evaluate every N steps (0: before and after only).")
     ] = 0,
@@ -257,7 +264,9 @@ def tune_command(
         print_json(data)
         return
     m = report.metric
-    table = Table(title=f"{file} → {output}: {m}, {report.objective} objective, {report.steps} steps")
+    table = Table(
+        title=f"{file} → {output}: {m}, {report.objective} objective, {report.steps} steps at lr {report.lr:g}"
+    )
     for col in ("context", "original", "before", "after"):
         table.add_column(col, justify="left" if col == "context" else "right")
     for k in range(len(report.before)):
@@ -270,6 +279,8 @@ def tune_command(
     if d["mean_originals"] is not None:
         line += f" (originals {d['mean_originals']:.2f})"
     console.print(f"{line} · {report.wall_s:.1f} s")
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False)
     console.print(f"wrote {output}")
     for warning in report.warnings:
         err_console.print(f"warning: {warning}", markup=False)

@@ -139,6 +139,17 @@ class World:
             raise failure
         return result
 
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """`fn`'s result on rank 0, sent to every rank (each must call this at the same point).
+        A value rank 0 decides, such as whether to try again, that all ranks then follow."""
+        value: list[Any] = [self.on_main(fn)]
+        if self.grouped:
+            import torch.distributed as dist
+
+            with _collective("waiting for rank 0"):
+                dist.broadcast_object_list(value, src=0)
+        return value[0]
+
     def on_cpu(self, model: M) -> M:
         """`model` itself on CPU; a CPU copy when the ranks train on GPUs (evaluation, saving)."""
         return model if self.device.type == "cpu" else copy.deepcopy(model).cpu()
