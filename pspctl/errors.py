@@ -60,6 +60,12 @@ class UnsafeCheckpointError(PspctlError):
     exit_code = 4
 
 
+class UntrustedTaskError(PspctlError):
+    """A superposed file names a task file this user never ran with pspctl (`pspctl.trust`)."""
+
+    exit_code = 4
+
+
 class FormatError(PspctlError):
     """A file is not a pspctl superposed file, or has an unknown format version."""
 

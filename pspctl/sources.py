@@ -163,6 +163,7 @@ def require_task(sf: SuperposedFile, explicit: str | Path | None, *needs: str) -
     Raises:
         TaskError: the file records no task and none is given; the task lacks one of `needs`,
             or fails to import.
+        UntrustedTaskError: the recorded task is not one the user has run (`pspctl.trust`).
         InputError: the task file does not exist (where it was recorded, nor beside the file).
         PspctlError: an HF merge without a task file, and transformers is not installed.
     """
@@ -180,7 +181,8 @@ def require_task(sf: SuperposedFile, explicit: str | Path | None, *needs: str) -
             return task
         if spec is None:
             raise TaskError(f"{sf.path} records no task file; pass --task")
-        explicit = spec
-    task = load_task(explicit)
+        task = load_task(spec, recorded_in=sf.path)  # only a task the user has run (pspctl.trust)
+    else:
+        task = load_task(explicit)
     task.require(*needs)
     return task

@@ -24,8 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from pspctl import trust
 from pspctl.checkpoints import checkpoint_names, find_ties
-from pspctl.errors import InputError, MismatchError, PspctlError, TaskError, listed, one_line
+from pspctl.errors import (
+    InputError,
+    MismatchError,
+    PspctlError,
+    TaskError,
+    UntrustedTaskError,
+    listed,
+    one_line,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OPTIONAL = ("example_inputs", "load_data", "evaluate")
@@ -264,18 +273,30 @@ def on_task_data(source: str, what: str) -> Iterator[None]:
         raise TaskError(f"task file {source}: its model does not fit {what}: {one_line(exc)}") from exc
 
 
-def load_task(spec: str | Path) -> Task:
+def load_task(spec: str | Path, *, recorded_in: str | Path | None = None) -> Task:
     """Import a task file and collect its functions.
 
     ``spec`` is a path to a ``.py`` file or a dotted module name (``samples.digits_task``).
-    Importing runs the module's code: only load task files you trust.
+    Importing runs the module's code: only load task files you trust. A task the user names
+    is remembered as trusted (`pspctl.trust`); one a superposed file names (``recorded_in``)
+    is imported only if it is one remembered, with the same content.
 
     Raises:
         InputError: ``spec`` looks like a path and no such file exists.
+        UntrustedTaskError: ``recorded_in`` names a task this user never ran (its content).
         TaskError: importing it fails, or it has no callable ``build_model``.
     """
     source = str(spec)
+    if recorded_in is not None and _looks_like_path(spec) and not Path(spec).is_file():
+        raise InputError(f"task file {spec} (recorded in {recorded_in}) does not exist (or is not a file)")
+    if recorded_in is not None and not trust.trusted(spec):
+        raise UntrustedTaskError(
+            f"{recorded_in} names task file {spec}, which has not been run with pspctl here (not with "
+            f"this content): running it executes its code; read it, then pass --task {spec}"
+        )
     module = _import(spec)
+    if recorded_in is None:
+        trust.remember(spec)
     functions = {name: getattr(module, name, None) for name in ("build_model", *OPTIONAL)}
     for name, value in functions.items():
         if value is not None and not callable(value):

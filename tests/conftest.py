@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+
+def pytest_configure(config):
+    """The tests' own list of trusted task files (pspctl.trust), never the user's: shared by
+    the session (a module fixture's `merge --task` trusts its task for the tests using it)."""
+    from pspctl.trust import ENV
+
+    os.environ[ENV] = str(Path(tempfile.mkdtemp(prefix="pspctl-trust-")) / "trusted-tasks.json")
 
 
 def mlp(seed: int, width: int = 48) -> nn.Module:

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "file format and checkpoints",
-        ("digests", "outputs", "checkpoints", "header", "fileformat", "task", "plotting", "hf"),
+        ("digests", "outputs", "checkpoints", "header", "fileformat", "trust", "task", "plotting", "hf"),
     ),
     (
         "use cases",

@@ -28,6 +28,7 @@ from pspctl.analysis.report import ContextSummary, LayerError, PruneResult, Repo
 from pspctl.analysis.weights import stored_values, tensor_pass
 from pspctl.checkpoints import Checkpoint
 from pspctl.dtypes import itemsize
+from pspctl.errors import UntrustedTaskError
 from pspctl.fileformat import SuperposedFile, open_superposed
 from pspctl.policy import Role, predicted_errors
 from pspctl.task import (
@@ -210,7 +211,12 @@ def _find_task(sf: SuperposedFile, spec: str | Path | Task | None) -> tuple[Task
                 f"task {recorded} (recorded by merge) not found: pass --task; "
                 "function-space error on random probes of the weights only"
             )
-        spec = recorded
+        try:
+            task = load_task(recorded, recorded_in=sf.path)  # only a task the user has run (pspctl.trust)
+        except UntrustedTaskError as e:
+            return None, f"{e}; function-space error on random probes of the weights only"
+        task.require("build_model")
+        return task, None
     task = spec if isinstance(spec, Task) else load_task(spec)
     task.require("build_model")
     return task, None
