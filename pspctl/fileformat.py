@@ -348,6 +348,7 @@ class SuperposedFile(_Stored):
         self.path = _superposed_file(Path(path))
         self._base_path = None if base is None else Path(base)
         self._base: Checkpoint | None = None
+        self.linked_base_path: Path | None = None  # where the linked base was found, once read
         self._verified: set[str] = set()
         self._handles: dict[str, object] = {}  # stored name -> the safe_open handle of its file
         self._checksums: dict[str, str] = {}
@@ -491,6 +492,7 @@ class SuperposedFile(_Stored):
                     f"{record['sha256']}; pass the base it was merged on"
                 )
             self._base = open_checkpoint(found, strip_prefix=self.header.recipe.get("strip_prefix"))
+            self.linked_base_path = found
         return self._base
 
     @property

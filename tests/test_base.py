@@ -344,12 +344,25 @@ def test_analyze_and_tune_take_a_moved_linked_base(tmp_path, monkeypatch):
         result = run(*command, "--base", moved)
         assert result.exit_code == 0, result.output
     result = run(
-        "tune", "--steps", "2", "-o", "t.safetensors", "--objective", "distill", "--base", moved, "-q"
+        "tune",
+        "--steps",
+        "2",
+        "-o",
+        "sub/t.safetensors",
+        "--objective",
+        "distill",
+        "--base",
+        "moved.safetensors",
+        "-q",
     )
     assert result.exit_code == 0, result.output
     from pspctl.fileformat import SuperposedFile as SF
 
-    assert SF("t.safetensors", base=moved).header.base["linked"]
+    tuned = SF("sub/t.safetensors")  # records the base where tune read it, relative to itself
+    assert tuned.header.base["linked"] and tuned.header.base["path"] == "../moved.safetensors"
+    monkeypatch.chdir(tmp_path / "sub")
+    result = run("extract", "t.safetensors", "--context", "1", "-o", "one.safetensors")  # no --base needed
+    assert result.exit_code == 0, result.output
 
 
 MEASURED_TASK = """

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pspctl.digests import INDEX_SUFFIX, rebase, record_task, sha256_checkpoint
+from pspctl.digests import INDEX_SUFFIX, rebase, record_path, record_task, sha256_checkpoint
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import PSPModel, load, save
@@ -332,8 +332,12 @@ def tune(
         elif task.endswith(".py"):
             task = rebase(task, file.path, output)
         model = world.on_cpu(psp)
-        if model.base and model.base.get("path"):
-            model.base = {**model.base, "path": rebase(model.base["path"], file.path, output)}
+        if model.base and model.base.get("path"):  # the linked base where it was read (--base PATH)
+            found = file.linked_base_path
+            path = (
+                rebase(model.base["path"], file.path, output) if found is None else record_path(found, output)
+            )
+            model.base = {**model.base, "path": path}
         record = {
             "step": "tune",
             "input": str(file.path),
