@@ -346,9 +346,8 @@ class SuperposedFile(_Stored):
 
     def __init__(self, path: str | Path, *, base: str | Path | None = None):
         self.path = _superposed_file(Path(path))
-        self._base_path = None if base is None else Path(base)
+        self.base_given = None if base is None else Path(base)  # --base PATH, the linked base
         self._base: Checkpoint | None = None
-        self.linked_base_path: Path | None = None  # where the linked base was found, once read
         self._verified: set[str] = set()
         self._handles: dict[str, object] = {}  # stored name -> the safe_open handle of its file
         self._checksums: dict[str, str] = {}
@@ -479,7 +478,7 @@ class SuperposedFile(_Stored):
         if self._base is None:
             record = self.header.base or {}
             recorded = Path(record["path"])
-            where = [self._base_path] if self._base_path else candidates(record["path"], self.path.parent)
+            where = [self.base_given] if self.base_given else candidates(record["path"], self.path.parent)
             found = next((p for p in where if p.exists()), None)
             if found is None:
                 raise InputError(
@@ -492,7 +491,6 @@ class SuperposedFile(_Stored):
                     f"{record['sha256']}; pass the base it was merged on"
                 )
             self._base = open_checkpoint(found, strip_prefix=self.header.recipe.get("strip_prefix"))
-            self.linked_base_path = found
         return self._base
 
     @property

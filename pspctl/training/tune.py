@@ -332,10 +332,10 @@ def tune(
         elif task.endswith(".py"):
             task = rebase(task, file.path, output)
         model = world.on_cpu(psp)
-        if model.base and model.base.get("path"):  # the linked base where it was read (--base PATH)
-            found = file.linked_base_path
+        if model.base and model.base.get("path"):  # a linked base: where it was read (--base PATH)
+            given = file.base_given
             path = (
-                rebase(model.base["path"], file.path, output) if found is None else record_path(found, output)
+                rebase(model.base["path"], file.path, output) if given is None else record_path(given, output)
             )
             model.base = {**model.base, "path": path}
         record = {
