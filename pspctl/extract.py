@@ -9,11 +9,12 @@ from pathlib import Path
 from torch import Tensor
 
 from pspctl.checkpoints import save_state_dict
-from pspctl.digests import SUFFIXES, checkpoint_files, sha256_file
+from pspctl.digests import SUFFIXES, sha256_file
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile
 from pspctl.hf import folder_names, write_folder
 from pspctl.outputs import staged_folder, write_safetensors_sharded
+from pspctl.sources import files_read
 
 __all__ = ["default_format", "extract", "plan_outputs"]
 
@@ -71,7 +72,9 @@ def extract(
     """
     file = SuperposedFile(path, base=base)
     output = Path(output)
-    sources = [*file.files] + (checkpoint_files(file.linked_base().path) if file.linked else [])
+    if file.linked:
+        file.linked_base()  # there, and the one merged on: checked before any work
+    sources = files_read(file)  # nor an original: a retrieval must never replace the exact model
     fmt = fmt or default_format(file, context, output)
     if fmt == "hf":
         return _extract_hf(file, context, output, force=force, sources=sources, max_shard_size=max_shard_size)

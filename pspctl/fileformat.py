@@ -468,6 +468,15 @@ class SuperposedFile(_Stored):
             return self.linked_base()[stored_name[len(BASE) :]]
         return self._raw(stored_name)
 
+    def linked_base_location(self) -> Path | None:
+        """Where the linked base is: --base, else its recorded path (as `candidates` tries
+        it); None if it is nowhere, or the file has no linked base. Hashes nothing."""
+        if not self.linked:
+            return None
+        record = self.header.base or {}
+        where = [self.base_given] if self.base_given else candidates(record["path"], self.path.parent)
+        return next((p for p in where if p.exists()), None)
+
     def linked_base(self) -> Checkpoint:
         """The linked base checkpoint, found at --base or at its recorded path (as given, then
         beside this file), checked against its recorded sha256.
@@ -478,8 +487,7 @@ class SuperposedFile(_Stored):
         if self._base is None:
             record = self.header.base or {}
             recorded = Path(record["path"])
-            where = [self.base_given] if self.base_given else candidates(record["path"], self.path.parent)
-            found = next((p for p in where if p.exists()), None)
+            found = self.linked_base_location()
             if found is None:
                 raise InputError(
                     f"{self.path}: its linked base {recorded} is not there; pass --base PATH to the parent checkpoint"

@@ -70,7 +70,7 @@ def refuse_inputs(output: str | Path, inputs: Iterable[str | Path]) -> None:
     output = Path(output)
     for source in inputs:
         if _same(output, Path(source)):
-            raise OutputError(f"{output}: output is one of the inputs ({source}); choose another -o")
+            raise OutputError(f"{output}: output is one of the inputs ({source}); write it elsewhere")
 
 
 def _tmp_name(path: Path) -> Path:

@@ -12,13 +12,14 @@ Each command words what it cannot find in its own terms (analyze notes it and sk
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pspctl.checkpoints import Checkpoint, open_checkpoint
-from pspctl.digests import candidates, sha256_checkpoint
-from pspctl.errors import MismatchError, TaskError, listed
+from pspctl.digests import candidates, checkpoint_files, sha256_checkpoint
+from pspctl.errors import InputError, MismatchError, TaskError, listed
 from pspctl.fileformat import SuperposedFile
 from pspctl.hf import hf_task
 from pspctl.task import Task, load_task
@@ -26,6 +27,7 @@ from pspctl.task import Task, load_task
 __all__ = [
     "Located",
     "candidates",
+    "files_read",
     "find_originals",
     "hf_task",
     "locate_originals",
@@ -64,6 +66,35 @@ def locate_originals(sf: SuperposedFile) -> Located:
         else:
             out.paths.append(found)
     return out
+
+
+def files_read(
+    sf: SuperposedFile,
+    *,
+    task: str | Path | None = None,
+    originals: Sequence[str | Path] | None = None,
+) -> list[Path]:
+    """Every file a command on `sf` may read, which none of its outputs may be, even with
+    --force (`outputs.refuse_inputs`): the superposed file's own files, its linked base, the
+    originals (`originals`, else the recorded ones where found), and the task file (`task`,
+    else the recorded one). Extract protects the originals too: a lossy retrieval must never
+    replace the exact model. Hashes and opens nothing."""
+    paths = list(sf.files)
+    base = sf.linked_base_location()
+    wanted: list[Path] = [] if base is None else [base]
+    if originals is None:
+        for entry in sf.header.inputs:
+            wanted += [p for p in candidates(entry["path"], sf.path.parent) if p.exists()][:1]
+    else:
+        wanted += [Path(o) for o in originals]
+    for path in wanted:
+        paths.append(path)
+        with contextlib.suppress(InputError, OSError):  # not a checkpoint: the path itself is kept
+            paths += checkpoint_files(path)
+    spec = task if task is not None else recorded_task(sf)[0]
+    if spec is not None and str(spec).endswith(".py"):
+        paths.append(Path(spec))
+    return list(dict.fromkeys(paths))
 
 
 def open_originals(

@@ -368,3 +368,69 @@ def test_merge_and_extract_make_an_outputs_missing_folders(merged):
     assert result.exit_code == 8 and result.output.endswith("afile: is a file, not a directory\n"), (
         result.output
     )
+
+
+REPORT_TASK = """
+import torch
+from tests.conftest import mlp
+
+def build_model():
+    return mlp(0)
+
+def example_inputs():
+    return (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)),)
+
+def load_data(context, split):
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(context))
+    return [(x, (x[:, 0] > 0).long())]
+"""
+
+
+def test_no_output_replaces_a_file_the_command_reads_even_with_force(merged):
+    """Side outputs (analyze --json/--plot, tune --metrics, train --metrics) and -o of tune,
+    export and extract: never the superposed file, an original (recorded and found), the
+    task file, whatever --force says."""
+    Path("task.py").write_text(REPORT_TASK)
+    Path("s").mkdir()
+    paths = save_models([mlp(i) for i in range(2)], Path("s"), ".safetensors")
+    assert run("merge", *paths, "-o", "s.safetensors", "--superpose", "2.weight", "-q").exit_code == 0
+    before = {p: p.read_bytes() for p in [merged, Path("task.py"), *Path().glob("model*.pt"), *paths]}
+    attempts = [
+        ["analyze", "--task", "task.py", "--json", "model0.pt", "-q"],  # found through the header
+        ["analyze", "--task", "task.py", "--json", "task.py", "-q"],
+        [
+            "tune",
+            "--task",
+            "task.py",
+            "--steps",
+            1,
+            "-o",
+            "t.safetensors",
+            "--metrics",
+            "w.safetensors",
+            "--force",
+        ],
+        ["tune", "s.safetensors", "--task", "task.py", "--steps", 1, "-o", "s/model1.safetensors", "--force"],
+        ["export", "--task", "task.py", "--context", 0, "-o", "task.py", "--force"],
+        ["extract", "--context", 2, "-o", "model2.pt", "--force"],  # a lossy copy over the exact model
+        [
+            "train",
+            "--task",
+            "task.py",
+            "-k",
+            2,
+            "--steps",
+            2,
+            "-o",
+            "x.safetensors",
+            "--metrics",
+            "task.py",
+            "--force",
+        ],
+    ]
+    for args in attempts:
+        result = run(*args)
+        assert result.exit_code == 8, (args, result.output)
+        assert "output is one of the inputs" in result.output, result.output
+    assert {p: p.read_bytes() for p in before} == before
+    assert not Path("t.safetensors").exists() and not Path("x.safetensors").exists()

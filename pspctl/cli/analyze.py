@@ -85,17 +85,21 @@ def analyze(
         from pspctl.plotting import require_matplotlib
 
         require_matplotlib()
-    from pspctl.outputs import refuse_inputs
+    from pspctl.outputs import refuse_earlier, refuse_inputs
+    from pspctl.sources import files_read
 
     origs = [p for v in originals for p in v.split(",") if p] if originals else None
+    sf = SuperposedFile(file, base=base)
+    read = files_read(sf, task=task, originals=origs)
     for out in (json_file, plot):
-        if out is not None and (out.is_dir() or not out.parent.is_dir()):
-            raise OutputError(f"{out}: not a writable file path")
-        if out is not None:  # these overwrite by design, but never an input
-            refuse_inputs(out, [file, *(origs or [])])
+        if out is not None and out.is_dir():
+            raise OutputError(f"{out}: is a directory")
+        if out is not None:  # these overwrite by design, but never a file this run reads
+            refuse_inputs(out, read)
+            refuse_earlier(out, force=True)  # a parent that is a file: before any work
     with progress_bar("analyzing", quiet=quiet) as update:
         report = run_analyze(
-            SuperposedFile(file, base=base), originals=origs, task=task, sparsities=_floats(sparsity, DEFAULT_SPARSITIES),
+            sf, originals=origs, task=task, sparsities=_floats(sparsity, DEFAULT_SPARSITIES),
             max_samples=samples, max_drop=max_drop, max_output_error=max_output_error, trust_pickle=trust_pickle, seed=seed, progress=update,
         )  # fmt: skip
     render(report)

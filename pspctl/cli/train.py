@@ -103,6 +103,7 @@ def train_command(
     """
     from pspctl.checkpoints import refuse_existing
     from pspctl.errors import MismatchError
+    from pspctl.outputs import refuse_inputs
     from pspctl.plotting import require_matplotlib
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
@@ -117,6 +118,9 @@ def train_command(
     if plot is not None:
         require_matplotlib()
         refuse_existing(plot, force=force)
+    for path in (output, metrics, plot):  # never the task file the run imports, even with --force
+        if path is not None:
+            refuse_inputs(path, [task])
     options = TrainOptions(
         num_contexts=contexts,
         kind=kind.value,
@@ -221,7 +225,8 @@ def tune_command(
     """
     from pspctl.checkpoints import refuse_existing
     from pspctl.fileformat import SuperposedFile
-    from pspctl.sources import require_task
+    from pspctl.outputs import refuse_inputs
+    from pspctl.sources import files_read, require_task
     from pspctl.training import TuneOptions, default_output, tune
     from pspctl.training.common import write_json
     from pspctl.training.distributed import launch
@@ -231,6 +236,7 @@ def tune_command(
     output = output or default_output(file)
     if metrics is not None:
         refuse_existing(metrics, force=force)
+        refuse_inputs(metrics, [output, *files_read(sf, task=loaded.source)])
     options = TuneOptions(
         steps=steps,
         objective=objective.value,

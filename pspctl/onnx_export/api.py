@@ -26,6 +26,7 @@ from pspctl.onnx_export.modules import BRANCH, MultiContextModel
 from pspctl.onnx_export.report import ExportReport
 from pspctl.onnx_export.validate import compare, session, torch_outputs
 from pspctl.outputs import staged_folder
+from pspctl.sources import files_read
 from pspctl.task import Task, check_fits, load_state, on_task_data
 from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, Progress
 
@@ -84,10 +85,11 @@ def _tracing_inputs(task: Task) -> tuple[Tensor, ...]:
     return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
 
 
-def _staging(targets: list[Path], *, force: bool, directory: Path | None, source: Path):
-    """A staging folder whose files move beside `targets` (into `directory` if given) on success."""
+def _staging(targets: list[Path], *, force: bool, directory: Path | None, inputs: list[Path]):
+    """A staging folder whose files move beside `targets` (into `directory` if given) on success;
+    none of them may be one of `inputs`, even with `force`."""
     folder = directory if directory is not None else targets[0].parent
-    return staged_folder(folder, [t.name for t in targets], force=force, inputs=[source])
+    return staged_folder(folder, [t.name for t in targets], force=force, inputs=inputs)
 
 
 def _graph_bytes(path: Path) -> int:
@@ -171,7 +173,8 @@ def export_contexts(
     todo = plan_outputs(file, context, output, ".onnx")
     directory = output if str(context) == "all" else None
     report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
-    staged = _staging([t for _, t in todo], force=force, directory=directory, source=file.path)
+    read = files_read(file, task=task.source)
+    staged = _staging([t for _, t in todo], force=force, directory=directory, inputs=read)
     tick = progress or (lambda done, total, item: None)
     with _unless_strict(report, strict), staged as staging:
         for done, (k, target) in enumerate(todo, 1):
@@ -224,7 +227,7 @@ def export_multi(
     output = Path(output)
     K = file.num_contexts
     report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")
-    staged = _staging([output], force=force, directory=None, source=file.path)
+    staged = _staging([output], force=force, directory=None, inputs=files_read(file, task=task.source))
     steps = K + 1 + measure_per_context
     tick = progress or (lambda done, total, item: None)
     with _unless_strict(report, strict), staged as staging:

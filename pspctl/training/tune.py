@@ -23,7 +23,7 @@ from pspctl.digests import INDEX_SUFFIX, rebase, record_path, record_task, sha25
 from pspctl.errors import InputError, OutputError
 from pspctl.fileformat import SuperposedFile, check_output, open_superposed
 from pspctl.nn import PSPModel, load, save
-from pspctl.sources import locate_originals, open_originals
+from pspctl.sources import files_read, locate_originals, open_originals
 from pspctl.task import (
     Task,
     as_tensor,
@@ -222,7 +222,7 @@ def tune(
     def check_outputs() -> None:
         if output.exists() and os.path.samefile(output, file.path):  # also through a link
             raise OutputError(f"{output}: tune never overwrites its input; choose another -o")
-        check_output(output, force=force)
+        check_output(output, force=force, inputs=files_read(file, task=task.source))
 
     world.on_main(check_outputs)  # only rank 0 writes (its file system may be its own)
     task.require("load_data")
