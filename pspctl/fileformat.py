@@ -216,12 +216,16 @@ class _Stored:
         """The base a superposed tensor is centred on (original dtype), or None if it is not."""
         return self.raw(BASE + name) if self.metas[name].centred else None
 
-    def retrieve(self, name: str, k: int, *, superposed: Tensor | None = None) -> Tensor:
+    def retrieve(
+        self, name: str, k: int, *, superposed: Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> Tensor:
         """Model k's tensor, in its original dtype: exact for per-context and shared tensors,
         B + Ŵ_k for centred ones (Ŵ_k retrieved from the superposed deltas), Ŵ_k otherwise.
 
         Args:
             superposed: use this in place of the stored superposed tensor (e.g. pruned).
+            dtype: retrieve in this dtype, and return it (not rounded to the original dtype:
+                what a graph computing in float32 retrieves from half-precision storage).
         """
         meta = self.metas[name]
         if meta.role == Role.SHARED:
@@ -229,8 +233,11 @@ class _Stored:
         if meta.role != Role.SUPERPOSED:
             return self.stacked(name)[k].clone()
         value = self.superposed(name) if superposed is None else superposed
-        weight = unbind(value, self.contexts(name), k, meta.fan_in_axis, base=self.base(name))
-        return weight.to(torch_dtype(meta.dtype))
+        base = self.base(name)
+        if dtype is not None:
+            value, base = value.to(dtype), None if base is None else base.to(dtype)
+        weight = unbind(value, self.contexts(name), k, meta.fan_in_axis, base=base)
+        return weight.to(dtype or torch_dtype(meta.dtype))
 
     def stored_bytes(self, name: str) -> int:
         """Bytes the file spends on original tensor `name` (a linked base costs none)."""

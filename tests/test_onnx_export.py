@@ -518,3 +518,33 @@ def test_a_large_per_context_linear_runs_behind_an_if_tree(tmp_path):
     assert "If" in [n.op_type for n in graph.graph.node]
     assert not any(list(t.dims) == [256, 256] for t in graph.graph.initializer)  # all in branches
     assert_every_context(out, lambda: net(0), file, MLP_IN)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_files_export_as_float32_graphs(tmp_path, dtype):
+    """onnxruntime's CPU provider has no bfloat16 kernels, and float16 rounding fails the
+    tolerances: the graphs compute in float32. Per-context graphs match the extracted model
+    (its half-precision weights upcast); the multi-context graph retrieves in float32."""
+    models = [mlp(i).to(dtype) for i in range(3)]
+    file = merged(tmp_path, models, "binary", base="mean")
+    task = task_of(lambda: mlp(0).to(dtype), MLP_IN)
+    report = export_contexts(file, task, "all", tmp_path / "out")
+    assert report.passed and report.notes == [f"{str(dtype)[6:]} weights run as float32 in the graphs"]
+    sf = SuperposedFile(file)
+    x = fresh_inputs(MLP_IN)[1]
+    multi = export_multi(file, task, tmp_path / "m.onnx", measure_per_context=False)
+    assert multi.passed and "retrieved in float32 inside it" in multi.notes[0]
+    for k in range(3):
+        model = mlp(0)  # float32, with the extracted (rounded) half-precision weights
+        model.load_state_dict({n: t.float() for n, t in sf.state_dict(k).items()})
+        with torch.no_grad():
+            want = model.eval()(x).numpy()
+        got = session(tmp_path / "out" / f"model{k}.onnx").run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+        for name in sf.names(role="superposed"):  # the multi graph: retrieved in float32
+            model.get_parameter(name).data = sf.retrieve(name, k, dtype=torch.float32)
+        with torch.no_grad():
+            want = model(x).numpy()
+        got, valid = session(tmp_path / "m.onnx").run(None, {"context": np.array(k), "input": x.numpy()})
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+        assert bool(valid)

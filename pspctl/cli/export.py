@@ -99,6 +99,8 @@ def _render(report: ExportReport, json_out: bool) -> None:
         status = "[green]ok[/]" if c.passed else "[bold red]FAIL[/]"
         table.add_row(f"{c.context} ({c.label})", c.output, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", status)
     console.print(folded(table))
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False)
     if not report.passed:
         return
     for path, size in report.files.items():

@@ -28,7 +28,7 @@ from pspctl.onnx_export.validate import compare, session, torch_outputs
 from pspctl.outputs import staged_folder
 from pspctl.sources import files_read
 from pspctl.task import Task, check_fits, load_state, on_task_data
-from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, Progress
+from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, Progress, Role
 
 __all__ = ["export_contexts", "export_multi"]
 
@@ -43,13 +43,51 @@ def _fresh_model(task: Task, file: SuperposedFile) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TaskError(f"{task.source}: build_model() returned {type(model).__name__}, not an nn.Module")
     check_fits(model, file.shapes(), str(file.path))
+    to_float32(model)
     return model.eval()
 
 
-def _retrieved(task: Task, file: SuperposedFile, k: int) -> nn.Module:
-    """The PyTorch reference: build_model() with context k's retrieved weights."""
+HALF = (torch.float16, torch.bfloat16)
+
+
+def to_float32(module: nn.Module) -> bool:
+    """Make `module`'s float16 and bfloat16 parameters and buffers float32, in place (float64
+    and complex ones stay); whether any was. The graphs compute in float32, as optimum's
+    exporter does by default: onnxruntime's CPU provider has no bfloat16 kernels for most
+    ops, and a float16 graph differs from PyTorch by float16's rounding, far above the default
+    atol. Retrieved half-precision weights are exactly representable in float32."""
+    changed = False
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.dtype in HALF:
+            t.data = t.data.float()
+            changed = True
+    return changed
+
+
+def _half_note(file: SuperposedFile, *, multi: bool) -> list[str]:
+    half = " and ".join(sorted({m.dtype for m in file.metas.values() if m.dtype in ("float16", "bfloat16")}))
+    if not half:
+        return []
+    if not multi:
+        return [f"{half} weights run as float32 in the graphs"]
+    return [
+        f"{half} weights run as float32 in the graph; superposed ones are retrieved in float32 "
+        f"inside it, not rounded to {half} as extract rounds them"
+    ]
+
+
+def _retrieved(task: Task, file: SuperposedFile, k: int, *, in_float32: bool = False) -> nn.Module:
+    """The PyTorch reference: build_model() with context k's retrieved weights. `in_float32`:
+    superposed half-precision tensors retrieved in float32, as the multi-context graph does
+    (not rounded to their stored dtype, as extraction rounds them)."""
     model = _fresh_model(task, file)
-    return load_state(model, file.state_dict(k), f"context {k} of {file.path}")
+    state = file.state_dict(k)
+    if in_float32:
+        for name in file.names(Role.SUPERPOSED):
+            if state[name].dtype in HALF:
+                state[name] = file.retrieve(name, k, dtype=torch.float32)
+        state.update({alias: state[name] for alias, name in file.tied.items()})
+    return load_state(model, state, f"context {k} of {file.path}")
 
 
 def _as_inputs(obj: Any, what: str) -> tuple[Tensor, ...]:
@@ -173,6 +211,7 @@ def export_contexts(
     todo = plan_outputs(file, context, output, ".onnx")
     directory = output if str(context) == "all" else None
     report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
+    report.notes = _half_note(file, multi=False)
     read = files_read(file, task=task.source)
     staged = _staging([t for _, t in todo], force=force, directory=directory, inputs=read)
     tick = progress or (lambda done, total, item: None)
@@ -227,6 +266,7 @@ def export_multi(
     output = Path(output)
     K = file.num_contexts
     report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")
+    report.notes = _half_note(file, multi=True)
     staged = _staging([output], force=force, directory=None, inputs=files_read(file, task=task.source))
     steps = K + 1 + measure_per_context
     tick = progress or (lambda done, total, item: None)
@@ -235,6 +275,7 @@ def export_multi(
         if batch < 1:
             raise InputError(f"batch {batch}: the batch size to tune for must be at least 1")
         wrapper = MultiContextModel(_fresh_model(task, file), file, batch=batch)
+        to_float32(wrapper)  # the file's own tensors it holds (superposed, stacked)
         report.layers = dict(wrapper.layers)
         example = _tracing_inputs(task)
         n_out = len(_outputs(task, _retrieved(task, file, 0), example, "example_inputs()"))
@@ -250,7 +291,7 @@ def export_multi(
         feeds = [i.name for i in sess.get_inputs()]
         for k in range(K):
             inputs, report.inputs_from, what = _validation_inputs(task, k)
-            want = _outputs(task, _retrieved(task, file, k), inputs, what)
+            want = _outputs(task, _retrieved(task, file, k, in_float32=True), inputs, what)
             got = sess.run(None, _feed(feeds, k, inputs))
             if not bool(got[-1]):
                 raise ValidationError(f"context {k} is in range but the graph flags it invalid")

@@ -28,6 +28,7 @@ class ExportReport:
     # multi only: how the graph serves each tensor (modules.INPUT_SIDE, ALL_K, GATHER, ...),
     # by tensor name, or by layer name for an all-K Linear (its weight and bias)
     layers: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. half-precision weights run as float32
 
     @property
     def passed(self) -> bool:
