@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,19 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
         problems += [f"{n}: only in {ckpt.path.name}" for n in ckpt.names if n not in ref.infos]
     if problems:
         raise MismatchError(f"inputs do not match: {listed(problems, '; ')}")
+
+
+def _unmatched(names: Sequence[str], options: MergeOptions) -> list[str]:
+    """A warning per --keep, --superpose or --fan-in-axis pattern that matches no tensor: a
+    typo (`--keep 2.weigth`) would otherwise leave 2.weight to the policy, silently."""
+    flags = [("--keep", g, g) for g in options.policy.keep]
+    flags += [("--superpose", g, g) for g in options.policy.superpose]
+    flags += [("--fan-in-axis", g, f"{g}={'rest' if a is None else a}") for g, a in options.fan_in_axes]
+    return [
+        f"{flag} {shown!r} matches no tensor; names look like {listed(list(names[:3]))}"
+        for flag, glob, shown in flags
+        if not any(fnmatchcase(n, glob) for n in names)
+    ]
 
 
 def _same_inputs(labels: Sequence[str], digests: Sequence[str]) -> list[str]:
@@ -419,6 +433,7 @@ def _merge(
 
     warnings += differing_files(paths, hf) if hf is not None else []
     warnings += _same_inputs(labels, [h.result() for h in hashes])
+    warnings += _unmatched([i.name for i in infos] + list(ties), options)
     noisy = [f"{label} {e:.3g}" for label, e in zip(labels, errors, strict=True) if e > 1]
     if noisy:  # each tensor may stay under 1 while they add up above it
         warnings.append(

@@ -284,3 +284,20 @@ def test_measured_policy_leaves_zero_size_tensors_alone(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         rows = {t["name"]: t for t in json.loads(result.stdout)["tensors"]}
         assert (rows["5.w"]["role"], rows["5.w"]["reason"]) == ("per_context", "empty")
+
+
+def test_a_pattern_that_matches_no_tensor_warns(tmp_path, monkeypatch):
+    """A typo in --keep would leave the tensor it meant to the policy, silently."""
+    save_models([mlp(i) for i in range(3)], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["merge", "model0.pt", "model1.pt", "model2.pt", "--base", "none", "--superpose", "2.weight"]
+    result = runner.invoke(app, [*args, "--keep", "2.weigth", "--fan-in-axis", "nothing*=0", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [w for w in report["warnings"] if "matches no tensor" in w] == [
+        "--keep '2.weigth' matches no tensor; names look like 0.weight, 0.bias, 2.weight",
+        "--fan-in-axis 'nothing*=0' matches no tensor; names look like 0.weight, 0.bias, 2.weight",
+    ]
+    assert [t["role"] for t in report["tensors"] if t["name"] == "2.weight"] == ["superposed"]
+    result = runner.invoke(app, [*args, "--keep", "4.*", "-o", "ok.safetensors", "-q"])
+    assert result.exit_code == 0 and "matches no tensor" not in result.stderr, result.output
