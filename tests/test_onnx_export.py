@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pspctl.contexts import Kind
-from pspctl.errors import ContextError, MismatchError, OutputError, TaskError
+from pspctl.errors import ContextError, InputError, MismatchError, OutputError, TaskError
 from pspctl.fileformat import SuperposedFile
 from pspctl.merge import MergeOptions, merge
 from pspctl.onnx_export import AtolError, TraceError, convert, export_contexts, export_multi
@@ -548,3 +548,16 @@ def test_half_precision_files_export_as_float32_graphs(tmp_path, dtype):
         got, valid = session(tmp_path / "m.onnx").run(None, {"context": np.array(k), "input": x.numpy()})
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
         assert bool(valid)
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_and_others_are_kept(tmp_path):
+    """The exporter falls back to its own opset where it cannot convert; the graph must have
+    the opset asked for (and the report says), or nothing is written."""
+    file = merged(tmp_path, [mlp(i) for i in range(2)], "binary")
+    task = task_of(lambda: mlp(0), MLP_IN)
+    with pytest.raises(InputError, match=r"^--opset 7: torch's ONNX exporter could not write this model"):
+        export_contexts(file, task, 0, tmp_path / "old.onnx", opset=7)
+    assert not (tmp_path / "old.onnx").exists()
+    report = export_contexts(file, task, 0, tmp_path / "new.onnx", opset=19)
+    graph = onnx.load(str(tmp_path / "new.onnx"))
+    assert report.opset == 19 and [o.version for o in graph.opset_import if o.domain == ""] == [19]

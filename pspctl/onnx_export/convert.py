@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pspctl.errors import InputError
 from pspctl.onnx_export.errors import TraceError
 from pspctl.types import DEFAULT_OPSET
 
@@ -109,6 +110,12 @@ def to_onnx(
             raise TraceError(f"the ONNX exporter cannot trace this model: {_reason(e)}") from e
         if program is None:  # only the legacy exporter returns None
             raise TraceError("the ONNX exporter returned no program")
+        written = program.model.opset_imports.get("")
+        if written != opset:  # the exporter falls back to its own opset where it cannot convert
+            raise InputError(
+                f"--opset {opset}: torch's ONNX exporter could not write this model at opset {opset} "
+                f"(it gave opset {written}); choose another --opset (its default {DEFAULT_OPSET} works)"
+            )
         _check_batch_dynamic(
             program, args[1:] if varargs else args, input_names[1:] if varargs else input_names
         )
