@@ -773,7 +773,26 @@ def store_tensor(
         base = found.mean if centre == "mean" else base
         assert found.bound is not None
         bound = (d.centre, pack(found.bound, dtype))
+    if not options.allow_nonfinite:
+        _check_sum_fits(info.name, bound[1])
     return writer.add_superposed(info.name, meta, bound[1], ctx, dtype, base=base)
+
+
+def _check_sum_fits(name: str, stored: torch.Tensor) -> None:
+    """A superposed sum of finite inputs can overflow a half-precision dtype (K float16 values
+    near 6e4 add up to Inf): refuse it rather than store Inf, which every context would read.
+
+    Raises:
+        PolicyError: naming the tensor, the dtype, and what to do.
+    """
+    bad = int((~torch.isfinite(stored)).sum())
+    if bad:
+        limit = torch.finfo(stored.dtype).max
+        raise PolicyError(
+            f"{name}: its superposed sum overflows {str(stored.dtype).removeprefix('torch.')} in {bad} "
+            f"values (beyond ±{limit:.4g}); store it as float32 (--dtype float32), centre it (--base), "
+            "or keep it per context (--keep)"
+        )
 
 
 def _check_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor, norm: float | None, allow: bool) -> None:

@@ -301,3 +301,24 @@ def test_a_pattern_that_matches_no_tensor_warns(tmp_path, monkeypatch):
     assert [t["role"] for t in report["tensors"] if t["name"] == "2.weight"] == ["superposed"]
     result = runner.invoke(app, [*args, "--keep", "4.*", "-o", "ok.safetensors", "-q"])
     assert result.exit_code == 0 and "matches no tensor" not in result.stderr, result.output
+
+
+def test_a_superposed_sum_that_overflows_its_dtype_is_refused(tmp_path, monkeypatch):
+    """Four float16 tensors near 1.2e4 each sum past float16's 6.55e4: stored, every context
+    would read Inf. Refused (exit 7, nothing written); float32 storage holds the sum."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    base = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 1.2e4
+    for i in range(4):
+        noise = torch.randn(64, 64, generator=torch.Generator().manual_seed(i + 1))
+        save_file({"w": (base + 100 * noise).half()}, f"h{i}.safetensors")
+    args = ["merge", *(f"h{i}.safetensors" for i in range(4)), "--base", "none", "--superpose", "*", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 7, result.output
+    assert (
+        "w: its superposed sum overflows float16 in" in result.output and "--dtype float32" in result.output
+    )
+    assert not (tmp_path / "w.safetensors").exists()
+    assert runner.invoke(app, [*args, "--dtype", "float32"]).exit_code == 0
+    assert torch.isfinite(SuperposedFile("w.safetensors").superposed("w")).all()
