@@ -6,25 +6,35 @@ the same exit code (1, a plain PspctlError), everywhere.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from pspctl.errors import PspctlError
+from pspctl.errors import InputError, PspctlError
 
 __all__ = ["INSTALL_HINT", "pyplot", "require_matplotlib"]
 
 INSTALL_HINT = "--plot needs matplotlib: pip install 'pspctl[plot]'"
 
 
-def require_matplotlib() -> None:
-    """Fail early, before any work, when matplotlib is missing.
+def require_matplotlib(path: str | Path | None = None) -> None:
+    """Fail early, before any work, when matplotlib is missing, or cannot write `path`'s format.
 
     Raises:
         PspctlError: matplotlib cannot be imported; the message says how to install it.
+        InputError: `path`'s suffix is no format matplotlib writes (`.png`, `.pdf`, `.svg`, …).
     """
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PspctlError(INSTALL_HINT) from None
+    if path is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise InputError(f"--plot {path}: not an image format matplotlib writes; use .png, .pdf or .svg")
 
 
 def pyplot() -> Any:

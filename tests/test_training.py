@@ -263,7 +263,9 @@ def test_bad_input(workdir):
     assert (
         result.exit_code == 7 and "a mixture of contexts needs --kind complex, not onepower" in result.output
     )
-    assert sorted(workdir.iterdir()) == sorted([no_data, task])  # nothing written
+    result = run("train", "--task", task, "-k", 2, "--steps", 3, "--plot", "fig.py", "-q")
+    assert result.exit_code == 2 and "--plot fig.py: not an image format matplotlib writes" in result.output
+    assert sorted(workdir.iterdir()) == sorted([no_data, task])  # nothing written, not even trained
 
     merge(
         make_originals(workdir, task),

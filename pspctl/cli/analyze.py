@@ -84,7 +84,7 @@ def analyze(
     if plot is not None:
         from pspctl.plotting import require_matplotlib
 
-        require_matplotlib()
+        require_matplotlib(plot)
     from pspctl.outputs import refuse_earlier, refuse_inputs
     from pspctl.sources import files_read
 

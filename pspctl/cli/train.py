@@ -116,7 +116,7 @@ def train_command(
     output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
     metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
     if plot is not None:
-        require_matplotlib()
+        require_matplotlib(plot)
         refuse_existing(plot, force=force)
     for path in (output, metrics, plot):  # never the task file the run imports, even with --force
         if path is not None:
