@@ -275,6 +275,13 @@ def staged_folder(
         raise OutputError(f"{folder}: is a file; --context all needs a directory")
     for name in names:
         _check_target(folder / name, force=force, inputs=inputs)
+    # A checkpoint written into a folder that holds one of the same name in the other layout
+    # (model.safetensors beside model.safetensors.index.json and its shards, or shards of
+    # another count): refused as existing, or with --force its files are removed after the
+    # move, so that no reader finds the old weights beside the new ones.
+    unsharded = {folder / _unsharded(n) for n in names}
+    for path in sorted(unsharded):
+        refuse_earlier(path, force=force, inputs=inputs)
     absolute = folder.resolve()
     # Inside the folder if it exists: beside it may be another file system (a mount point),
     # where no rename reaches. A folder to be made is on the nearest existing one's.
@@ -293,15 +300,26 @@ def staged_folder(
                 return
         for item in sorted(staging.iterdir()):  # check all before moving any
             _check_target(folder / item.name, force=force, inputs=inputs)
+        earlier = [p for path in sorted(unsharded) for p in earlier_output(path)]
         for item in sorted(staging.iterdir()):
             if item.is_dir():  # a folder of files (an HF model folder per context): claim, then move
                 _publish_folder(item, folder / item.name)
             else:
                 _publish(item, folder / item.name, force=force)
+        _remove_earlier(earlier, [folder / n for n in names], inputs)
     except OSError as e:  # name the one output, or the folder of several
         raise _write_error(folder / names[0] if len(names) == 1 else folder, e) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unsharded(name: str) -> str:
+    """The checkpoint name a file of an output belongs to: `w.safetensors` for its index
+    `w.safetensors.index.json` and its shards `w-00001-of-00003.safetensors`; else `name`."""
+    if name.endswith(INDEX_SUFFIX):
+        return name.removesuffix(INDEX_SUFFIX)
+    shard = re.fullmatch(r"(.+)-\d{5}-of-\d{5}(\.[^.]+)", name)
+    return shard[1] + shard[2] if shard else name
 
 
 def _existing_parent(path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 
@@ -208,3 +209,35 @@ def test_a_parent_that_is_a_file_is_refused_before_any_work(tmp_path):
 def _refuse(path):
     assert path.is_file()
     raise RuntimeError("refused")
+
+
+def _sharded(folder, count):
+    names = [f"w-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    for n in names:
+        (folder / n).write_text("old shard")
+    index = {"metadata": {}, "weight_map": {f"t{i}": n for i, n in enumerate(names)}}
+    (folder / "w.safetensors.index.json").write_text(json.dumps(index))
+    return names
+
+
+def test_a_folder_write_replaces_a_checkpoint_in_the_other_layout_whole(tmp_path):
+    """Writing w.safetensors into a folder holding w's index and shards (or the reverse):
+    refused as existing; with --force the old layout's files go, so no reader finds them."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    old = _sharded(folder, 2)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(OutputError, match="w.safetensors.index.json: already exists"):
+        staged_folder(folder, ["w.safetensors"]).__enter__()
+    with staged_folder(folder, ["w.safetensors"], force=True) as staging:
+        (staging / "w.safetensors").write_text("new")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "w.safetensors"]
+    new = [f"w-{i + 1:05d}-of-00003.safetensors" for i in range(3)]
+    with staged_folder(folder, [*new, "w.safetensors.index.json"], force=True) as staging:
+        for n in new:
+            (staging / n).write_text("new shard")
+        (staging / "w.safetensors.index.json").write_text("{}")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["config.json", *new, "w.safetensors.index.json"]
+    )
+    assert not set(old) & {p.name for p in folder.iterdir()}
