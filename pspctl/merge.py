@@ -483,13 +483,19 @@ def _merge(
     )
     if round(report.storage_ratio, 2) < 1.25:  # as printed: 1.2496 reads 1.25×
         was_forced = any(d.forced for d in report.decisions if d.role is Role.SUPERPOSED)
-        report.notes.append(_saved_little(report.storage_ratio, options, was_forced))
+        report.notes.append(_saved_little(report.storage_ratio, options, was_forced, K))
     return report
 
 
-def _saved_little(ratio: float, options: MergeOptions, forced: bool) -> str:
+def _saved_little(ratio: float, options: MergeOptions, forced: bool, K: int) -> str:
     """The note for a merge that saved little: what else may, given the --base it had."""
     said = f"storage ratio {ratio:.2f}×: little was superposed"
+    if K == 2 and options.base in BASE_MODES and not options.link_base:
+        return (
+            f"{said}: with 2 models, centring on their mean stores the mean and one superposed tensor, "
+            "as many bytes as the two models. A parent you keep anyway saves them "
+            "(--base PATH --link-base); plain superposition (--base none) halves them at a larger error"
+        )
     if not forced:  # forced tensors are superposed whatever the budget
         said += f" within the error budget (--max-error {options.policy.max_error:g})"
     trade = "--task measures η on calib inputs; a larger --max-error trades accuracy for storage"
@@ -551,8 +557,10 @@ def _settle(d: Decision, chosen: Option | None, options: Sequence[Option]) -> De
     if chosen.centre:
         reason = d.reason if d.forced else "within the error budget"
         return replace(d, centre=chosen.centre, error=chosen.error, reason=reason)
-    best = min(o.error for o in options if o.centre)
-    return replace(d, role=Role.PER_CONTEXT, reason=f"error {best:.2g}: over the budget")
+    saving = [o.error for o in options if o.centre and o.nbytes < chosen.nbytes]
+    if not saving:  # K = 2 centred: the base and the sum are two copies
+        return replace(d, role=Role.PER_CONTEXT, reason="superposing saves no bytes")
+    return replace(d, role=Role.PER_CONTEXT, reason=f"error {min(saving):.2g}: over the budget")
 
 
 def _is_lookup(info: TensorInfo, ties: dict[str, str]) -> bool:

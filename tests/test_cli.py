@@ -322,3 +322,29 @@ def test_a_superposed_sum_that_overflows_its_dtype_is_refused(tmp_path, monkeypa
     assert not (tmp_path / "w.safetensors").exists()
     assert runner.invoke(app, [*args, "--dtype", "float32"]).exit_code == 0
     assert torch.isfinite(SuperposedFile("w.safetensors").superposed("w")).all()
+
+
+def test_two_models_centred_say_why_nothing_is_superposed(tmp_path, monkeypatch):
+    """K = 2 centred on their mean stores mean + sum, two copies: the reason names the error
+    of the option that would save bytes (plain), or that none would (--base mean)."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    base = torch.randn(128, 96, generator=torch.Generator().manual_seed(0))
+    for i in range(2):
+        noise = torch.randn(128, 96, generator=torch.Generator().manual_seed(i + 1))
+        save_file({"a.weight": base + 0.05 * noise}, f"m{i}.safetensors")
+    for flags, reason in (
+        (["--base", "auto"], "over the budget"),
+        (["--base", "mean"], "superposing saves no bytes"),
+    ):
+        result = runner.invoke(
+            app, ["merge", "m0.safetensors", "m1.safetensors", *flags, "--json", "--force"]
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        (tensor,) = report["tensors"]
+        assert tensor["role"] == "per_context" and reason in tensor["reason"], tensor
+        assert any("with 2 models, centring on their mean" in n for n in report["notes"]), report["notes"]
+        if reason == "over the budget":  # plain superposition's error, not the mean's (0.024)
+            assert float(tensor["reason"].split()[1].rstrip(":")) > 0.2
