@@ -11,24 +11,31 @@ from typing import Any
 
 from pspctl.errors import InputError, PspctlError
 
-__all__ = ["INSTALL_HINT", "pyplot", "require_matplotlib"]
+__all__ = ["INSTALL_HINT", "check_plot_path", "pyplot", "require_matplotlib"]
 
 INSTALL_HINT = "--plot needs matplotlib: pip install 'pspctl[plot]'"
 
 
-def require_matplotlib(path: str | Path | None = None) -> None:
-    """Fail early, before any work, when matplotlib is missing, or cannot write `path`'s format.
+def require_matplotlib() -> None:
+    """Fail early, before any work, when matplotlib is missing.
 
     Raises:
         PspctlError: matplotlib cannot be imported; the message says how to install it.
-        InputError: `path`'s suffix is no format matplotlib writes (`.png`, `.pdf`, `.svg`, …).
     """
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PspctlError(INSTALL_HINT) from None
-    if path is None:
-        return
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Fail early, before any work, when matplotlib cannot write `path`'s format.
+
+    Raises:
+        PspctlError: as `require_matplotlib`.
+        InputError: `path`'s suffix is no format matplotlib writes (`.png`, `.pdf`, `.svg`, …).
+    """
+    require_matplotlib()
     from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()

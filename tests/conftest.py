@@ -19,6 +19,23 @@ def pytest_configure(config):
     os.environ[ENV] = str(Path(tempfile.mkdtemp(prefix="pspctl-trust-")) / "trusted-tasks.json")
 
 
+MLP_TASK = """
+import torch
+from tests.conftest import mlp
+
+def build_model():
+    return mlp(0)
+
+def example_inputs():
+    return (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)),)
+
+def load_data(context, split):
+    gen = torch.Generator().manual_seed(context)
+    x = torch.randn(32, 16, generator=gen)
+    return [(x, (x[:, 0] > 0).long())]
+"""  # a task file for `mlp`: write it beside the models as task.py
+
+
 def mlp(seed: int, width: int = 48) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -10,20 +10,11 @@ from typer.testing import CliRunner
 from pspctl.cli import app
 from pspctl.cli import export as cli_export
 from pspctl.onnx_export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
-from tests.conftest import mlp, save_models
+from tests.conftest import MLP_TASK, mlp, save_models
 
 runner = CliRunner()
 
-TASK = """
-import torch
-from tests.conftest import mlp
-
-def build_model():
-    return mlp(0)
-
-def example_inputs():
-    return (torch.randn(3, 16, generator=torch.Generator().manual_seed(0)),)
-"""
+TASK = MLP_TASK
 
 
 def _reference(model, inputs):

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from benchmarks import fuzz_header
 from pspctl.cli import app
 from pspctl.outputs import TMP_SUFFIX, crc32, write_safetensors
-from tests.conftest import mlp, save_models
+from tests.conftest import MLP_TASK, mlp, save_models
 
 runner = CliRunner()
 
@@ -370,27 +370,11 @@ def test_merge_and_extract_make_an_outputs_missing_folders(merged):
     )
 
 
-REPORT_TASK = """
-import torch
-from tests.conftest import mlp
-
-def build_model():
-    return mlp(0)
-
-def example_inputs():
-    return (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)),)
-
-def load_data(context, split):
-    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(context))
-    return [(x, (x[:, 0] > 0).long())]
-"""
-
-
 def test_no_output_replaces_a_file_the_command_reads_even_with_force(merged):
     """Side outputs (analyze --json/--plot, tune --metrics, train --metrics) and -o of tune,
     export and extract: never the superposed file, an original (recorded and found), the
     task file, whatever --force says."""
-    Path("task.py").write_text(REPORT_TASK)
+    Path("task.py").write_text(MLP_TASK)
     Path("s").mkdir()
     paths = save_models([mlp(i) for i in range(2)], Path("s"), ".safetensors")
     assert run("merge", *paths, "-o", "s.safetensors", "--superpose", "2.weight", "-q").exit_code == 0

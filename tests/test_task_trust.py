@@ -13,25 +13,11 @@ from typer.testing import CliRunner
 from pspctl import trust
 from pspctl.cli import app
 from pspctl.outputs import write_safetensors
-from tests.conftest import save_models
+from tests.conftest import MLP_TASK, save_models
 
 runner = CliRunner()
 
-TASK = """
-import torch
-from tests.conftest import mlp
-
-def build_model():
-    return mlp(0)
-
-def example_inputs():
-    return (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)),)
-
-def load_data(context, split):
-    gen = torch.Generator().manual_seed(context)
-    x = torch.randn(32, 16, generator=gen)
-    return [(x, torch.randint(0, 4, (32,), generator=gen))]
-"""
+TASK = MLP_TASK
 
 
 def run(*args):

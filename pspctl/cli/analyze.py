@@ -82,9 +82,9 @@ def analyze(
 
     superposed_path(file)
     if plot is not None:
-        from pspctl.plotting import require_matplotlib
+        from pspctl.plotting import check_plot_path, require_matplotlib
 
-        require_matplotlib(plot)
+        require_matplotlib()
     from pspctl.outputs import refuse_earlier, refuse_inputs
     from pspctl.sources import files_read
 
@@ -97,6 +97,8 @@ def analyze(
         if out is not None:  # these overwrite by design, but never a file this run reads
             refuse_inputs(out, read)
             refuse_earlier(out, force=True)  # a parent that is a file: before any work
+    if plot is not None:
+        check_plot_path(plot)
     with progress_bar("analyzing", quiet=quiet) as update:
         report = run_analyze(
             sf, originals=origs, task=task, sparsities=_floats(sparsity, DEFAULT_SPARSITIES),

@@ -104,7 +104,7 @@ def train_command(
     from pspctl.checkpoints import refuse_existing
     from pspctl.errors import MismatchError
     from pspctl.outputs import refuse_inputs
-    from pspctl.plotting import require_matplotlib
+    from pspctl.plotting import check_plot_path
     from pspctl.task import load_task
     from pspctl.training import TrainOptions, train
     from pspctl.training.distributed import launch
@@ -116,7 +116,7 @@ def train_command(
     output = output or (Path("baseline.safetensors") if baseline else DEFAULT_FILE)
     metrics = metrics or output.with_name(f"{output.stem}.metrics.json")
     if plot is not None:
-        require_matplotlib(plot)
+        check_plot_path(plot)
         refuse_existing(plot, force=force)
     for path in (output, metrics, plot):  # never the task file the run imports, even with --force
         if path is not None:
