@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pspctl.digests import sha256_file
 from pspctl.errors import PspctlError
+from pspctl.outputs import atomic_path
 
 __all__ = ["ENV", "fingerprint", "remember", "store_path", "trusted"]
 
@@ -30,6 +31,7 @@ FORMAT = 1
 
 
 def store_path() -> Path:
+    """The list's file: `$PSPCTL_TRUSTED_TASKS`, else under `$XDG_STATE_HOME` (`~/.local/state`)."""
     if os.environ.get(ENV):
         return Path(os.environ[ENV])
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -66,8 +68,6 @@ def trusted(spec: str | Path) -> bool:
 
 def remember(spec: str | Path) -> None:
     """Add the task at `spec` to the list (its last path as a reminder); never raises."""
-    from pspctl.outputs import atomic_path  # the list is written as every output is
-
     with contextlib.suppress(OSError, PspctlError):  # unwritable: pspctl asks for --task again
         key = fingerprint(spec)
         tasks = _load()
