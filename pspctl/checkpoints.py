@@ -360,7 +360,7 @@ def save_state_dict(
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
     if path.suffix not in SUFFIXES:
-        raise OutputError(f"{path}: unknown output type (use .safetensors, .pt, .pth or .bin)")
+        raise OutputError(f"{path}: unknown output type (use {', '.join(sorted(SUFFIXES))})")
     with atomic_path(path, force=force, inputs=inputs) as tmp:
         if path.suffix == ".safetensors":
             write_safetensors(state, tmp, {"format": "pt"})
