@@ -228,8 +228,13 @@ def candidates(recorded: str, beside: Path) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
+def locate(recorded: str, beside: Path) -> Path | None:
+    """The first of `candidates` that exists, or None."""
+    return next((p for p in candidates(recorded, beside) if p.exists()), None)
+
+
 def rebase(recorded: str, old: Path, new: str | Path) -> str:
     """A path `old` recorded, as `new` records it (a file made from `old`, e.g. by tune): where
     it is found now (`candidates`), recorded for `new`; as it was if it is not found."""
-    found = next((p for p in candidates(recorded, old.parent) if p.exists()), None)
+    found = locate(recorded, old.parent)
     return recorded if found is None or Path(recorded).is_absolute() else _relative(found, new)

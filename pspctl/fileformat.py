@@ -23,7 +23,7 @@ from torch import Tensor
 
 from pspctl.checkpoints import ST_DTYPES, Checkpoint, checkpoint_names, open_checkpoint
 from pspctl.contexts import ContextSet, Kind
-from pspctl.digests import INDEX_SUFFIX, PICKLE_SUFFIXES, candidates, sha256_checkpoint
+from pspctl.digests import INDEX_SUFFIX, PICKLE_SUFFIXES, locate, sha256_checkpoint
 from pspctl.dtypes import torch_dtype
 from pspctl.errors import ContextError, FormatError, InputError, MismatchError, OutputError
 from pspctl.header import (
@@ -480,9 +480,9 @@ class SuperposedFile(_Stored):
         it); None if it is nowhere, or the file has no linked base. Hashes nothing."""
         if not self.linked:
             return None
-        record = self.header.base or {}
-        where = [self.base_given] if self.base_given else candidates(record["path"], self.path.parent)
-        return next((p for p in where if p.exists()), None)
+        if self.base_given is not None:
+            return self.base_given if self.base_given.exists() else None
+        return locate((self.header.base or {})["path"], self.path.parent)
 
     def linked_base(self) -> Checkpoint:
         """The linked base checkpoint, found at --base or at its recorded path (as given, then

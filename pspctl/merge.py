@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from pspctl.policy import (
     choose,
     decide,
     is_lookup,
+    matches_any,
     predicted_errors,
 )
 from pspctl.superpose import bind, fan_in
@@ -169,7 +169,7 @@ def _unmatched(names: Sequence[str], options: MergeOptions) -> list[str]:
     return [
         f"{flag} {shown!r} matches no tensor; names look like {listed(list(names[:3]))}"
         for flag, glob, shown in flags
-        if not any(fnmatchcase(n, glob) for n in names)
+        if not any(matches_any(n, [glob]) for n in names)
     ]
 
 

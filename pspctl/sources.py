@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pspctl.checkpoints import Checkpoint, open_checkpoint
-from pspctl.digests import candidates, checkpoint_files, sha256_checkpoint
+from pspctl.digests import candidates, checkpoint_files, locate, sha256_checkpoint
 from pspctl.errors import InputError, MismatchError, TaskError, listed
 from pspctl.fileformat import SuperposedFile
 from pspctl.hf import hf_task
@@ -58,7 +58,7 @@ def locate_originals(sf: SuperposedFile) -> Located:
         return Located(recorded=False)
     out = Located()
     for entry in recorded:
-        found = next((p for p in candidates(entry["path"], sf.path.parent) if p.exists()), None)
+        found = locate(entry["path"], sf.path.parent)
         if found is None:
             out.missing.append(entry["path"])
         elif entry.get("sha256") and sha256_checkpoint(found) != entry["sha256"]:
@@ -83,8 +83,8 @@ def files_read(
     base = sf.linked_base_location()
     wanted: list[Path] = [] if base is None else [base]
     if originals is None:
-        for entry in sf.header.inputs:
-            wanted += [p for p in candidates(entry["path"], sf.path.parent) if p.exists()][:1]
+        found = (locate(entry["path"], sf.path.parent) for entry in sf.header.inputs)
+        wanted += [p for p in found if p is not None]
     else:
         wanted += [Path(o) for o in originals]
     for path in wanted:
@@ -182,7 +182,7 @@ def recorded_task(sf: SuperposedFile) -> tuple[str | None, bool]:
         return None, False
     if not spec.endswith(".py"):
         return spec, True
-    found = next((p for p in candidates(spec, sf.path.parent) if p.exists()), None)
+    found = locate(spec, sf.path.parent)
     return (spec, False) if found is None else (str(found), True)
 
 

@@ -287,16 +287,18 @@ def load_task(spec: str | Path, *, recorded_in: str | Path | None = None) -> Tas
         TaskError: importing it fails, or it has no callable ``build_model``.
     """
     source = str(spec)
-    if recorded_in is not None and _looks_like_path(spec) and not Path(spec).is_file():
-        raise InputError(f"task file {spec} (recorded in {recorded_in}) does not exist (or is not a file)")
-    if recorded_in is not None and not trust.trusted(spec):
+    key = Path(spec) if _looks_like_path(spec) else source  # a file by its bytes, a module by name
+    if isinstance(key, Path) and not key.is_file():
+        where = "" if recorded_in is None else f" (recorded in {recorded_in})"
+        raise InputError(f"task file {key}{where} does not exist (or is not a file)")
+    if recorded_in is not None and not trust.trusted(key):
         raise UntrustedTaskError(
             f"{recorded_in} names task file {spec}, which has not been run with pspctl here (not with "
             f"this content): running it executes its code; read it, then pass --task {spec}"
         )
     module = _import(spec)
     if recorded_in is None:
-        trust.remember(spec)
+        trust.remember(key)
     functions = {name: getattr(module, name, None) for name in ("build_model", *OPTIONAL)}
     for name, value in functions.items():
         if value is not None and not callable(value):
@@ -383,10 +385,8 @@ def _import_module(name: str) -> ModuleType:
 
 
 def _import(spec: str | Path) -> ModuleType:
-    if _looks_like_path(spec):
+    if _looks_like_path(spec):  # load_task checked that it is a file
         path = Path(spec)
-        if not path.is_file():
-            raise InputError(f"task file {path} does not exist (or is not a file)")
         # A fresh name per load: two task files both called task.py must not collide.
         name = f"_pspctl_task_{next(_counter)}_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(name, path)

@@ -38,15 +38,13 @@ def store_path() -> Path:
     return Path(state) / "pspctl" / "trusted-tasks.json"
 
 
-def fingerprint(spec: str | Path) -> str:
-    """`sha256:<hex>` of a task file's bytes, or `module:<name>` for a module name.
+def fingerprint(task: Path | str) -> str:
+    """`sha256:<hex>` of a task file's bytes (a Path), or `module:<name>` for a module name.
 
     Raises:
         OSError: the file cannot be read.
     """
-    if str(spec).endswith(".py") or Path(spec).is_file():
-        return f"sha256:{sha256_file(Path(spec))}"
-    return f"module:{spec}"
+    return f"sha256:{sha256_file(task)}" if isinstance(task, Path) else f"module:{task}"
 
 
 def _load() -> dict[str, str]:
@@ -58,20 +56,21 @@ def _load() -> dict[str, str]:
     return {k: v for k, v in tasks.items() if isinstance(v, str)} if isinstance(tasks, dict) else {}
 
 
-def trusted(spec: str | Path) -> bool:
-    """Whether the task at `spec` has this content (or name) among those the user ran."""
+def trusted(task: Path | str) -> bool:
+    """Whether the task file `task` has this content (a module: this name) among those the user ran."""
     try:
-        return fingerprint(spec) in _load()
+        return fingerprint(task) in _load()
     except OSError:
         return False
 
 
-def remember(spec: str | Path) -> None:
-    """Add the task at `spec` to the list (its last path as a reminder); never raises."""
+def remember(task: Path | str) -> None:
+    """Add the task file `task` (a module: its name) to the list, with its last path as a
+    reminder; never raises."""
     with contextlib.suppress(OSError, PspctlError):  # unwritable: pspctl asks for --task again
-        key = fingerprint(spec)
+        key = fingerprint(task)
         tasks = _load()
-        where = str(Path(spec).resolve()) if key.startswith("sha256:") else str(spec)
+        where = str(task.resolve()) if isinstance(task, Path) else task
         if tasks.get(key) == where:
             return
         tasks[key] = where

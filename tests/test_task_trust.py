@@ -63,9 +63,7 @@ def name_task(src: Path, dst: Path, task: str) -> None:
 
 def test_the_task_named_at_merge_runs_bare_and_is_remembered_by_content(merged):
     listed = json.loads(Path("state/trusted.json").read_text())
-    assert listed["tasks"] == {
-        f"sha256:{trust.fingerprint('task.py').split(':')[1]}": str(Path("task.py").resolve())
-    }
+    assert listed["tasks"] == {trust.fingerprint(Path("task.py")): str(Path("task.py").resolve())}
     result = run("analyze", "-q", "--json", "a.json")
     assert result.exit_code == 0, result.output
     report = json.loads(Path("a.json").read_text())
@@ -118,4 +116,4 @@ def test_a_list_that_cannot_be_read_or_written_only_asks_for_task_again(merged, 
     assert result.exit_code == 4, result.output
     result = run("export", "--task", "task.py", "--context", "0", "-o", "m.onnx", "-q")
     assert result.exit_code == 0, result.output
-    assert trust.trusted("task.py") is (store == "corrupt")  # rewritten whole; or left as it is
+    assert trust.trusted(Path("task.py")) is (store == "corrupt")  # rewritten whole; or left as it is

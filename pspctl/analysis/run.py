@@ -212,11 +212,9 @@ def _find_task(sf: SuperposedFile, spec: str | Path | Task | None) -> tuple[Task
                 "function-space error on random probes of the weights only"
             )
         try:
-            task = load_task(recorded, recorded_in=sf.path)  # only a task the user has run (pspctl.trust)
+            spec = load_task(recorded, recorded_in=sf.path)  # only a task the user has run (pspctl.trust)
         except UntrustedTaskError as e:
             return None, f"{e}; function-space error on random probes of the weights only"
-        task.require("build_model")
-        return task, None
     task = spec if isinstance(spec, Task) else load_task(spec)
     task.require("build_model")
     return task, None
