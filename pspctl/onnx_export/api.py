@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pspctl.dtypes import torch_dtype
 from pspctl.errors import InputError, TaskError, ValidationError
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile, open_superposed
@@ -50,22 +51,19 @@ def _fresh_model(task: Task, file: SuperposedFile) -> nn.Module:
 HALF = (torch.float16, torch.bfloat16)
 
 
-def to_float32(module: nn.Module) -> bool:
+def to_float32(module: nn.Module) -> None:
     """Make `module`'s float16 and bfloat16 parameters and buffers float32, in place (float64
-    and complex ones stay); whether any was. The graphs compute in float32, as optimum's
-    exporter does by default: onnxruntime's CPU provider has no bfloat16 kernels for most
-    ops, and a float16 graph differs from PyTorch by float16's rounding, far above the default
-    atol. Retrieved half-precision weights are exactly representable in float32."""
-    changed = False
+    and complex ones stay). The graphs compute in float32, as optimum's exporter does by
+    default: onnxruntime's CPU provider has no bfloat16 kernels for most ops, and a float16
+    graph differs from PyTorch by float16's rounding, far above the default atol. Retrieved
+    half-precision weights are exactly representable in float32."""
     for t in [*module.parameters(), *module.buffers()]:
         if t.dtype in HALF:
             t.data = t.data.float()
-            changed = True
-    return changed
 
 
 def _half_note(file: SuperposedFile, *, multi: bool) -> list[str]:
-    half = " and ".join(sorted({m.dtype for m in file.metas.values() if m.dtype in ("float16", "bfloat16")}))
+    half = " and ".join(sorted({m.dtype for m in file.metas.values() if torch_dtype(m.dtype) in HALF}))
     if not half:
         return []
     if not multi:
@@ -123,10 +121,11 @@ def _tracing_inputs(task: Task) -> tuple[Tensor, ...]:
     return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
 
 
-def _staging(targets: list[Path], *, force: bool, directory: Path | None, inputs: list[Path]):
+def _staging(targets: list[Path], *, force: bool, directory: Path | None, file: SuperposedFile, task: Task):
     """A staging folder whose files move beside `targets` (into `directory` if given) on success;
-    none of them may be one of `inputs`, even with `force`."""
+    none of them may be a file the export reads (`files_read`), even with `force`."""
     folder = directory if directory is not None else targets[0].parent
+    inputs = files_read(file, task=task.source)
     return staged_folder(folder, [t.name for t in targets], force=force, inputs=inputs)
 
 
@@ -212,8 +211,7 @@ def export_contexts(
     directory = output if str(context) == "all" else None
     report = ExportReport(False, file.kind.value, file.num_contexts, file.labels, opset, atol, rtol, "")
     report.notes = _half_note(file, multi=False)
-    read = files_read(file, task=task.source)
-    staged = _staging([t for _, t in todo], force=force, directory=directory, inputs=read)
+    staged = _staging([t for _, t in todo], force=force, directory=directory, file=file, task=task)
     tick = progress or (lambda done, total, item: None)
     with _unless_strict(report, strict), staged as staging:
         for done, (k, target) in enumerate(todo, 1):
@@ -267,7 +265,7 @@ def export_multi(
     K = file.num_contexts
     report = ExportReport(True, file.kind.value, K, file.labels, opset, atol, rtol, "")
     report.notes = _half_note(file, multi=True)
-    staged = _staging([output], force=force, directory=None, inputs=files_read(file, task=task.source))
+    staged = _staging([output], force=force, directory=None, file=file, task=task)
     steps = K + 1 + measure_per_context
     tick = progress or (lambda done, total, item: None)
     with _unless_strict(report, strict), staged as staging:
