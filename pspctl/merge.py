@@ -781,7 +781,7 @@ def store_tensor(
         base = found.mean if centre == "mean" else base
         assert found.bound is not None
         bound = (d.centre, pack(found.bound, dtype))
-    if bound[1].element_size() < 4 and not options.allow_nonfinite:  # float32 overflows only near 3e38
+    if not options.allow_nonfinite:
         _check_sum_fits(info.name, bound[1])
     return writer.add_superposed(info.name, meta, bound[1], ctx, dtype, base=base)
 
