@@ -72,6 +72,17 @@ def test_json_schema_matches_the_library(workdir):
     assert len(densities) == 3 and all(0 < d < 1 for d in densities)
 
 
+def test_an_existing_report_is_replaced_only_with_force(workdir):
+    (workdir / "report.json").write_text("keep me")
+    result = run("analyze", "--json", "report.json", "-q")
+    assert result.exit_code == 8, result.output
+    assert "report.json: already exists (pass --force to overwrite)" in flat(result)
+    assert (workdir / "report.json").read_text() == "keep me"  # refused before any work
+    result = run("analyze", "--json", "report.json", "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((workdir / "report.json").read_text())["num_contexts"] == 3
+
+
 def test_missing_originals_is_one_line_and_still_reports(workdir):
     (workdir / "gone").mkdir()
     for i in range(3):

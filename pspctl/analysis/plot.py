@@ -16,8 +16,9 @@ from pspctl.plotting import INSTALL_HINT, pyplot, require_matplotlib
 __all__ = ["INSTALL_HINT", "plot_report", "require_matplotlib"]
 
 
-def plot_report(report: Report, path: str | Path) -> Path:
-    """Draw the report's histograms and error-vs-prediction panel into one PNG, atomically."""
+def plot_report(report: Report, path: str | Path, *, force: bool = False) -> Path:
+    """Draw the report's histograms and error-vs-prediction panel into one PNG, atomically;
+    an existing `path` is replaced only with `force`."""
     plt = pyplot()
 
     tensors = [
@@ -62,7 +63,7 @@ def plot_report(report: Report, path: str | Path) -> Path:
     fig.suptitle(f"{Path(report.file).name}: K={report.num_contexts}, {report.kind}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path, force=True) as tmp:
+    with atomic_path(path, force=force) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path

@@ -72,6 +72,7 @@ def analyze(
         bool, typer.Option("--trust-pickle", help="Allow pickled originals (runs code from them).")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --json/--plot files.")] = False,
     base: BaseOpt = None,
 ) -> None:
     """Retrieval error in weight and function space, pruning statistics and the same-budget baseline."""
@@ -94,9 +95,9 @@ def analyze(
     for out in (json_file, plot):
         if out is not None and out.is_dir():
             raise OutputError(f"{out}: is a directory")
-        if out is not None:  # these overwrite by design, but never a file this run reads
+        if out is not None:  # never a file this run reads, even with --force
             refuse_inputs(out, read)
-            refuse_earlier(out, force=True)  # a parent that is a file: before any work
+            refuse_earlier(out, force=force)  # and a parent that is a file: before any work
     if plot is not None:
         check_plot_path(plot)
     with progress_bar("analyzing", quiet=quiet) as update:
@@ -110,13 +111,13 @@ def analyze(
 
         from pspctl.checkpoints import atomic_path
 
-        with atomic_path(json_file, force=True) as tmp:
+        with atomic_path(json_file, force=force) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=1))
         console.print(f"wrote {json_file}")
     if plot is not None:
         from pspctl.analysis.plot import plot_report
 
-        console.print(f"wrote {plot_report(report, plot)}")
+        console.print(f"wrote {plot_report(report, plot, force=force)}")
 
 
 def render(r: Report) -> None:
