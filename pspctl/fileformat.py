@@ -38,6 +38,7 @@ from pspctl.header import (
     TensorMeta,
     check_header,
     check_tensors,
+    needed_version,
     parse_header,
     stored_names,
 )
@@ -65,7 +66,7 @@ __all__ = [
 
 FORMAT_NAME = "pspctl"
 CHECKSUMS = "pspctl.checksums"  # metadata key: CRC-32 of the header text and of every tensor
-READS = {"1", "2"}  # the format versions this pspctl reads
+READS = {str(v) for v in range(1, FORMAT_VERSION + 1)}  # the format versions this pspctl reads
 METADATA_KEYS = {"format", "pspctl.format_version", "pspctl.header", CHECKSUMS}
 
 
@@ -114,9 +115,14 @@ def write_superposed(
     from pspctl import __version__
 
     header.pspctl_version = header.pspctl_version or __version__
+    header.format_version = needed_version(header)
     text = header.to_json()
     sums = {n: crc32(t) if crcs is None else crcs[n] for n, t in sorted(tensors.items())}
-    metadata = {"format": FORMAT_NAME, "pspctl.format_version": str(FORMAT_VERSION), "pspctl.header": text}
+    metadata = {
+        "format": FORMAT_NAME,
+        "pspctl.format_version": str(header.format_version),
+        "pspctl.header": text,
+    }
 
     def checksummed(part: Mapping[str, Tensor]) -> dict[str, str]:
         checksums = {"header": _crc_text(text), "tensors": {n: sums[n] for n in sorted(part)}}
@@ -545,8 +551,14 @@ class SuperposedFile(_Stored):
         return tensor
 
     def file(self, name: str) -> bytes:
-        """A non-weight file stored with the model (`hf.files`, `stored`), its checksum verified."""
+        """A non-weight file stored with the model (`hf.files`, `stored`), its checksum verified:
+        `name`, or `header.variant_name(name, k)` for context k's own version (v3)."""
         return self._raw(FILES + name).numpy().tobytes()
+
+    def stored_files(self) -> dict[str, bytes]:
+        """Every non-weight file stored with the model, by its name under `files/`
+        (per-context versions included): what a rewrite of the file carries over."""
+        return {n[len(FILES) :]: self.file(n[len(FILES) :]) for n in self._handles if n.startswith(FILES)}
 
     def state_dict(self, context: int | str) -> dict[str, Tensor]:
         """Model `context` as a plain state_dict with the inputs' keys, shapes and dtypes."""
@@ -586,7 +598,7 @@ def _check_metadata(path: Path, meta: Mapping[str, str]) -> None:
     if version not in READS:
         raise FormatError(
             f"{path}: pspctl format version {str(version)[:20]}, this pspctl reads versions "
-            f"{' and '.join(sorted(READS))}; upgrade pspctl"
+            f"{', '.join(sorted(READS))}; upgrade pspctl"
         )
     unknown = sorted(set(meta) - METADATA_KEYS)
     if unknown:  # also catches a corrupted key name, e.g. one that hid the checksums

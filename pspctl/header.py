@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter
 from pydantic import ValidationError as PydanticError
 from pydantic.dataclasses import dataclass
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from pspctl.errors import FormatError, MismatchError
 from pspctl.types import Kind, Role
@@ -31,6 +31,8 @@ from pspctl.types import Kind, Role
 __all__ = [
     "FORMAT_VERSION",
     "Header",
+    "needed_version",
+    "variant_name",
     "TensorMeta",
     "check_label",
     "check_labels",
@@ -39,7 +41,9 @@ __all__ = [
     "stored_names",
 ]
 
-FORMAT_VERSION = 2  # this pspctl writes version 2 and reads 1 and 2
+FORMAT_VERSION = 3  # the newest version this pspctl reads (1, 2 and 3) and writes
+# A file is written as the oldest version that holds it (`needed_version`): 2, or 3 for a
+# merge of HF folders whose non-weight files differ per context (`hf.files[].per_context`).
 SUPERPOSED, STACKED, CONTEXTS = "superposed/", "stacked/", "contexts/"
 BASE, SHARED = "base/", "shared/"
 FILES = "files/"  # v2: a Hugging Face folder's small non-weight files, as uint8 bytes (see `hf`)
@@ -174,9 +178,20 @@ def _base_record(record: dict[str, Any]) -> dict[str, Any]:
 _BASE = TypeAdapter(BaseRecord)
 
 
+class FileVariant(TypedDict):
+    """One context's own version of a non-weight file (format v3, `hf.files[].per_context`)."""
+
+    __pydantic_config__ = _CONFIG  # type: ignore[misc]
+
+    size: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class FileRecord(TypedDict):
     """One non-weight file of the first input folder (format v2, `hf.files`): stored as
-    `files/<name>` (uint8) when `stored`, else only recorded and copied from `hf.source`."""
+    `files/<name>` (uint8) when `stored`, else only recorded and copied from `hf.source`.
+    v3: `per_context`, each context's version where the inputs' files differ; a version
+    other than the first's is stored as `files/<k>/<name>`."""
 
     __pydantic_config__ = _CONFIG  # type: ignore[misc]
 
@@ -184,6 +199,7 @@ class FileRecord(TypedDict):
     size: Annotated[int, Field(ge=0)]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     stored: bool
+    per_context: NotRequired[list[FileVariant]]
 
 
 class HFRecord(TypedDict):
@@ -202,7 +218,20 @@ def _hf_record(record: dict[str, Any]) -> dict[str, Any]:
     names = [f["name"] for f in record["files"]]
     if len(set(names)) != len(names):
         raise ValueError("hf.files names a file twice")
+    for f in record["files"]:
+        if "per_context" in f and not (f["stored"] and f["per_context"][0]["sha256"] == f["sha256"]):
+            raise ValueError(f"hf.files {f['name']}: per_context needs a stored file, the first context's")
     return record
+
+
+def variant_name(name: str, k: int) -> str:
+    """The stored name (under `files/`) of context `k`'s own version of non-weight file `name`."""
+    return f"{k}/{name}"
+
+
+def needed_version(header: Header) -> int:
+    """The oldest format version that holds `header`: 3 with per-context non-weight files, else 2."""
+    return 3 if any("per_context" in f for f in (header.hf or {}).get("files", [])) else 2
 
 
 _HF = TypeAdapter(HFRecord)
@@ -233,7 +262,7 @@ class Header:
     recipe: dict[str, Any] = field(default_factory=dict)
     task: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # later steps, e.g. tune
-    format_version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)] = FORMAT_VERSION
+    format_version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)] = 2  # writers set `needed_version`
     pspctl_version: str = ""
     base: Annotated[dict[str, Any], AfterValidator(_base_record)] | None = None  # v2
     tied: dict[str, str] = field(default_factory=dict)  # v2: alias -> the stored tensor it shares
@@ -314,6 +343,9 @@ def expected_tensors(header: Header) -> dict[str, tuple[list[int], tuple[str, ..
     for record in (header.hf or {}).get("files", []):
         if record["stored"]:
             out[FILES + record["name"]] = ([record["size"]], ("uint8",))
+        for k, v in enumerate(record.get("per_context", [])):
+            if v["sha256"] != record["sha256"]:
+                out[FILES + variant_name(record["name"], k)] = ([v["size"]], ("uint8",))
     return out
 
 
@@ -341,6 +373,15 @@ def check_header(header: Header, metadata_version: str) -> None:
             )
     if v1 and header.hf is not None:
         raise FormatError("corrupt pspctl header: format version 1 records no Hugging Face folder")
+    for record in (header.hf or {}).get("files", []):
+        if "per_context" in record and header.format_version < 3:
+            raise FormatError(
+                f"corrupt pspctl header: format version {header.format_version} has no per-context files"
+            )
+        if len(record.get("per_context", [None] * header.num_contexts)) != header.num_contexts:
+            raise FormatError(
+                f"corrupt pspctl header: hf.files {record['name']}: per_context does not list {header.num_contexts} contexts"
+            )
     for name, meta in header.tensors.items():
         if meta.fan_in_axis is not None and meta.fan_in_axis >= len(meta.shape):
             raise FormatError(

@@ -27,12 +27,13 @@ from pspctl.digests import candidates, sha256_file
 from pspctl.dtypes import itemsize
 from pspctl.errors import InputError, MismatchError, PspctlError, listed, one_line
 from pspctl.fileformat import SuperposedFile, SuperposedWriter
-from pspctl.header import check_label
+from pspctl.header import check_label, variant_name
 from pspctl.outputs import parse_size, plan_shards, shard_name, write_safetensors
 from pspctl.task import Task
 
 __all__ = [
     "INSTALL_HINT",
+    "LABEL_KEYS",
     "MAX_SHARD_SIZE",
     "MAX_STORED_FILE",
     "WEIGHTS",
@@ -81,39 +82,47 @@ def _sha256(data: bytes) -> str:
 
 # What a folder's config.json says about where it came from, not about the model.
 _ORIGIN_KEYS = ("_name_or_path", "transformers_version")
+# What it says about the task, not the computation: fine-tunes of one parent on different
+# tasks differ here, and each context keeps its own config.json (format v3, `per_context`).
+LABEL_KEYS = ("id2label", "label2id", "finetuning_task", "problem_type")
 
 
 def check_configs(folders: Sequence[Path]) -> None:
-    """The folders must build the same model: pspctl keeps the first's config.json for every
-    context (`record_folder`).
+    """The folders must build the same model: `analyze`, `export` and `tune` build every
+    context from the first's config.json. Their configs may differ only in where they came
+    from (`_ORIGIN_KEYS`) and in their task's labels (`LABEL_KEYS`); each context's own
+    config.json is kept (`record_folder`).
 
     Raises:
-        MismatchError: a config.json that differs from the first's (but for `_ORIGIN_KEYS`),
-            naming the first keys that differ with both values.
+        MismatchError: a config.json that differs from the first's in another key, naming the
+            first keys that differ with both values.
         InputError: a config.json that is not a JSON object.
     """
     first = _config(folders[0])
     for folder in folders[1:]:
         other = _config(folder)
         keys = sorted(
-            k for k in first.keys() | other.keys() if k not in _ORIGIN_KEYS and first.get(k) != other.get(k)
+            k
+            for k in first.keys() | other.keys()
+            if k not in _ORIGIN_KEYS + LABEL_KEYS and first.get(k) != other.get(k)
         )
         if keys:
             shown = "; ".join(f"{k} {_brief(other.get(k))}, not {_brief(first.get(k))}" for k in keys[:3])
             raise MismatchError(
                 f"{folder}/config.json differs from {folders[0]}'s ({shown}{'; …' if len(keys) > 3 else ''}): "
-                "pspctl keeps one config.json for all contexts, so this model would be extracted with "
-                "another's; merge folders whose configs agree (or their weight files, keeping each config)"
+                "pspctl builds every context from one config.json (only the labels, "
+                f"{', '.join(LABEL_KEYS)}, may differ); merge folders whose configs agree "
+                "(or their weight files, keeping each config)"
             )
 
 
 def differing_files(folders: Sequence[Path], record: Mapping[str, Any]) -> list[str]:
     """A warning for each non-weight file of the first folder (`record_folder`'s `record` of
-    it) that another folder lacks or holds otherwise: every extracted model gets the first's.
-    config.json is `check_configs`' to judge."""
+    it) that another folder lacks, or holds otherwise where it could not be kept per context
+    (over `MAX_STORED_FILE`): every extracted model gets the first's."""
     warnings = []
     for f in record["files"]:
-        if f["name"] == "config.json":
+        if "per_context" in f:
             continue
         others = [
             d
@@ -144,33 +153,56 @@ def _brief(value: Any, limit: int = 40) -> str:
 
 
 def record_folder(
-    folder: Path, writer: SuperposedWriter, *, source: str | None = None, max_stored: int | None = None
+    folders: Sequence[Path],
+    writer: SuperposedWriter,
+    *,
+    source: str | None = None,
+    max_stored: int | None = None,
 ) -> dict[str, Any]:
-    """Record `folder`'s non-weight files for the header's `hf` entry, storing the small ones
-    in `writer`. Returns the record (its `predicted_error` is filled in by merge); `source`:
-    how the record names `folder` (default: as given).
+    """Record the first folder's non-weight files for the header's `hf` entry, storing the
+    small ones in `writer`. A small file that every folder holds, but not all alike (each
+    fine-tune's config.json with its own labels, say), is kept per context: the record lists
+    each context's size and sha256 (`per_context`) and the versions other than the first's
+    are stored as `variant_name(name, k)`. Returns the record (its `predicted_error` is filled
+    in by merge); `source`: how the record names the first folder (default: as given).
 
     Raises:
         InputError: a file cannot be read, or its name is not a safe file name.
     """
     limit = MAX_STORED_FILE if max_stored is None else max_stored
     files = []
-    for path in non_weight_files(folder):
+    for path in non_weight_files(folders[0]):
         try:
             check_label(path.name)
         except ValueError as e:
             raise InputError(f"{path}: cannot be carried to the extracted folders ({e})") from None
+        record: dict[str, Any] = {"name": path.name}
         try:
             size = path.stat().st_size
             stored = size <= limit
             data = path.read_bytes() if stored else b""
-            digest = _sha256(data) if stored else sha256_file(path)
+            record.update(size=size, sha256=_sha256(data) if stored else sha256_file(path), stored=stored)
+            versions = _versions(folders, path.name, limit) if stored else None
         except OSError as e:
-            raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+            raise InputError(f"{e.filename or path}: cannot be read ({e.strerror or e})") from None
         if stored:
             writer.add_file(path.name, data)
-        files.append({"name": path.name, "size": size, "sha256": digest, "stored": stored})
-    return {"source": str(folder) if source is None else source, "files": files, "predicted_error": []}
+        if versions is not None and len({_sha256(v) for v in versions}) > 1:
+            record["per_context"] = [{"size": len(v), "sha256": _sha256(v)} for v in versions]
+            for k, v in enumerate(versions):
+                if _sha256(v) != record["sha256"]:
+                    writer.add_file(variant_name(path.name, k), v)
+        files.append(record)
+    first = source if source is not None else str(folders[0])
+    return {"source": first, "files": files, "predicted_error": []}
+
+
+def _versions(folders: Sequence[Path], name: str, limit: int) -> list[bytes] | None:
+    """Each folder's bytes of file `name`; None if one lacks it or holds more than `limit` bytes."""
+    paths = [d / name for d in folders]
+    if not all(p.is_file() and p.stat().st_size <= limit for p in paths):
+        return None
+    return [p.read_bytes() for p in paths]
 
 
 def _source_folder(sf: SuperposedFile) -> Path | None:
@@ -178,21 +210,20 @@ def _source_folder(sf: SuperposedFile) -> Path | None:
     return next((p for p in candidates((sf.header.hf or {})["source"], sf.path.parent) if p.is_dir()), None)
 
 
-def file_bytes(sf: SuperposedFile, record: Mapping[str, Any]) -> bytes:
-    """A recorded non-weight file's bytes: stored in `sf`, or read from the recorded input folder.
+def file_bytes(sf: SuperposedFile, record: Mapping[str, Any], k: int | None = None) -> bytes:
+    """A recorded non-weight file's bytes: stored in `sf`, or read from the recorded input
+    folder. With `k`: context k's own version where the file is kept per context (v3).
 
     Raises:
         InputError: a stored file that does not match its sha256; a large file whose input
             folder is gone. MismatchError: a large file whose sha256 changed.
     """
     name = record["name"]
+    variants = record.get("per_context")
+    if k is not None and variants and variants[k]["sha256"] != record["sha256"]:
+        return _checked(sf, variant_name(name, k), variants[k]["sha256"])
     if record["stored"]:
-        data = sf.file(name)
-        if _sha256(data) != record["sha256"]:
-            raise InputError(
-                f"{sf.path}: stored file {name} does not match its recorded sha256: the file is corrupted"
-            )
-        return data
+        return _checked(sf, name, record["sha256"])
     folder = _source_folder(sf)
     path = None if folder is None else folder / name
     if path is None or not path.is_file():
@@ -204,6 +235,15 @@ def file_bytes(sf: SuperposedFile, record: Mapping[str, Any]) -> bytes:
     if _sha256(data) != record["sha256"]:
         raise MismatchError(
             f"{path}: changed since the merge (sha256 differs); extraction needs the original"
+        )
+    return data
+
+
+def _checked(sf: SuperposedFile, stored: str, sha256: str) -> bytes:
+    data = sf.file(stored)
+    if _sha256(data) != sha256:
+        raise InputError(
+            f"{sf.path}: stored file {stored} does not match its recorded sha256: the file is corrupted"
         )
     return data
 
@@ -258,8 +298,7 @@ def write_folder(
         InputError, MismatchError: as `file_bytes`; a bad `max_shard_size`.
     """
     for record in (sf.header.hf or {}).get("files", []):
-        data = file_bytes(sf, record)
-        (folder / record["name"]).write_bytes(data)
+        (folder / record["name"]).write_bytes(file_bytes(sf, record, k))
     _write_weights(sf, k, folder, shard_plan(sf, max_shard_size))
     (folder / CARD).write_text(model_card(sf, k, sha256))
 

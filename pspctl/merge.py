@@ -409,7 +409,7 @@ def _merge(
         del means[name]
 
     # Pass 2: store each tensor as chosen.
-    hf = record_folder(paths[0], writer, source=record_path(paths[0], output)) if folders else None
+    hf = record_folder(paths, writer, source=record_path(paths[0], output)) if folders else None
     stored: dict[str, int] = {}
     errors = [0.0] * K
     warnings = []
@@ -443,9 +443,11 @@ def _merge(
     if hf is not None:
         hf["predicted_error"] = [float(f"{e:.4g}") for e in errors]
         kept = sum(f["stored"] for f in hf["files"])
+        own = [f["name"] for f in hf["files"] if "per_context" in f]
         notes.append(
             f"Hugging Face folders: {kept} of {len(hf['files'])} non-weight files of {paths[0]} stored "
             "for extract (config, tokenizer…)"
+            + (f"; each context keeps its own {listed(own)} (format v3)" if own else "")
         )
     header = Header(
         kind=kind.value,

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from pspctl.errors import ContextError, FormatError, InputError
 from pspctl.fileformat import SuperposedFile
-from tests.data.make_golden import GOLDEN_V2, HERE, inputs
+from tests.data.make_golden import GOLDEN_V2, HERE, V3_FOLDERS, V3_OPTIONS, inputs
 
 
 @pytest.mark.parametrize("kind", ["binary", "complex"])
@@ -64,6 +64,39 @@ def test_writer_reproduces_the_golden_tensors(tmp_path, name, monkeypatch):
     assert headers[0] == headers[1]
 
 
+def test_golden_v3_file_keeps_each_contexts_config(tmp_path, monkeypatch):
+    """Format v3 (HF folders whose config.json differs in its labels): each context's config
+    comes back byte for byte; the writer reproduces the file's tensors and header."""
+    from pspctl.extract import extract
+    from pspctl.merge import merge
+
+    sf = SuperposedFile(HERE / "golden-v3-labels.safetensors")
+    assert sf.header.format_version == 3 and sf.labels == ["golden-hf-a", "golden-hf-b"]
+    for k, folder in enumerate(V3_FOLDERS):
+        (out,) = extract(sf.path, k, tmp_path / f"x{k}", fmt="hf")
+        assert (out / "config.json").read_bytes() == (HERE / folder / "config.json").read_bytes()
+        assert torch.equal(
+            sf.state_dict(k)["lin.bias"], load_file(HERE / folder / "model.safetensors")["lin.bias"]
+        )
+    for folder in V3_FOLDERS:
+        shutil.copytree(HERE / folder, tmp_path / folder)
+    monkeypatch.chdir(tmp_path)
+    merge(V3_FOLDERS, "new.safetensors", V3_OPTIONS)
+    golden, new = load_file(HERE / "golden-v3-labels.safetensors"), load_file("new.safetensors")
+    assert golden.keys() == new.keys() and "files/1/config.json" in golden
+    assert all(torch.equal(golden[k], new[k]) for k in golden)
+    headers = []
+    for path in (HERE / "golden-v3-labels.safetensors", tmp_path / "new.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["pspctl.format_version"] == "3"
+            header = json.loads(f.metadata()["pspctl.header"])
+        header.pop("pspctl_version")
+        for meta in header["tensors"].values():
+            meta.pop("reason")
+        headers.append(header)
+    assert headers[0] == headers[1]
+
+
 def test_golden_v2_centred_file_retrieves_base_plus_unbound_deltas():
     """v2, centred: Ŵ_k = B + unbind(Σ_s (W_s − B) ⊙ c_s, c_k), B the inputs' mean, exactly as
     the spec computes it; per-context tensors exact."""
@@ -106,7 +139,7 @@ def _rewrite_metadata(src, dst, **changes):
 def test_unknown_version_and_plain_files_are_refused(tmp_path):
     src = HERE / "golden-v1-binary.safetensors"
     _rewrite_metadata(src, tmp_path / "v9.safetensors", **{"pspctl.format_version": "9"})
-    with pytest.raises(FormatError, match="format version 9, this pspctl reads versions 1 and 2"):
+    with pytest.raises(FormatError, match="format version 9, this pspctl reads versions 1, 2, 3"):
         SuperposedFile(tmp_path / "v9.safetensors")
     with pytest.raises(FormatError, match="plain safetensors file, not a pspctl"):
         SuperposedFile(HERE / "golden-a.safetensors")

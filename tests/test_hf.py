@@ -458,31 +458,90 @@ def test_a_model_transformers_renames_runs_in_every_command(tmp_path):
     assert any(not torch.equal(tuned.superposed(n), sf.superposed(n)) for n in sf.names("superposed"))
 
 
-def test_folders_whose_configs_differ_are_refused_and_other_files_warned(tmp_path):
-    """One config.json is kept for all contexts: a fine-tune saved with other heads, activation
-    or labels would be extracted with the first's, a wrong model. Other files only warn."""
+def test_folders_whose_configs_differ_beyond_their_labels_are_refused(tmp_path):
+    """Every context is built from one config.json (analyze, export, tune): a fine-tune saved
+    with another activation would be analysed as the first's model. Where it came from may differ."""
     build, _ = H.bert()
-    models = H.finetunes(build, K=3)
-    for k, model in enumerate(models):
+    for k, model in enumerate(H.finetunes(build, K=2)):
         model.save_pretrained(tmp_path / f"b{k}")
-        (tmp_path / f"b{k}" / "vocab.txt").write_text("[PAD]\n[UNK]\n" + ("x\n" if k == 2 else ""))
     config = json.loads((tmp_path / "b1" / "config.json").read_text())
     (tmp_path / "b1" / "config.json").write_text(
-        json.dumps({**config, "_name_or_path": "elsewhere", "id2label": {"0": "neg", "1": "neu", "2": "pos"}})
+        json.dumps({**config, "_name_or_path": "elsewhere", "hidden_act": "relu"})
     )
-    result = run("merge", tmp_path / "b0", tmp_path / "b1", tmp_path / "b2", "-o", tmp_path / "w.safetensors")
+    result = run("merge", tmp_path / "b0", tmp_path / "b1", "-o", tmp_path / "w.safetensors")
     assert result.exit_code == 3 and not (tmp_path / "w.safetensors").exists()
     line = result.output.strip()
     assert "\n" not in line and "b1/config.json differs from" in line
-    assert 'id2label {"0": "neg", "1": "neu", "2": "pos"}, not {"0": "LABEL_0"' in line
-    assert "_name_or_path" not in line  # where a folder came from may differ
+    assert 'hidden_act "relu", not "gelu"' in line and "only the labels" in line
+    assert "_name_or_path" not in line
 
-    (tmp_path / "b1" / "config.json").write_text(json.dumps({**config, "_name_or_path": "elsewhere"}))
-    report = merge([tmp_path / f"b{k}" for k in range(3)], tmp_path / "w.safetensors")
+
+def test_fine_tunes_on_different_tasks_keep_their_own_labels_and_tokenizer(tmp_path):
+    """Fine-tunes of one parent on different tasks: each config.json has its own labels (and
+    here one its own vocabulary file). Each is kept per context (format v3) and extracted with
+    its own model; a file one folder lacks is still the first's, with a warning."""
+    transformers = pytest.importorskip("transformers")
+    build, x = H.bert()
+    models = H.finetunes(build, K=3)
+    names = [["neg", "neu", "pos"], ["contradiction", "neutral", "entailment"], ["a", "b", "c"]]
+    folders = []
+    for k, model in enumerate(models):
+        model.config.id2label = dict(enumerate(names[k]))
+        model.config.label2id = {n: i for i, n in enumerate(names[k])}
+        model.config.finetuning_task = f"task{k}"
+        folders.append(tmp_path / f"b{k}")
+        model.save_pretrained(folders[k])
+        (folders[k] / "vocab.txt").write_text("[PAD]\n[UNK]\n" + ("x\n" if k == 2 else ""))
+        if k != 1:
+            (folders[k] / "notes.txt").write_text("only some folders have this")
+    report = merge(folders, tmp_path / "w.safetensors")
     assert report.warnings == [
-        f"vocab.txt of {tmp_path / 'b2'} differs from {tmp_path / 'b0'}'s (or is missing); every extracted model "
-        f"gets {tmp_path / 'b0'}'s"
+        f"notes.txt of {folders[1]} differs from {folders[0]}'s (or is missing); every extracted model "
+        f"gets {folders[0]}'s"
     ]
+    assert any(
+        n.endswith("; each context keeps its own config.json, vocab.txt (format v3)") for n in report.notes
+    )
+    sf = SuperposedFile(tmp_path / "w.safetensors")
+    assert sf.header.format_version == 3
+    records = {f["name"]: f for f in sf.header.hf["files"]}
+    assert len(records["config.json"]["per_context"]) == 3 and "per_context" not in records["notes.txt"]
+    digests = [v["sha256"] for v in records["vocab.txt"]["per_context"]]
+    assert digests[0] == digests[1] == records["vocab.txt"]["sha256"] != digests[2]
+
+    info = " ".join(run("info", tmp_path / "w.safetensors").output.split())
+    assert "pspctl format v3" in info and "; per context: config.json, vocab.txt" in info
+    out = extract(tmp_path / "w.safetensors", "all", tmp_path / "out")
+    for k, folder in enumerate(out):
+        for name in ("config.json", "vocab.txt"):
+            assert (folder / name).read_bytes() == (folders[k] / name).read_bytes(), (k, name)
+        assert (folder / "notes.txt").read_bytes() == (folders[0] / "notes.txt").read_bytes()
+        loaded = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        assert loaded.config.id2label == dict(enumerate(names[k]))
+        assert loaded.config.finetuning_task == f"task{k}"
+        assert H.rel(H.outputs(loaded, x), H.outputs(models[k], x)) < 0.1
+
+    # A rewrite keeps every context's files: tune carries them over.
+    result = run("tune", tmp_path / "w.safetensors", "--steps", 1, "-o", tmp_path / "t.safetensors", "-q")
+    assert result.exit_code == 0, result.output
+    tuned = SuperposedFile(tmp_path / "t.safetensors")
+    assert tuned.header.format_version == 3 and tuned.stored_files() == sf.stored_files()
+
+
+def test_a_per_context_file_list_of_the_wrong_length_is_corrupt(tmp_path):
+    from pspctl.errors import FormatError
+    from pspctl.header import Header, check_header
+
+    record = {"name": "config.json", "size": 2, "sha256": "0" * 64, "stored": True}
+    variants = [{"size": 2, "sha256": "0" * 64}, {"size": 3, "sha256": "1" * 64}]
+    hf = {"source": "a", "files": [{**record, "per_context": variants}], "predicted_error": []}
+    header = Header(kind="binary", seed=0, num_contexts=3, labels=["a", "b", "c"], tensors={}, hf=hf)
+    header.format_version = 3
+    with pytest.raises(FormatError, match="per_context does not list 3 contexts"):
+        check_header(header, "3")
+    header.format_version = 2
+    with pytest.raises(FormatError, match="format version 2 has no per-context files"):
+        check_header(header, "2")
 
 
 def test_an_input_given_twice_is_warned(tmp_path, mlp_paths):

@@ -368,9 +368,11 @@ def info(
     if h.hf:
         files = h.hf["files"]
         stored = sum(f["stored"] for f in files)
+        own = [f["name"] for f in files if "per_context" in f]
         console.print(
             f"Hugging Face folders: {len(files)} non-weight files of {escape(h.hf['source'])} recorded, "
-            f"{stored} stored ({escape(', '.join(f['name'] for f in files))})",
+            f"{stored} stored ({escape(', '.join(f['name'] for f in files))})"
+            + (f"; per context: {escape(', '.join(own))}" if own else ""),
             highlight=False,
         )
     contexts = Table("context", "label", "input", "sha256", title="contexts")

@@ -360,7 +360,7 @@ def tune(
             history=[*file.header.history, record],
             max_shard_size=max_shard_size,
             hf=None if hf is None else {**hf, "source": rebase(hf["source"], file.path, output)},
-            files={f["name"]: file.file(f["name"]) for f in hf["files"] if f["stored"]} if hf else None,
+            files=file.stored_files() if hf else None,
         )
 
     world.on_main(write)

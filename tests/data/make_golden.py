@@ -1,10 +1,12 @@
 """Regenerate the golden files of the current format: `python tests/data/make_golden.py`.
 
-Only do this for a deliberate format change, together with a FORMAT_VERSION bump. The
+Only do this for a deliberate format change, together with a FORMAT_VERSION bump. Each
+`golden-vN-*` pins format version N (v3: a merge of the `golden-hf-*` folders). The
 `golden-v1-*` files were written by format version 1 and are never rewritten: they pin what
 every later pspctl must still read.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -38,6 +40,22 @@ GOLDEN_V2 = {
 }
 
 
+# Format v3: a merge of Hugging Face folders whose config.json differs in its labels.
+V3_FOLDERS = ["golden-hf-a", "golden-hf-b"]
+V3_OPTIONS = MergeOptions(base="none", kind="binary", seed=0, policy=Policy(superpose=("lin.weight",)))
+
+
+def hf_folders() -> None:
+    """Two HF-style folders (config.json and model.safetensors) of the same inputs, whose
+    configs name other labels."""
+    for folder, (name, sd) in zip(V3_FOLDERS, inputs().items(), strict=True):
+        Path(folder).mkdir(exist_ok=True)
+        labels = {"0": f"{name}-no", "1": f"{name}-yes"}
+        config = {"model_type": "golden", "hidden_size": 4, "id2label": labels}
+        Path(folder, "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(sd, f"{folder}/model.safetensors")
+
+
 def main() -> None:
     os.chdir(HERE)
     for name, sd in inputs().items():
@@ -46,6 +64,10 @@ def main() -> None:
         out = Path(f"golden-v2-{name}.safetensors")
         out.unlink(missing_ok=True)
         merge(["golden-a.safetensors", "golden-b.safetensors"], out, options)
+    hf_folders()
+    out = Path("golden-v3-labels.safetensors")
+    out.unlink(missing_ok=True)
+    merge(V3_FOLDERS, out, V3_OPTIONS)
 
 
 if __name__ == "__main__":
