@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from pspctl.errors import InputError
 from pspctl.superpose import fan_in
 from pspctl.types import (
     CONV_ETA_PRIOR,
@@ -60,6 +61,18 @@ class Policy:
     # (name, centre) pairs: a superposed tensor stored on this centre ("none", "mean", "base")
     # whatever the budget would pick, as `--policy measured` measured it.
     centres: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse what no prediction can use: the (0, 1] bounds of η (an alignment, a cosine)
+        and a negative or NaN budget (infinite is no budget, as `SHAPE_RULES`)."""
+        if not self.max_error >= 0:  # NaN fails this too
+            raise InputError(f"--max-error {self.max_error:g}: expected a number ≥ 0")
+        if self.eta is not None and not 0 < self.eta <= 1:
+            raise InputError(f"--eta {self.eta:g}: η, the alignment of inputs with weights, is in (0, 1]")
+        if self.max_interference is not None and not self.max_interference > 0:
+            raise InputError(f"--max-interference {self.max_interference:g}: expected a number > 0")
+        if not 0 <= self.min_share <= 1:
+            raise InputError(f"--min-share {self.min_share:g}: expected a share in [0, 1]")
 
     def prior(self, shape: Sequence[int]) -> float:
         """The η to predict a tensor of this shape with where nothing measured it."""

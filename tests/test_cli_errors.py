@@ -289,3 +289,54 @@ def test_debug_shows_where_the_task_file_failed(taskdir):
     assert result.stderr.endswith(
         "error: task file build_raises.py: build_model() failed: ValueError: width must be positive\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["merge", "model0.pt", "model1.pt", "--eta", "0"],
+            "--eta 0: η, the alignment of inputs with weights, is in (0, 1]",
+        ),
+        (["merge", "model0.pt", "model1.pt", "--eta", "nan"], "Invalid value for '--eta'"),
+        (["merge", "model0.pt", "model1.pt", "--eta", "-0.1"], "Invalid value for '--eta'"),
+        (["merge", "model0.pt", "model1.pt", "--max-error", "nan"], "Invalid value for '--max-error'"),
+        (["merge", "model0.pt", "model1.pt", "--max-error", "-1"], "Invalid value for '--max-error'"),
+        (
+            ["merge", "model0.pt", "model1.pt", "--max-interference", "inf"],
+            "Invalid value for '--max-interference'",
+        ),
+        (["merge", "model0.pt", "model1.pt", "--min-share", "2"], "Invalid value for '--min-share'"),
+        (["tune", "--steps", "1", "--lr", "inf"], "Invalid value for '--lr': inf is not a finite number"),
+        (
+            ["train", "--task", "t.py", "-k", "2", "--dist-timeout", "inf"],
+            "Invalid value for '--dist-timeout'",
+        ),
+        (["export", "--context", "0", "--atol", "nan"], "Invalid value for '--atol'"),
+        (["analyze", "--max-drop", "-1"], "Invalid value for '--max-drop'"),
+    ],
+)
+def test_bad_numbers_are_usage_errors_and_nothing_is_written(workdir, args, message):
+    """NaN, infinities and out-of-range numbers: exit 2 before any work, not a bug (exit 1),
+    not a merge that superposes everything at a 'predicted' error of 0 (--eta inf)."""
+    line = one_line(run(*args, "-q"), 2)
+    assert message in line, line
+    assert sorted(p.name for p in workdir.iterdir()) == ["model0.pt", "model1.pt"]
+
+
+def test_the_library_refuses_what_no_prediction_can_use():
+    import math
+
+    from pspctl.errors import InputError
+    from pspctl.policy import Policy
+
+    for bad in (
+        {"eta": 0.0},
+        {"eta": 1.5},
+        {"max_error": math.nan},
+        {"max_error": -0.1},
+        {"min_share": -1.0},
+    ):
+        with pytest.raises(InputError):
+            Policy(**bad)
+    assert Policy(max_error=math.inf).max_error == math.inf  # no budget: the shape rules' setting

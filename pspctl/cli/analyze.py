@@ -58,14 +58,14 @@ def analyze(
     sparsity: Annotated[
         list[str] | None, typer.Option(help="Pruning levels for the superposed values (default 0.5,0.7,0.9).")
     ] = None,
-    samples: Annotated[int, typer.Option(help="Calibration (or probe) inputs per context.")] = 256,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration (or probe) inputs per context.")] = 256,
     max_drop: Annotated[
         float | None,
-        typer.Option(help="Also recommend what to superpose for this calib accuracy drop (points)."),
+        typer.Option(min=0, help="Also recommend what to superpose for this calib accuracy drop (points)."),
     ] = None,
     max_output_error: Annotated[
         float | None,
-        typer.Option(help="With --max-drop: also bound the end-to-end output error per context."),
+        typer.Option(min=0, help="With --max-drop: also bound the end-to-end output error per context."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random probes.")] = 0,
     trust_pickle: Annotated[

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import math
 import shlex
 import sys
 import traceback
@@ -150,6 +151,7 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _refuse_nonfinite(kwargs)
         try:
             return inner(*args, **kwargs)
         finally:
@@ -157,6 +159,15 @@ def handle_errors(fn: F) -> F:
             digests.forget_prefetched()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _refuse_nonfinite(options: dict[str, Any]) -> None:
+    """A float option that is NaN or ±inf is a bad value (exit 2), as click's own are: no
+    range check catches NaN, and none of pspctl's numbers means anything infinite."""
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = "--" + name.replace("_", "-")
+            raise typer.BadParameter(f"{value} is not a finite number", param_hint=f"'{flag}'")
 
 
 P = TypeVar("P", list[Path], str)

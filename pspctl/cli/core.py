@@ -39,22 +39,28 @@ SuperposeOpt = Annotated[
     typer.Option(help="Glob of tensor names to superpose regardless of the rules ('*' = all). Repeatable."),
 ]
 MaxInterferenceOpt = Annotated[
-    float | None, typer.Option(help="Keep per context tensors whose (K-1)/fan_in exceeds this.")
+    float | None, typer.Option(min=0, help="Keep per context tensors whose (K-1)/fan_in exceeds this.")
 ]
 MinShareOpt = Annotated[
-    float, typer.Option(help="Keep per context tensors holding less than this share of the parameters.")
+    float,
+    typer.Option(
+        min=0, max=1, help="Keep per context tensors holding less than this share of the parameters."
+    ),
 ]
 MaxErrorOpt = Annotated[
     float,
     typer.Option(
-        help="Budget: predicted relative output error of all superposed tensors together (docs/policy.md)."
+        min=0,
+        help="Budget: predicted relative output error of all superposed tensors together (docs/policy.md).",
     ),
 ]
 EtaOpt = Annotated[
     float | None,
     typer.Option(
+        min=0,
+        max=1,
         help="Prior alignment η of layer inputs with the weights, for every tensor "
-        "(default: 0.15 for matrices, 0.025 for convolution kernels)."
+        "(default: 0.15 for matrices, 0.025 for convolution kernels).",
     ),
 ]
 BaseOpt = Annotated[
@@ -152,10 +158,12 @@ def merge(
         ),
     ] = PolicySource.RULES,
     max_drop: Annotated[
-        float, typer.Option(help="With --policy measured: allowed calib accuracy drop per context (points).")
+        float,
+        typer.Option(min=0, help="With --policy measured: allowed calib accuracy drop per context (points)."),
     ] = 0.5,
     max_output_error: Annotated[
-        float | None, typer.Option(help="With --policy measured: also bound the end-to-end output error.")
+        float | None,
+        typer.Option(min=0, help="With --policy measured: also bound the end-to-end output error."),
     ] = None,
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Merge weights containing NaN/Inf.")

@@ -59,7 +59,7 @@ def train_command(
     kind: Annotated[Kind, typer.Option(help="Context kind.")] = Kind.BINARY,
     steps: Annotated[int, typer.Option(help="Training steps per context (per cycle).")] = 500,
     cycles: Annotated[int, typer.Option(help="Passes over the K contexts.")] = 1,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(min=0, help="Learning rate.")] = 1e-3,
     optimizer: Annotated[Optimizer, typer.Option(help="Adam, or SGD with momentum 0.9.")] = Optimizer.ADAM,
     eval_every: Annotated[
         int, typer.Option(help="Evaluate every context every N steps (0: at the end of each context).")
@@ -191,6 +191,7 @@ def tune_command(
     lr: Annotated[
         float | None,
         typer.Option(
+            min=0,
             help="Learning rate (Adam). Default: 1e-4, then 1e-5 and 1e-6, each from the file again, "
             "while the result is worse than the input.",
             show_default=False,
