@@ -67,6 +67,29 @@ def test_weight_space_error_matches_direct_norms(merged):
         assert by_name[name].error == [0.0, 0.0, 0.0] and by_name[name].expected == [0.0, 0.0, 0.0]
 
 
+def test_the_by_design_note_names_only_tensors_superposed_without_a_base(merged, tmp_path):
+    """sqrt(v(K-1)) is the weight-space error of plain superposition; a centred tensor's is
+    its deltas' share, orders of magnitude smaller, and the note must not claim otherwise."""
+    out, paths, _ = merged
+    assert "weight-space error is about sqrt(v(K-1)) = 1.41 by design;" in " ".join(analyze(out).notes)
+    for centres, expect in (
+        (("mean",), None),
+        (("mean", "none"), " for the tensors superposed without a base"),
+    ):
+        policy = Policy(
+            superpose=("0.weight", "2.weight"), centres=tuple(zip(("0.weight", "2.weight"), centres * 2))
+        )
+        centred = tmp_path / f"c{len(centres)}.safetensors"
+        merge(paths, centred, MergeOptions(base="auto", seed=1, policy=policy))
+        notes = " ".join(analyze(centred).notes)
+        metas = SuperposedFile(centred).header.tensors
+        assert [metas[n].centred for n in ("0.weight", "2.weight")] == [True, centres[-1] == "mean"]
+        if expect is None:
+            assert "by design" not in notes
+        else:
+            assert f"= 1.41 by design{expect};" in notes
+
+
 def test_function_space_matches_hand_computation(merged):
     out, paths, task_path = merged
     report = analyze(out, max_samples=64)

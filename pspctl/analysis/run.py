@@ -119,10 +119,12 @@ def analyze(
             norms[name] = (tp.norms_sq, tp.superposed_sq)
         stored_bytes[name] = tp.stored_bytes
     report.stored_bytes = sum(stored_bytes.values())
-    if origs is not None and sup:
+    plain = [n for n in sup if not sf.header.tensors[n].centred]
+    if origs is not None and plain:  # centred tensors' residual is the deltas' share: small
+        which = "" if len(plain) == len(sup) else " for the tensors superposed without a base"
         notes.append(
             f"weight-space error is about sqrt(v(K-1)) = {math.sqrt(kind.variance_factor * (K - 1)):.2f} by "
-            "design; it is not what decides quality, the function-space error is"
+            f"design{which}; it is not what decides quality, the function-space error is"
         )
 
     sup_total = sum(math.prod(sf.header.tensors[n].shape) * (2 if kind.is_complex else 1) for n in sup)
