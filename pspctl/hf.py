@@ -412,18 +412,26 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
     Raises:
         PspctlError: transformers is missing. InputError: no readable config.json.
     """
-    require_transformers()
+    transformers = require_transformers()
     config = config_dict(sf)
     auto = auto_class_name(config)
+    arch = next(iter(config.get("architectures") or []), None)
+    named = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    # The class config.json names (BertForMaskedLM, T5ForConditionalGeneration…), as the
+    # folder was saved from; an Auto class only where transformers has no such class.
+    cls = named if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel) else None
 
     def build_model() -> nn.Module:
-        transformers = require_transformers()
         model_type = config.get("model_type")
         if model_type not in transformers.CONFIG_MAPPING:
             raise InputError(f"{sf.path}: config.json has model_type {model_type!r}, unknown to transformers")
         cfg = transformers.CONFIG_MAPPING[model_type].from_dict(config)
         cfg.use_cache = False  # logits only: a KV cache in the outputs is no tensor for export/analyze
-        return getattr(transformers, auto).from_config(cfg).eval()
+        if cls is None:
+            return getattr(transformers, auto).from_config(cfg).eval()
+        if getattr(cfg, "is_encoder_decoder", False):
+            return _decoder_fed(cls)(cfg).eval()
+        return cls(cfg).eval()
 
     def inputs() -> tuple[Tensor, ...]:
         return example_inputs(config)
@@ -434,11 +442,24 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
         return [(example_inputs(config, batch=8, seed=seed + i)[0], None) for i in range(count)]
 
     return Task(
-        source=f"config.json of {sf.path.name} ({auto})",
+        source=f"config.json of {sf.path.name} ({auto if cls is None else cls.__name__})",
         build_model=build_model,
         example_inputs=inputs,
         load_data=load_data if synthetic_data else None,
     )
+
+
+def _decoder_fed(cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` (an encoder-decoder) taking one input, the token ids, which it feeds to the
+    decoder too: the one-input form `analyze`, `export` and `tune` call a model with. The
+    subclass adds no module, so its state_dict is `cls`'s."""
+
+    class DecoderFed(cls):  # type: ignore[valid-type,misc]
+        def forward(self, input_ids: Tensor) -> Any:
+            return super().forward(input_ids=input_ids, decoder_input_ids=input_ids)
+
+    DecoderFed.__name__ = DecoderFed.__qualname__ = cls.__name__
+    return DecoderFed
 
 
 def hf_paths(paths: Sequence[Path]) -> bool:

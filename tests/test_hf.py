@@ -181,10 +181,57 @@ def test_analyze_builds_the_model_from_config_json(finetunes):
     assert any(
         "built from the recorded config.json" in n and "metrics need a task file" in n for n in report.notes
     )
-    assert report.task.endswith("(AutoModelForCausalLM)")
+    assert report.task.endswith("(LlamaForCausalLM)")
     errors = [c.output_error for c in report.contexts]
     assert all(e is not None and e > 0 for e in errors)
     assert all(c.retrieved_metric is None for c in report.contexts)
+
+
+@pytest.mark.parametrize("arch", ["BertForMaskedLM", "T5ForConditionalGeneration"])
+def test_heads_without_an_auto_class_are_built_as_config_json_names_them(tmp_path, arch):
+    """AutoModel would build the bare encoder (other names, no head): the file's weights never
+    fit it, and analyze/export failed. The class config.json names is built; an
+    encoder-decoder is fed its token ids on both sides."""
+    transformers = pytest.importorskip("transformers")
+    from pspctl.analysis import analyze
+    from pspctl.hf import hf_task
+    from pspctl.merge import MergeOptions
+    from pspctl.policy import Policy
+
+    if arch == "BertForMaskedLM":
+        config = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=32,
+        )  # fmt: skip
+    else:
+        config = transformers.T5Config(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
+        )
+    cls = getattr(transformers, arch)
+    models = H.finetunes(lambda: cls(config), K=2, scale=0.01)
+    for k, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"ft{k}")
+    options = MergeOptions(base="mean", policy=Policy(superpose=("*",)))  # something to measure
+    merge([tmp_path / "ft0", tmp_path / "ft1"], tmp_path / "w.safetensors", options)
+    sf = SuperposedFile(tmp_path / "w.safetensors")
+    task = hf_task(sf)
+    model = task.build_model()
+    assert type(model).__name__ == arch and task.source.endswith(f"({arch})")
+    missing, unexpected = model.load_state_dict(sf.state_dict(1), strict=False)
+    state = model.state_dict()
+    assert unexpected == [] and missing  # save_pretrained drops the tied copies…
+    assert {state[n].data_ptr() for n in missing} <= {state[n].data_ptr() for n in state if n not in missing}
+    (ids,) = task.example_inputs()
+    kwargs = {"decoder_input_ids": ids} if arch.startswith("T5") else {}
+    with torch.no_grad():
+        expected = models[1].eval()(input_ids=ids, **kwargs).logits
+        assert H.rel(model(ids).logits, expected) < 0.1
+    report = analyze(sf, max_samples=8, sparsities=[0.5])
+    errors = [c.output_error for c in report.contexts]
+    assert all(e is not None and 0 < e < 0.1 for e in errors), errors
+    result = run("export", tmp_path / "w.safetensors", "--context", 1, "-o", tmp_path / "m.onnx", "-q")
+    assert result.exit_code == 0, result.output  # validated against torch in onnxruntime
+    assert (tmp_path / "m.onnx").is_file()
 
 
 def test_hf_task_picks_the_auto_class_and_makes_inputs_from_the_config():
