@@ -40,7 +40,11 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
-EMBEDDING_PATTERNS = ("*embed*", "*wte.*", "*wpe.*", "*tok_embeddings*")
+EMBEDDING_PATTERNS = (
+    "*embed*", "*wte.*", "*wpe.*", "*tok_embeddings*",
+    "shared.weight", "*.shared.weight",  # T5, BART, Pegasus, Marian: the token table save_pretrained keeps
+    "*relative_attention_bias.*",  # T5's bucketed position bias, an nn.Embedding
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

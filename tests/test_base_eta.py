@@ -387,3 +387,26 @@ def test_a_conv_named_like_an_embedding_is_no_lookup_table(tmp_path):
         d_sq = [float((s[name].double() - mean.double()).norm() ** 2) for s in states]
         expected = max(predicted_errors("binary", rows[name].fan_in, 0.025, w_sq, d_sq, lookup=lookup))
         assert rows[name].error == pytest.approx(expected, rel=1e-3), name
+
+
+def test_encoder_decoder_token_tables_are_lookups():
+    """save_pretrained keeps T5's and BART's token table as `shared.weight` (`model.shared.weight`)
+    and drops its tied `embed_tokens` aliases: the same table must get the lookup rule under
+    either name, as must T5's relative position bias, an nn.Embedding."""
+    from pspctl.policy import TensorInfo, decide, is_lookup
+
+    names = [
+        "shared.weight",
+        "model.shared.weight",
+        "encoder.embed_tokens.weight",
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ]
+    infos = [
+        TensorInfo(n, (2000, 512), "float32")
+        for n in [*names, "shared_trunk.weight", "mlp.shared.dense.weight"]
+    ]
+    decisions = {d.name: d for d in decide(infos, 4, Policy())}
+    for name in names:
+        assert is_lookup(name) and decisions[name].reason == "embedding lookup: no attenuation", name
+    for name in ("shared_trunk.weight", "mlp.shared.dense.weight"):  # a Linear named otherwise
+        assert not is_lookup(name) and decisions[name].reason == "candidate", name
