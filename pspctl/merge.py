@@ -42,7 +42,7 @@ from pspctl.policy import (
     TensorInfo,
     choose,
     decide,
-    is_lookup,
+    is_table,
     matches_any,
     predicted_errors,
 )
@@ -566,9 +566,9 @@ def _settle(d: Decision, chosen: Option | None, options: Sequence[Option]) -> De
 
 
 def _is_lookup(info: TensorInfo, ties: dict[str, str]) -> bool:
-    """A lookup table (a matrix), under its own name or under a name tied to it."""
+    """An embedding table (`policy.is_table`), under its own name or under a name tied to it."""
     names = [info.name, *(alias for alias, n in ties.items() if n == info.name)]
-    return len(info.shape) == 2 and any(is_lookup(n) for n in names)
+    return any(is_table(n, info.shape) for n in names)
 
 
 def _centres(options: MergeOptions) -> tuple[str, ...]:

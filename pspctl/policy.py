@@ -44,6 +44,8 @@ EMBEDDING_PATTERNS = (
     "*embed*", "*wte.*", "*wpe.*", "*tok_embeddings*",
     "shared.weight", "*.shared.weight",  # T5, BART, Pegasus, Marian: the token table save_pretrained keeps
     "*relative_attention_bias.*",  # T5's bucketed position bias, an nn.Embedding
+    "*relative_position_bias_table*",  # Swin's, indexed by relative position
+    "*cls_token*", "*mask_token*", "*distillation_token*",  # ViT/DeiT tokens, added as they are
 )  # fmt: skip
 
 
@@ -156,7 +158,7 @@ def _rule(info: TensorInfo, interference: float | None, share: float, policy: Po
         return Role.PER_CONTEXT, "not floating point"
     if len(info.shape) < 2:
         return Role.PER_CONTEXT, "fewer than 2 dims"
-    if len(info.shape) == 2 and _matches(info.name.lower(), EMBEDDING_PATTERNS):  # not a ViT's patch conv
+    if is_table(info.name, info.shape):  # not a ViT's patch conv
         return Role.PER_CONTEXT, "embedding lookup: no attenuation"
     if (
         policy.max_interference is not None
@@ -190,8 +192,17 @@ def decide(tensors: Sequence[TensorInfo], num_contexts: int, policy: Policy) -> 
 
 
 def is_lookup(name: str) -> bool:
-    """An embedding table: read a row at a time, so nothing sums over its fan-in."""
+    """A name that looks like an embedding's (`EMBEDDING_PATTERNS`)."""
     return _matches(name.lower(), EMBEDDING_PATTERNS)
+
+
+def is_table(name: str, shape: Sequence[int]) -> bool:
+    """An embedding, by name and shape: a lookup table (a matrix, read a row at a time) or one
+    added to the activations as it is (ViT's `position_embeddings` [1, tokens, D] and
+    `cls_token` [1, 1, D], broadcast over the batch). Nothing sums over either's "fan-in",
+    so its residual reaches the activations unattenuated. A convolution named like one (a
+    ViT's patch embedding, [D, C, k, k]) is no table."""
+    return is_lookup(name) and (len(shape) == 2 or (len(shape) >= 3 and shape[0] == 1))
 
 
 def predicted_errors(

@@ -368,7 +368,8 @@ def test_a_conv_named_like_an_embedding_is_no_lookup_table(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     parent = {"patch_embed.proj.weight": torch.randn(32, 3, 4, 4, generator=g),
-              "embed_tokens.weight": torch.randn(50, 32, generator=g)}  # fmt: skip
+              "embed_tokens.weight": torch.randn(50, 32, generator=g),
+              "embeddings.position_embeddings": torch.randn(1, 17, 32, generator=g)}  # fmt: skip
     paths = []
     for k in range(4):
         gk = torch.Generator().manual_seed(1 + k)
@@ -377,11 +378,17 @@ def test_a_conv_named_like_an_embedding_is_no_lookup_table(tmp_path):
                   str(paths[-1]))  # fmt: skip
     default = {d.name: d for d in merge(paths, tmp_path / "d.safetensors", MergeOptions()).decisions}
     assert default["embed_tokens.weight"].reason == "embedding lookup: no attenuation"
+    # ViT's position embedding [1, tokens, D] is added as it is: no conv, nothing sums over it.
+    assert default["embeddings.position_embeddings"].reason == "embedding lookup: no attenuation"
     assert default["patch_embed.proj.weight"].reason != "embedding lookup: no attenuation"
     forced = merge(paths, tmp_path / "f.safetensors", MergeOptions(policy=Policy(superpose=("*",))))
     rows = {d.name: d for d in forced.decisions}
     states = [load_file(str(p)) for p in paths]
-    for name, lookup in (("patch_embed.proj.weight", False), ("embed_tokens.weight", True)):
+    for name, lookup in (
+        ("patch_embed.proj.weight", False),
+        ("embed_tokens.weight", True),
+        ("embeddings.position_embeddings", True),
+    ):
         mean = sum(s[name] for s in states) / 4
         w_sq = [float(s[name].double().norm() ** 2) for s in states]
         d_sq = [float((s[name].double() - mean.double()).norm() ** 2) for s in states]
@@ -393,7 +400,7 @@ def test_encoder_decoder_token_tables_are_lookups():
     """save_pretrained keeps T5's and BART's token table as `shared.weight` (`model.shared.weight`)
     and drops its tied `embed_tokens` aliases: the same table must get the lookup rule under
     either name, as must T5's relative position bias, an nn.Embedding."""
-    from pspctl.policy import TensorInfo, decide, is_lookup
+    from pspctl.policy import TensorInfo, decide, is_lookup, is_table
 
     names = [
         "shared.weight",
@@ -410,3 +417,12 @@ def test_encoder_decoder_token_tables_are_lookups():
         assert is_lookup(name) and decisions[name].reason == "embedding lookup: no attenuation", name
     for name in ("shared_trunk.weight", "mlp.shared.dense.weight"):  # a Linear named otherwise
         assert not is_lookup(name) and decisions[name].reason == "candidate", name
+    # ViT's added tensors are tables; its patch conv and a 1-channel conv are not.
+    for name, shape, table in (
+        ("vit.embeddings.position_embeddings", (1, 197, 192), True),
+        ("vit.embeddings.cls_token", (1, 1, 192), True),
+        ("swin.encoder.layers.0.blocks.0.attention.self.relative_position_bias_table", (169, 3), True),
+        ("vit.embeddings.patch_embeddings.projection.weight", (192, 3, 16, 16), False),
+        ("seg_head.weight", (1, 64, 1, 1), False),
+    ):
+        assert is_table(name, shape) is table, name
