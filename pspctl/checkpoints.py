@@ -212,7 +212,9 @@ def _read_sharded(index: Path, trust_pickle: bool) -> Raw:
 
 def _unwrap(obj: object, path: Path) -> tuple[Mapping[str, Tensor], list[str]]:
     notes = []
-    for key in ("state_dict", "model"):
+    # Lightning and timm; the PyTorch tutorials' {"model_state_dict", "optimizer_state_dict"};
+    # a model under "model"; DeepSpeed's model states under "module".
+    for key in ("state_dict", "model_state_dict", "model", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             lightning = key == "state_dict" and any(k in obj for k in LIGHTNING_KEYS)
             if isinstance(obj.get("state_dict_ema"), Mapping):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import weakref
 import zlib
 from collections.abc import Mapping, Sequence
@@ -522,6 +523,8 @@ class SuperposedFile(_Stored):
         """A 0-based index from an index or a label. Labels win over digits."""
         if isinstance(spec, str) and spec in self.labels:
             return self.labels.index(spec)
+        if isinstance(spec, bool) or not isinstance(spec, (numbers.Integral, str)):  # int(1.7) would be 1
+            raise ContextError(f"context {spec!r}: give an index (int) or a label (str)")
         try:
             k = int(spec)
         except ValueError:

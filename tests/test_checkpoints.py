@@ -15,6 +15,11 @@ def test_nested_and_wrapped_state_dicts_are_unwrapped(tmp_path):
     assert ckpt.notes == ["unwrapped 'state_dict'", "stripped prefix 'module.'"]
     torch.save({"model": {"_orig_mod.w": torch.ones(1)}}, tmp_path / "y.pth")
     assert open_checkpoint(tmp_path / "y.pth").names == ["w"]
+    # The PyTorch tutorials' layout, and DeepSpeed's model states.
+    for key in ("model_state_dict", "module"):
+        torch.save({key: {"w": torch.ones(1)}, "optimizer_state_dict": {}, "epoch": 3}, tmp_path / "z.pt")
+        ckpt = open_checkpoint(tmp_path / "z.pt")
+        assert ckpt.names == ["w"] and ckpt.notes == [f"unwrapped '{key}'"]
 
 
 def test_safetensors_are_read_lazily_with_shapes_up_front(tmp_path):

@@ -161,3 +161,7 @@ def test_context_errors():
         sf.state_dict(2)
     with pytest.raises(ContextError, match="unknown context 'c'; labels are golden-a, golden-b"):
         sf.state_dict("c")
+    for spec in (1.7, 0.2, True):  # int() would truncate them to a context silently
+        with pytest.raises(ContextError, match=r"give an index \(int\) or a label \(str\)"):
+            sf.state_dict(spec)
+    assert sf.resolve_context("1") == sf.resolve_context(1) == 1
