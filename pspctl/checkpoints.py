@@ -138,13 +138,20 @@ def _strip_prefixes(
             notes.append(f"dropped {len(dropped)} tensors without the prefix: {listed(dropped)}")
         return kept, notes
     if lightning and mapping:
-        # One attribute holding the network (`self.model = ...`): its name prefixes every key and
-        # names a module, not a tensor (so every key goes on deeper). Else, ambiguous: kept.
+        # One attribute holding the network (`self.model = ...`): its name prefixes every key,
+        # and the network has submodules (some key goes on deeper; a network's own tensors,
+        # such as CLIP's `model.logit_scale`, may sit beside them). Else, ambiguous: kept.
         heads = {k.split(".", 1)[0] for k in mapping}
-        if len(heads) == 1 and all(k.count(".") >= 2 for k in mapping):
+        under_one = len(heads) == 1 and all("." in k for k in mapping)
+        if under_one and any(k.count(".") >= 2 for k in mapping):
             head = f"{heads.pop()}."
             mapping = {k[len(head) :]: v for k, v in mapping.items()}
             notes.append(f"stripped the LightningModule attribute prefix '{head}' (override: --strip-prefix)")
+        elif under_one:  # `self.model = nn.Linear(...)`, or the LightningModule's own layer
+            notes.append(
+                f"a Lightning checkpoint of one layer '{heads.pop()}': kept as it is "
+                "(--strip-prefix PREFIX strips it)"
+            )
         else:
             notes.append(
                 "a Lightning checkpoint whose keys share no one module prefix: kept as they are "

@@ -299,7 +299,21 @@ def test_a_lightning_module_holding_one_layer_directly_keeps_its_names(tmp_path)
     """`self.lin = nn.Linear(...)`: `lin.` names the layer, not a wrapper; stripping it would
     leave bare `weight`/`bias`."""
     torch.save({"global_step": 1, "state_dict": _state()}, tmp_path / "a.ckpt")
-    assert open_checkpoint(tmp_path / "a.ckpt").names == ["lin.weight", "lin.bias"]
+    ckpt = open_checkpoint(tmp_path / "a.ckpt")
+    assert ckpt.names == ["lin.weight", "lin.bias"]
+    assert any("a Lightning checkpoint of one layer 'lin': kept as it is" in n for n in ckpt.notes)
+
+
+def test_a_wrapped_network_with_its_own_tensors_loses_the_prefix_too(tmp_path):
+    """CLIP-like: the network under `self.model` has submodules and a tensor of its own
+    (`model.logit_scale`); every key is the network's."""
+    state = {**_state(), "logit_scale": torch.ones(())}
+    torch.save(
+        {"global_step": 1, "state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "a.ckpt"
+    )
+    ckpt = open_checkpoint(tmp_path / "a.ckpt")
+    assert ckpt.names == list(state) and torch.equal(ckpt["logit_scale"], state["logit_scale"])
+    assert any("LightningModule attribute prefix 'model.'" in n for n in ckpt.notes)
 
 
 def test_merge_strip_prefix_on_the_command_line(tmp_path):
