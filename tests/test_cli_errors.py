@@ -312,7 +312,10 @@ def test_debug_shows_where_the_task_file_failed(taskdir):
             ["train", "--task", "t.py", "-k", "2", "--dist-timeout", "inf"],
             "Invalid value for '--dist-timeout'",
         ),
-        (["export", "--context", "0", "--atol", "nan"], "Invalid value for '--atol'"),
+        (
+            ["export", "--context", "0", "-o", "x.onnx", "--atol", "nan"],
+            "Invalid value for '--atol': nan is not a finite number",
+        ),
         (["analyze", "--max-drop", "-1"], "Invalid value for '--max-drop'"),
     ],
 )

@@ -38,10 +38,10 @@ def export(
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = DEFAULT_OPSET,
     atol: Annotated[
-        float, typer.Option(min=0, help="Absolute tolerance of onnxruntime against PyTorch.")
+        float, typer.Option(help="Absolute tolerance of onnxruntime against PyTorch.")
     ] = DEFAULT_ATOL,
     rtol: Annotated[
-        float, typer.Option(min=0, help="Relative tolerance, as numpy.allclose: |Δ| ≤ atol + rtol·|torch|.")
+        float, typer.Option(help="Relative tolerance, as numpy.allclose: |Δ| ≤ atol + rtol·|torch|.")
     ] = DEFAULT_RTOL,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the validation report as JSON.")] = False,
