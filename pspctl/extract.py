@@ -15,6 +15,7 @@ from pspctl.fileformat import SuperposedFile
 from pspctl.hf import folder_names, write_folder
 from pspctl.outputs import staged_folder, write_safetensors_sharded
 from pspctl.sources import files_read
+from pspctl.types import Progress
 
 __all__ = ["default_format", "extract", "plan_outputs"]
 
@@ -51,6 +52,7 @@ def extract(
     force: bool = False,
     base: str | Path | None = None,
     max_shard_size: int | str | None = None,
+    progress: Progress | None = None,
 ) -> list[Path]:
     """Write model `context` (an index, a label, or "all") as a plain state_dict, or with
     `fmt="hf"` (the default for a merge of HF folders, see `default_format`) as a Hugging Face
@@ -61,7 +63,8 @@ def extract(
     folder) is written per context, all or none: they are staged and moved into place only
     when every one is written. Returns the paths written. With `max_shard_size` and a
     state_dict format (safetensors only), each model is written as shards of at most that size
-    and their index, the Hugging Face layout.
+    and their index, the Hugging Face layout. `progress(done, total, label)` is called after
+    each context is written.
 
     Raises:
         ContextError: unknown label or index out of range.
@@ -76,20 +79,26 @@ def extract(
         file.linked_base()  # there, and the one merged on: checked before any work
     sources = files_read(file)  # nor an original: a retrieval must never replace the exact model
     fmt = fmt or default_format(file, context, output)
+    tick = progress or (lambda done, total, item: None)
     if fmt == "hf":
-        return _extract_hf(file, context, output, force=force, sources=sources, max_shard_size=max_shard_size)
+        return _extract_hf(
+            file, context, output, force=force, sources=sources, max_shard_size=max_shard_size, tick=tick
+        )
     if max_shard_size is not None and fmt != "safetensors":
         raise OutputError(f"--max-shard-size writes safetensors shards, not {fmt}")
     targets = plan_outputs(file, context, output, f".{fmt}")
     if str(context) != "all":
         [(k, target)] = targets
-        return _save(file.state_dict(k), target, max_shard_size, force=force, inputs=sources)
+        written = _save(file.state_dict(k), target, max_shard_size, force=force, inputs=sources)
+        tick(1, 1, file.labels[k])
+        return written
     names = [t.name for _, t in targets]
     written = []
     with staged_folder(output, names, force=force, inputs=sources) as staging:
-        for k, target in targets:
+        for i, (k, target) in enumerate(targets):
             files = _save(file.state_dict(k), staging / target.name, max_shard_size)
             written += [output / f.name for f in files]
+            tick(i + 1, len(targets), file.labels[k])
     return written
 
 
@@ -101,6 +110,7 @@ def _extract_hf(
     force: bool,
     sources: list[Path],
     max_shard_size: int | str | None,
+    tick: Progress,
 ) -> list[Path]:
     """Write HF model folders (see `pspctl.hf.write_folder`), all or none."""
     if file.header.hf is None:
@@ -115,12 +125,14 @@ def _extract_hf(
         names = folder_names(file, max_shard_size)
         with staged_folder(output, names, force=force, inputs=sources) as staging:
             write_folder(file, k, staging, sha256=digest, max_shard_size=max_shard_size)
+        tick(1, 1, file.labels[k])
         return [output]
     targets = plan_outputs(file, context, output, "")
     with staged_folder(output, [t.name for _, t in targets], force=force, inputs=sources) as staging:
-        for k, target in targets:
+        for i, (k, target) in enumerate(targets):
             (staging / target.name).mkdir()
             write_folder(file, k, staging / target.name, sha256=digest, max_shard_size=max_shard_size)
+            tick(i + 1, len(targets), file.labels[k])
     return [t for _, t in targets]
 
 

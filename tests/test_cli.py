@@ -73,10 +73,19 @@ def test_merge_info_extract_happy_path(workdir):
     model.load_state_dict(torch.load("m2.pt", weights_only=True))
     assert torch.equal(model.state_dict()["0.weight"], torch.load("model2.pt", weights_only=True)["0.weight"])
 
-    result = run("extract", "--context", "all", "-o", "out")
+    result = run("extract", "--context", "all", "-o", "out", "-q")
     assert result.exit_code == 0 and sorted(p.name for p in (workdir / "out").iterdir()) == [
         "model0.safetensors", "model1.safetensors", "model2.safetensors",
     ]  # fmt: skip
+
+    from pspctl.extract import extract
+
+    ticks = []
+    extract("w.safetensors", "all", "again", progress=lambda *t: ticks.append(t))
+    assert ticks == [(1, 3, "model0"), (2, 3, "model1"), (3, 3, "model2")]
+    ticks.clear()
+    extract("w.safetensors", "model1", "m1.safetensors", progress=lambda *t: ticks.append(t))
+    assert ticks == [(1, 1, "model1")]
 
 
 def test_json_outputs(workdir):

@@ -316,6 +316,7 @@ def extract(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     base: BaseOpt = None,
     max_shard_size: MaxShardSizeOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Write one model (or all) back out as a plain state_dict, or as a Hugging Face model folder."""
     from pspctl.extract import extract as run_extract
@@ -329,15 +330,17 @@ def extract(
             "extracted" if context == "all" else f"context-{context}" + ("" if hf else ".safetensors")
         )
     fmt_name = None if fmt is None else fmt.value
-    written = run_extract(
-        file,
-        context,
-        output,
-        fmt=fmt_name,
-        force=force,
-        base=base,
-        max_shard_size=shard_size(max_shard_size),
-    )
+    with progress_bar("extracting", quiet=quiet) as update:
+        written = run_extract(
+            file,
+            context,
+            output,
+            fmt=fmt_name,
+            force=force,
+            base=base,
+            max_shard_size=shard_size(max_shard_size),
+            progress=update,
+        )
     for path in written:
         console.print(f"wrote {path}")
 
