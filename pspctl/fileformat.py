@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-import numbers
+import operator
 import weakref
 import zlib
 from collections.abc import Mapping, Sequence
@@ -523,12 +523,18 @@ class SuperposedFile(_Stored):
         """A 0-based index from an index or a label. Labels win over digits."""
         if isinstance(spec, str) and spec in self.labels:
             return self.labels.index(spec)
-        if isinstance(spec, bool) or not isinstance(spec, (numbers.Integral, str)):  # int(1.7) would be 1
-            raise ContextError(f"context {spec!r}: give an index (int) or a label (str)")
-        try:
-            k = int(spec)
-        except ValueError:
-            raise ContextError(f"unknown context {spec!r}; labels are {', '.join(self.labels)}") from None
+        if isinstance(spec, str):
+            try:
+                k = int(spec)
+            except ValueError:
+                raise ContextError(f"unknown context {spec!r}; labels are {', '.join(self.labels)}") from None
+        else:  # an integer: int, numpy's, a 0-d integer tensor; int() would truncate 1.7 to 1
+            try:
+                if isinstance(spec, bool):
+                    raise TypeError
+                k = operator.index(spec)
+            except TypeError:
+                raise ContextError(f"context {spec!r}: give an index (an integer) or a label (str)") from None
         if not 0 <= k < self.num_contexts:
             raise ContextError(
                 f"context {k} out of range: this file holds contexts 0..{self.num_contexts - 1}"

@@ -101,6 +101,18 @@ def check_configs(folders: Sequence[Path]) -> None:
     first = _config(folders[0])
     for folder in folders[1:]:
         other = _config(folder)
+        labels = [k for k in LABEL_KEYS if first.get(k) != other.get(k)]
+        large = [
+            d / "config.json"
+            for d in (folders[0], folder)
+            if (d / "config.json").stat().st_size > MAX_STORED_FILE
+        ]
+        if labels and large:  # kept per context only when stored (`record_folder`)
+            raise MismatchError(
+                f"{folder}/config.json differs from {folders[0]}'s in {', '.join(labels)}, but "
+                f"{large[0]} is over the {MAX_STORED_FILE / 2**20:.3g} MiB pspctl stores, so it cannot be kept per "
+                "context; merge their weight files instead and keep each config yourself"
+            )
         keys = sorted(
             k
             for k in first.keys() | other.keys()
@@ -119,10 +131,19 @@ def check_configs(folders: Sequence[Path]) -> None:
 def differing_files(folders: Sequence[Path], record: Mapping[str, Any]) -> list[str]:
     """A warning for each non-weight file of the first folder (`record_folder`'s `record` of
     it) that another folder lacks, or holds otherwise where it could not be kept per context
-    (over `MAX_STORED_FILE`): every extracted model gets the first's."""
+    (over `MAX_STORED_FILE`): every extracted model gets the first's. And one for the files
+    a later folder holds that the first lacks: they are not carried."""
     warnings = []
+    recorded = {f["name"] for f in record["files"]}
+    for folder in folders[1:]:  # files the first folder lacks are not carried at all
+        extra = [p.name for p in non_weight_files(folder) if p.name not in recorded]
+        if extra:
+            warnings.append(
+                f"{listed(extra)} of {folder} not in {folders[0]}: no extracted model gets "
+                f"{'it' if len(extra) == 1 else 'them'}"
+            )
     for f in record["files"]:
-        if "per_context" in f:
+        if "per_context" in f or f["name"] == "config.json":  # check_configs judges configs
             continue
         others = [
             d
@@ -198,10 +219,16 @@ def record_folder(
 
 
 def _versions(folders: Sequence[Path], name: str, limit: int) -> list[bytes] | None:
-    """Each folder's bytes of file `name`; None if one lacks it or holds more than `limit` bytes."""
+    """Each folder's bytes of file `name`; None if one lacks it or holds more than `limit`
+    bytes, and for a config.json whose versions differ only where they came from
+    (`_ORIGIN_KEYS`): the first's serves every context, as before format v3."""
     paths = [d / name for d in folders]
     if not all(p.is_file() and p.stat().st_size <= limit for p in paths):
         return None
+    if name == "config.json":
+        first = _config(folders[0])
+        if all(first.get(k) == _config(d).get(k) for d in folders[1:] for k in LABEL_KEYS):
+            return None
     return [p.read_bytes() for p in paths]
 
 

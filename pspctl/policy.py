@@ -45,7 +45,8 @@ EMBEDDING_PATTERNS = (
     "shared.weight", "*.shared.weight",  # T5, BART, Pegasus, Marian: the token table save_pretrained keeps
     "*relative_attention_bias.*",  # T5's bucketed position bias, an nn.Embedding
     "*relative_position_bias_table*",  # Swin's, indexed by relative position
-    "*cls_token*", "*mask_token*", "*distillation_token*",  # ViT/DeiT tokens, added as they are
+    # ViT/DeiT/DINOv2 tokens, added as they are (HF's and timm's names)
+    "*cls_token*", "*mask_token*", "*distillation_token*", "*dist_token*", "*reg_token*", "*register_tokens*",
 )  # fmt: skip
 
 
@@ -230,8 +231,12 @@ def predicted_errors(
     out = []
     for w, d, e in zip(w_sq, d_sq, etas, strict=True):
         rest = max(total - d, 0.0)
-        scale = 1.0 if lookup else 1.0 / (fan_in * e * e)
-        out.append(math.sqrt(v * rest * scale / w) if w > 0 else (0.0 if rest == 0 else math.inf))
+        if rest == 0:  # nothing else superposed: no interference
+            out.append(0.0)
+            continue
+        # 1/(M η²) as two divisions: a tiny η (1e-200, or none measured) gives inf, not 0/0.
+        scale = 1.0 if lookup else (1.0 / fan_in / e / e if e > 0 else math.inf)
+        out.append(math.sqrt(v * rest * scale / w) if w > 0 else math.inf)
     return out
 
 

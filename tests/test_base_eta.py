@@ -426,3 +426,14 @@ def test_encoder_decoder_token_tables_are_lookups():
         ("seg_head.weight", (1, 64, 1, 1), False),
     ):
         assert is_table(name, shape) is table, name
+
+
+def test_a_vanishing_eta_predicts_a_lost_layer_not_a_crash():
+    """η² underflowed to 0 (`--eta 1e-200`) and a measured η of 0 divided by zero: the layer
+    is predicted lost (inf), and a tensor alone in its sum has no interference at all."""
+    for eta in (1e-200, 0.0):
+        assert predicted_errors("binary", 64, eta, [1.0, 1.0], [0.5, 0.5]) == [math.inf, math.inf]
+    assert predicted_errors("binary", 64, 0.0, [1.0, 1.0], [0.0, 0.0]) == [0.0, 0.0]
+    assert predicted_errors("binary", 64, 0.5, [1.0, 1.0], [0.5, 0.5]) == pytest.approx(
+        [math.sqrt(0.5 / 64 / 0.25)] * 2
+    )

@@ -83,6 +83,12 @@ def test_an_existing_report_is_replaced_only_with_force(workdir):
     assert json.loads((workdir / "report.json").read_text())["num_contexts"] == 3
 
 
+def test_json_and_plot_on_one_path_are_refused_before_any_work(workdir):
+    result = run("analyze", "--json", "same.png", "--plot", "same.png", "-q")
+    assert result.exit_code == 8 and "--json and --plot name one file" in flat(result)
+    assert not (workdir / "same.png").exists()
+
+
 def test_missing_originals_is_one_line_and_still_reports(workdir):
     (workdir / "gone").mkdir()
     for i in range(3):

@@ -162,6 +162,12 @@ def test_context_errors():
     with pytest.raises(ContextError, match="unknown context 'c'; labels are golden-a, golden-b"):
         sf.state_dict("c")
     for spec in (1.7, 0.2, True):  # int() would truncate them to a context silently
-        with pytest.raises(ContextError, match=r"give an index \(int\) or a label \(str\)"):
+        with pytest.raises(ContextError, match=r"give an index \(an integer\) or a label \(str\)"):
             sf.state_dict(spec)
     assert sf.resolve_context("1") == sf.resolve_context(1) == 1
+    import numpy as np
+
+    # Integers of other kinds (an argmax, torch.arange) are indices too.
+    assert sf.resolve_context(torch.tensor(1)) == sf.resolve_context(np.int64(1)) == 1
+    with pytest.raises(ContextError, match="give an index"):
+        sf.resolve_context(torch.tensor(1.0))

@@ -535,6 +535,12 @@ def test_folders_whose_configs_differ_beyond_their_labels_are_refused(tmp_path):
     assert "\n" not in line and "b1/config.json differs from" in line
     assert 'hidden_act "relu", not "gelu"' in line and "only the labels" in line
     assert "_name_or_path" not in line
+    # Where a folder came from is no reason for a config per context (nor format v3).
+    (tmp_path / "b1" / "config.json").write_text(json.dumps({**config, "_name_or_path": "elsewhere"}))
+    report = merge([tmp_path / "b0", tmp_path / "b1"], tmp_path / "w.safetensors")
+    sf = SuperposedFile(tmp_path / "w.safetensors")
+    assert report.warnings == [] and sf.header.format_version == 2
+    assert all("per_context" not in f for f in sf.header.hf["files"])
 
 
 def test_fine_tunes_on_different_tasks_keep_their_own_labels_and_tokenizer(tmp_path):
@@ -555,10 +561,12 @@ def test_fine_tunes_on_different_tasks_keep_their_own_labels_and_tokenizer(tmp_p
         (folders[k] / "vocab.txt").write_text("[PAD]\n[UNK]\n" + ("x\n" if k == 2 else ""))
         if k != 1:
             (folders[k] / "notes.txt").write_text("only some folders have this")
+    (folders[2] / "chat_template.jinja").write_text("{{ messages }}")  # not in the first folder
     report = merge(folders, tmp_path / "w.safetensors")
     assert report.warnings == [
+        f"chat_template.jinja of {folders[2]} not in {folders[0]}: no extracted model gets it",
         f"notes.txt of {folders[1]} differs from {folders[0]}'s (or is missing); every extracted model "
-        f"gets {folders[0]}'s"
+        f"gets {folders[0]}'s",
     ]
     assert any(
         n.endswith("; each context keeps its own config.json, vocab.txt (format v3)") for n in report.notes
@@ -587,6 +595,23 @@ def test_fine_tunes_on_different_tasks_keep_their_own_labels_and_tokenizer(tmp_p
     assert result.exit_code == 0, result.output
     tuned = SuperposedFile(tmp_path / "t.safetensors")
     assert tuned.header.format_version == 3 and tuned.stored_files() == sf.stored_files()
+
+
+def test_labels_of_a_config_too_large_to_store_are_refused(tmp_path, monkeypatch):
+    """A config.json over the stored limit cannot be kept per context: differing labels would
+    be lost for every context but the first, so they are refused, as before format v3."""
+    import pspctl.hf
+
+    build, _ = H.bert()
+    for k, model in enumerate(H.finetunes(build, K=2)):
+        model.config.id2label = {0: f"a{k}", 1: "b", 2: "c"}
+        model.save_pretrained(tmp_path / f"b{k}")
+    monkeypatch.setattr(pspctl.hf, "MAX_STORED_FILE", 100)
+    result = run("merge", tmp_path / "b0", tmp_path / "b1", "-o", tmp_path / "w.safetensors")
+    assert result.exit_code == 3 and not (tmp_path / "w.safetensors").exists()
+    with pytest.raises(MismatchError, match=r"b1/config.json differs from .* in id2label, but .* "
+                       "cannot be kept per context"):  # fmt: skip
+        merge([tmp_path / "b0", tmp_path / "b1"], tmp_path / "w.safetensors")
 
 
 def test_a_per_context_file_list_of_the_wrong_length_is_corrupt(tmp_path):

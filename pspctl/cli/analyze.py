@@ -92,6 +92,8 @@ def analyze(
     origs = [p for v in originals for p in v.split(",") if p] if originals else None
     sf = SuperposedFile(file, base=base)
     read = files_read(sf, task=task, originals=origs)
+    if json_file is not None and plot is not None and json_file.absolute() == plot.absolute():
+        raise OutputError(f"{json_file}: --json and --plot name one file; give each its own")
     for out in (json_file, plot):
         if out is not None and out.is_dir():
             raise OutputError(f"{out}: is a directory")
