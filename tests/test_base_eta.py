@@ -421,6 +421,9 @@ def test_encoder_decoder_token_tables_are_lookups():
     for name, shape, table in (
         ("vit.embeddings.position_embeddings", (1, 197, 192), True),
         ("vit.embeddings.cls_token", (1, 1, 192), True),
+        ("dist_token", (1, 1, 192), True),  # timm's DeiT
+        ("reg_token", (1, 4, 192), True),  # timm's register tokens
+        ("register_tokens", (1, 4, 192), True),  # DINOv2's
         ("swin.encoder.layers.0.blocks.0.attention.self.relative_position_bias_table", (169, 3), True),
         ("vit.embeddings.patch_embeddings.projection.weight", (192, 3, 16, 16), False),
         ("seg_head.weight", (1, 64, 1, 1), False),
