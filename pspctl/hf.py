@@ -455,7 +455,10 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
         cfg = transformers.CONFIG_MAPPING[model_type].from_dict(config)
         cfg.use_cache = False  # logits only: a KV cache in the outputs is no tensor for export/analyze
         if cls is None:
-            return getattr(transformers, auto).from_config(cfg).eval()
+            model = getattr(transformers, auto).from_config(cfg)
+            if not getattr(cfg, "is_encoder_decoder", False):
+                return model.eval()
+            return _decoder_fed(type(model))(cfg).eval()  # T5Model, say: it needs decoder inputs too
         if getattr(cfg, "is_encoder_decoder", False):
             return _decoder_fed(cls)(cfg).eval()
         return cls(cfg).eval()

@@ -232,6 +232,35 @@ def test_heads_without_an_auto_class_are_built_as_config_json_names_them(tmp_pat
     result = run("export", tmp_path / "w.safetensors", "--context", 1, "-o", tmp_path / "m.onnx", "-q")
     assert result.exit_code == 0, result.output  # validated against torch in onnxruntime
     assert (tmp_path / "m.onnx").is_file()
+    # The default merge superposes nothing here: one graph of K whole models. Their head is
+    # tied to the embeddings (save_pretrained dropped the copy), and BertForMaskedLM cannot be
+    # traced inside torch.cond: it is then served per tensor.
+    merge([tmp_path / "ft0", tmp_path / "ft1"], tmp_path / "d.safetensors")
+    assert not SuperposedFile(tmp_path / "d.safetensors").names("superposed")
+    result = run("export", tmp_path / "d.safetensors", "--multi", "-o", tmp_path / "d.onnx", "-q")
+    assert result.exit_code == 0, result.output  # every context validated against torch
+
+
+def test_an_encoder_decoder_without_architectures_gets_decoder_inputs_too(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from pspctl.analysis import analyze
+    from pspctl.hf import hf_task
+
+    config = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0
+    )
+    for k, model in enumerate(H.finetunes(lambda: transformers.T5Model(config), K=2, scale=0.01)):
+        model.save_pretrained(tmp_path / f"ft{k}")
+        saved = json.loads((tmp_path / f"ft{k}" / "config.json").read_text())
+        saved.pop("architectures", None)
+        (tmp_path / f"ft{k}" / "config.json").write_text(json.dumps(saved))
+    merge([tmp_path / "ft0", tmp_path / "ft1"], tmp_path / "w.safetensors")
+    task = hf_task(SuperposedFile(tmp_path / "w.safetensors"))
+    model = task.build_model()
+    assert type(model).__name__ == "T5Model" and task.source.endswith("(AutoModel)")
+    assert model(*task.example_inputs()).last_hidden_state.shape[-1] == 32
+    report = analyze(tmp_path / "w.safetensors", max_samples=4, sparsities=[0.5])
+    assert all(c.output_error is not None for c in report.contexts)
 
 
 def test_hf_task_picks_the_auto_class_and_makes_inputs_from_the_config():

@@ -235,6 +235,26 @@ def test_large_weights_use_external_data(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pspctl-export")]
 
 
+def test_whole_models_the_exporter_cannot_branch_are_served_per_tensor(tmp_path, monkeypatch):
+    """Nothing superposed: K whole models as the branches of one If. Where the exporter cannot
+    trace that (BertForMaskedLM inside torch.cond), the graph serves each tensor on its own."""
+    file = merged(tmp_path, [mlp(i) for i in range(3)], "binary", policy=Policy(keep=("*",)))
+    real = export_api.to_onnx
+
+    def no_whole_branches(wrapper, *args, **kwargs):
+        if wrapper.copies is not None:
+            raise TraceError("the ONNX exporter cannot trace this model: UncapturedHigherOrderOpError")
+        return real(wrapper, *args, **kwargs)
+
+    monkeypatch.setattr(export_api, "to_onnx", no_whole_branches)
+    out = tmp_path / "multi.onnx"
+    report = export_multi(file, task_of(lambda: mlp(0), MLP_IN), out, measure_per_context=False)
+    assert any("could not be traced as the branches of one If" in n for n in report.notes)
+    assert set(report.layers) != set(SuperposedFile(file).names())  # not K whole models
+    assert {"all-K Gemm", "gather"} & set(report.layers.values())
+    assert_every_context(out, lambda: mlp(0), file, MLP_IN)
+
+
 # --- bad input: one clear error, and no graph left behind -------------------------------
 
 

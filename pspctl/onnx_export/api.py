@@ -22,7 +22,7 @@ from pspctl.errors import InputError, TaskError, ValidationError
 from pspctl.extract import plan_outputs
 from pspctl.fileformat import SuperposedFile, open_superposed
 from pspctl.onnx_export.convert import io_names, to_onnx
-from pspctl.onnx_export.errors import AtolError
+from pspctl.onnx_export.errors import AtolError, TraceError
 from pspctl.onnx_export.modules import BRANCH, MultiContextModel
 from pspctl.onnx_export.report import ExportReport
 from pspctl.onnx_export.validate import compare, session, torch_outputs
@@ -272,18 +272,28 @@ def export_multi(
         graph = staging / output.name
         if batch < 1:
             raise InputError(f"batch {batch}: the batch size to tune for must be at least 1")
-        wrapper = MultiContextModel(_fresh_model(task, file), file, batch=batch)
-        to_float32(wrapper)  # the file's own tensors it holds (superposed, stacked)
-        report.layers = dict(wrapper.layers)
         example = _tracing_inputs(task)
         n_out = len(_outputs(task, _retrieved(task, file, 0), example, "example_inputs()"))
         names = io_names("output", n_out)
-        to_onnx(
-            wrapper, (torch.tensor(0), *example), graph,
-            input_names=["context", *io_names("input", len(example))],
-            output_names=[*names, "context_valid"], opset=opset, varargs=True,
-            branches=BRANCH in wrapper.layers.values(),
-        )  # fmt: skip
+        for whole in (True, False):
+            wrapper = MultiContextModel(_fresh_model(task, file), file, batch=batch, whole=whole)
+            to_float32(wrapper)  # the file's own tensors it holds (superposed, stacked)
+            report.layers = dict(wrapper.layers)
+            try:
+                to_onnx(
+                    wrapper, (torch.tensor(0), *example), graph,
+                    input_names=["context", *io_names("input", len(example))],
+                    output_names=[*names, "context_valid"], opset=opset, varargs=True,
+                    branches=BRANCH in wrapper.layers.values(),
+                )  # fmt: skip
+                break
+            except TraceError:
+                if wrapper.copies is None:  # no other way to serve it
+                    raise
+                report.notes.append(  # BertForMaskedLM: dynamo cannot capture it inside torch.cond
+                    "the K whole models could not be traced as the branches of one If; "
+                    "each tensor is served on its own instead (per-context tensors gathered)"
+                )
         tick(1, steps, "graph")
         sess = session(graph)
         feeds = [i.name for i in sess.get_inputs()]

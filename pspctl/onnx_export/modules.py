@@ -473,17 +473,18 @@ class MultiContextModel(nn.Module):
     `model` must already match the file's keys and shapes (see task.check_fits); it is
     modified in place (superposed Linears and 1×1 Convs become BoundLinear/BoundConv, small
     per-context Linears AllContextsLinear). `batch` is the batch size the per-tensor choices
-    are made for (`all_k_pays`); `layers` says, per tensor, which was made.
+    are made for (`all_k_pays`); `layers` says, per tensor, which was made. With nothing
+    superposed, `whole` serves K whole models as branches; without it, per tensor as always.
     """
 
-    def __init__(self, model: nn.Module, file: SuperposedFile, *, batch: int = 1):
+    def __init__(self, model: nn.Module, file: SuperposedFile, *, batch: int = 1, whole: bool = True):
         super().__init__()
         file = file.named_as(model)  # a transformers model may name its weights otherwise
         self.num_contexts = K = file.num_contexts
         self.slot = ContextSlot()
         self.layers: dict[str, str] = {}
         self.copies: nn.ModuleList | None = None
-        if not file.names(Role.SUPERPOSED):
+        if whole and not file.names(Role.SUPERPOSED):
             # Nothing to bind: K whole models, each with its weights as its own constants, and
             # an If tree picking one. Gathering per-context weights copies each (and loses
             # onnxruntime's pre-packing); a branch reads its constants in place.
@@ -564,12 +565,13 @@ class MultiContextModel(nn.Module):
 
 
 def _loaded(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
-    """A copy of `model` holding `state` (one context's tensors, tied ones tied)."""
+    """A copy of `model` holding `state` (one context's tensors, tied ones tied: a tied copy
+    that `save_pretrained` dropped is loaded from the key it is tied to, `task.load_state`)."""
     import copy
 
-    out = copy.deepcopy(model)
-    out.load_state_dict(state)
-    return out.eval()
+    from pspctl.task import load_state
+
+    return load_state(copy.deepcopy(model), state, "a context's weights").eval()
 
 
 def _leaves(model: nn.Module):
