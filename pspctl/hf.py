@@ -128,6 +128,14 @@ def check_configs(folders: Sequence[Path]) -> None:
             )
 
 
+def encoder_decoder_tables(folder: Path) -> tuple[str, ...]:
+    """The token table of an encoder-decoder folder (T5, BART, Pegasus, Marian): its
+    `embed_tokens` are tied aliases that save_pretrained drops, keeping `shared.weight`
+    (`model.shared.weight`), a name no embedding pattern can claim in other models (a
+    multi-task net's `shared` trunk is a Linear)."""
+    return ("shared.weight", "*.shared.weight") if _config(folder).get("is_encoder_decoder") else ()
+
+
 def differing_files(folders: Sequence[Path], record: Mapping[str, Any]) -> list[str]:
     """A warning for each non-weight file of the first folder (`record_folder`'s `record` of
     it) that another folder lacks, or holds otherwise where it could not be kept per context

@@ -30,7 +30,7 @@ from pspctl.dtypes import itemsize, torch_dtype
 from pspctl.errors import InputError, MismatchError, PolicyError, listed
 from pspctl.fileformat import Header, SuperposedWriter, TensorMeta, check_output, pack
 from pspctl.header import check_labels, safe_label
-from pspctl.hf import check_configs, differing_files, hf_paths, record_folder
+from pspctl.hf import check_configs, differing_files, encoder_decoder_tables, hf_paths, record_folder
 from pspctl.kinds import OPS
 from pspctl.measure import measure_bind
 from pspctl.outputs import refuse_inputs
@@ -329,6 +329,7 @@ def _merge(
     folders = hf_paths(paths)
     if folders:
         check_configs(paths)
+        options = replace(options, policy=replace(options.policy, lookups=encoder_decoder_tables(paths[0])))
     parent = None
     if "base" in centres:
         parent = open_base(options, checkpoints[0])
@@ -362,7 +363,7 @@ def _merge(
 
     def measure(i: int) -> tuple[bool, list[Option], torch.Tensor | None, tuple[str, torch.Tensor] | None]:
         info, d = infos[i], decisions[i]
-        lookup = _is_lookup(info, ties)
+        lookup = _is_lookup(info, ties, options.policy)
 
         def read() -> _Copies:
             return _Copies(checkpoints, info.name)
@@ -565,10 +566,12 @@ def _settle(d: Decision, chosen: Option | None, options: Sequence[Option]) -> De
     return replace(d, role=Role.PER_CONTEXT, reason=f"error {min(saving):.2g}: over the budget")
 
 
-def _is_lookup(info: TensorInfo, ties: dict[str, str]) -> bool:
-    """An embedding table (`policy.is_table`), under its own name or under a name tied to it."""
+def _is_lookup(info: TensorInfo, ties: dict[str, str], policy: Policy) -> bool:
+    """An embedding table (`policy.is_table`, or one of `policy.lookups`), under its own name
+    or under a name tied to it."""
     names = [info.name, *(alias for alias, n in ties.items() if n == info.name)]
-    return any(is_table(n, info.shape) for n in names)
+    listed_ = len(info.shape) == 2 and matches_any(info.name, policy.lookups)
+    return listed_ or any(is_table(n, info.shape) for n in names)
 
 
 def _centres(options: MergeOptions) -> tuple[str, ...]:
@@ -677,7 +680,7 @@ def centre_options(
     _, found, _, _ = _measure(
         info, d, lambda: _Copies(checkpoints, info.name), None if parent is None else parent[info.name],
         _centres(options), Kind(options.kind), options, options.policy.prior(info.shape),
-        _is_lookup(info, checkpoints[0].ties),
+        _is_lookup(info, checkpoints[0].ties, options.policy),
     )  # fmt: skip
     return [o for o in found if o.centre]
 

@@ -42,7 +42,6 @@ __all__ = [
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 EMBEDDING_PATTERNS = (
     "*embed*", "*wte.*", "*wpe.*", "*tok_embeddings*",
-    "shared.weight", "*.shared.weight",  # T5, BART, Pegasus, Marian: the token table save_pretrained keeps
     "*relative_attention_bias.*",  # T5's bucketed position bias, an nn.Embedding
     "*relative_position_bias_table*",  # Swin's, indexed by relative position
     # ViT/DeiT/DINOv2 tokens, added as they are (HF's and timm's names)
@@ -68,6 +67,9 @@ class Policy:
     # (name, centre) pairs: a superposed tensor stored on this centre ("none", "mean", "base")
     # whatever the budget would pick, as `--policy measured` measured it.
     centres: tuple[tuple[str, str], ...] = ()
+    # Globs of matrices that are embedding tables whatever their names say: merge adds an HF
+    # encoder-decoder's token table, which save_pretrained keeps as `shared.weight`.
+    lookups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Refuse what no prediction can use: the (0, 1] bounds of η (an alignment, a cosine)
@@ -159,7 +161,7 @@ def _rule(info: TensorInfo, interference: float | None, share: float, policy: Po
         return Role.PER_CONTEXT, "not floating point"
     if len(info.shape) < 2:
         return Role.PER_CONTEXT, "fewer than 2 dims"
-    if is_table(info.name, info.shape):  # not a ViT's patch conv
+    if is_table(info.name, info.shape) or (len(info.shape) == 2 and _matches(info.name, policy.lookups)):
         return Role.PER_CONTEXT, "embedding lookup: no attenuation"
     if (
         policy.max_interference is not None

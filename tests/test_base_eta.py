@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from pspctl.cli import app
@@ -396,27 +396,65 @@ def test_a_conv_named_like_an_embedding_is_no_lookup_table(tmp_path):
         assert rows[name].error == pytest.approx(expected, rel=1e-3), name
 
 
-def test_encoder_decoder_token_tables_are_lookups():
+def test_encoder_decoder_token_tables_are_lookups(tmp_path):
     """save_pretrained keeps T5's and BART's token table as `shared.weight` (`model.shared.weight`)
-    and drops its tied `embed_tokens` aliases: the same table must get the lookup rule under
-    either name, as must T5's relative position bias, an nn.Embedding."""
+    and drops its tied `embed_tokens` aliases: in an encoder-decoder folder that name is the
+    lookup table, as `encoder.embed_tokens.weight` is in a state_dict. Elsewhere a layer named
+    `shared` (a multi-task trunk) is a Linear like any other. T5's position bias is a table."""
+    import json
+
     from pspctl.policy import TensorInfo, decide, is_lookup, is_table
 
     names = [
-        "shared.weight",
-        "model.shared.weight",
         "encoder.embed_tokens.weight",
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
     ]
     infos = [
-        TensorInfo(n, (2000, 512), "float32")
-        for n in [*names, "shared_trunk.weight", "mlp.shared.dense.weight"]
+        TensorInfo(n, (2000, 512), "float32") for n in [*names, "shared.weight", "mlp.shared.dense.weight"]
     ]
     decisions = {d.name: d for d in decide(infos, 4, Policy())}
     for name in names:
         assert is_lookup(name) and decisions[name].reason == "embedding lookup: no attenuation", name
-    for name in ("shared_trunk.weight", "mlp.shared.dense.weight"):  # a Linear named otherwise
+    for name in ("shared.weight", "mlp.shared.dense.weight"):  # a Linear named so, outside a T5 folder
         assert not is_lookup(name) and decisions[name].reason == "candidate", name
+    with_tables = {d.name: d for d in decide(infos, 4, Policy(lookups=("shared.weight", "*.shared.weight")))}
+    assert with_tables["shared.weight"].reason == "embedding lookup: no attenuation"
+
+    # HF folders: the config says encoder-decoder, and merge makes `shared.weight` a table.
+    g = torch.Generator().manual_seed(0)
+    parent = {
+        "shared.weight": torch.randn(64, 32, generator=g),
+        "lm_head.weight": torch.randn(64, 32, generator=g),
+    }
+    folders = []
+    for k, encdec in ((0, True), (1, True), (2, False), (3, False)):
+        folder = tmp_path / f"f{k}"
+        folder.mkdir()
+        (folder / "config.json").write_text(
+            json.dumps({"model_type": "t5" if encdec else "mlp", "is_encoder_decoder": encdec})
+        )
+        gk = torch.Generator().manual_seed(1 + k)
+        save_file(
+            {n: t + 0.05 * torch.randn(t.shape, generator=gk) for n, t in parent.items()},
+            str(folder / "model.safetensors"),
+        )
+        folders.append(folder)
+    t5 = {
+        d.name: d
+        for d in merge(
+            folders[:2], tmp_path / "t5.safetensors", MergeOptions(policy=Policy(superpose=("*",)))
+        ).decisions
+    }
+    for name, lookup in (("shared.weight", True), ("lm_head.weight", False)):
+        states = [load_file(str(f / "model.safetensors")) for f in folders[:2]]
+        mean = sum(st[name] for st in states) / 2
+        w_sq = [float(st[name].double().norm() ** 2) for st in states]
+        d_sq = [float((st[name].double() - mean.double()).norm() ** 2) for st in states]
+        expected = max(predicted_errors("binary", 32, 0.15, w_sq, d_sq, lookup=lookup))
+        assert t5[name].error == pytest.approx(expected, rel=1e-3), name
+    plain = {d.name: d for d in merge(folders[2:], tmp_path / "p.safetensors", MergeOptions()).decisions}
+    assert plain["shared.weight"].reason != "embedding lookup: no attenuation"
+
     # ViT's added tensors are tables; its patch conv and a 1-channel conv are not.
     for name, shape, table in (
         ("vit.embeddings.position_embeddings", (1, 197, 192), True),
