@@ -78,8 +78,8 @@ class Policy:
             raise InputError(f"--max-error {self.max_error:g}: expected a number ≥ 0")
         if self.eta is not None and not 0 < self.eta <= 1:
             raise InputError(f"--eta {self.eta:g}: η, the alignment of inputs with weights, is in (0, 1]")
-        if self.max_interference is not None and not self.max_interference > 0:
-            raise InputError(f"--max-interference {self.max_interference:g}: expected a number > 0")
+        if self.max_interference is not None and not self.max_interference >= 0:
+            raise InputError(f"--max-interference {self.max_interference:g}: expected a number ≥ 0")
         if not 0 <= self.min_share <= 1:
             raise InputError(f"--min-share {self.min_share:g}: expected a share in [0, 1]")
 

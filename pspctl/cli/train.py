@@ -41,6 +41,7 @@ DistTimeoutOpt = Annotated[
     float,
     typer.Option(
         "--dist-timeout",
+        min=1,
         help="Under torchrun: seconds a rank waits for the others before failing (not forever).",
     ),
 ]
@@ -62,7 +63,7 @@ def train_command(
     lr: Annotated[float, typer.Option(min=0, help="Learning rate.")] = 1e-3,
     optimizer: Annotated[Optimizer, typer.Option(help="Adam, or SGD with momentum 0.9.")] = Optimizer.ADAM,
     eval_every: Annotated[
-        int, typer.Option(help="Evaluate every context every N steps (0: at the end of each context).")
+        int, typer.Option(min=0, help="Evaluate every context every N steps (0: at the end of each context).")
     ] = 0,
     seed: Annotated[
         int, typer.Option(help="Seed of the contexts, the initialisation and the batch order.")
@@ -198,7 +199,7 @@ def tune_command(
         ),
     ] = None,
     eval_every: Annotated[
-        int, typer.Option(help="Also evaluate every N steps (0: before and after only).")
+        int, typer.Option(min=0, help="Also evaluate every N steps (0: before and after only).")
     ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
     output: Annotated[
