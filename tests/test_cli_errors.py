@@ -312,6 +312,8 @@ def test_debug_shows_where_the_task_file_failed(taskdir):
             ["train", "--task", "t.py", "-k", "2", "--dist-timeout", "inf"],
             "Invalid value for '--dist-timeout'",
         ),
+        (["train", "--task", "t.py", "-k", "2", "--dist-timeout", "0"], "Invalid value for '--dist-timeout'"),
+        (["tune", "--steps", "1", "--eval-every", "-2"], "Invalid value for '--eval-every'"),
         (
             ["export", "--context", "0", "-o", "x.onnx", "--atol", "nan"],
             "Invalid value for '--atol': nan is not a finite number",
@@ -333,6 +335,7 @@ def test_the_library_refuses_what_no_prediction_can_use():
     from pspctl.errors import InputError
     from pspctl.policy import Policy
 
+    assert Policy(max_interference=0.0).max_interference == 0  # every tensor per context
     for bad in (
         {"eta": 0.0},
         {"eta": 1.5},
