@@ -272,11 +272,11 @@ def export_multi(
         graph = staging / output.name
         if batch < 1:
             raise InputError(f"batch {batch}: the batch size to tune for must be at least 1")
+        wrapper = MultiContextModel(_fresh_model(task, file), file, batch=batch)
         example = _tracing_inputs(task)
         n_out = len(_outputs(task, _retrieved(task, file, 0), example, "example_inputs()"))
         names = io_names("output", n_out)
-        for whole in (True, False):
-            wrapper = MultiContextModel(_fresh_model(task, file), file, batch=batch, whole=whole)
+        while True:
             to_float32(wrapper)  # the file's own tensors it holds (superposed, stacked)
             report.layers = dict(wrapper.layers)
             try:
@@ -294,6 +294,7 @@ def export_multi(
                     "the K whole models could not be traced as the branches of one If; "
                     "each tensor is served on its own instead (per-context tensors gathered)"
                 )
+                wrapper = MultiContextModel(_fresh_model(task, file), file, batch=batch, whole=False)
         tick(1, steps, "graph")
         sess = session(graph)
         feeds = [i.name for i in sess.get_inputs()]
