@@ -219,7 +219,8 @@ def _hf_record(record: dict[str, Any]) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise ValueError("hf.files names a file twice")
     for f in record["files"]:
-        if "per_context" in f and not (f["stored"] and f["per_context"][0]["sha256"] == f["sha256"]):
+        variants = f.get("per_context")
+        if variants is not None and not (f["stored"] and variants and variants[0]["sha256"] == f["sha256"]):
             raise ValueError(f"hf.files {f['name']}: per_context needs a stored file, the first context's")
     return record
 

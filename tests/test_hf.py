@@ -657,6 +657,11 @@ def test_a_per_context_file_list_of_the_wrong_length_is_corrupt(tmp_path):
     header.format_version = 2
     with pytest.raises(FormatError, match="format version 2 has no per-context files"):
         check_header(header, "2")
+    from pspctl.header import parse_header
+
+    text = header.to_json().replace('"per_context":[', '"per_context":[],"x":[', 1)
+    with pytest.raises(FormatError, match="per_context needs a stored file"):  # empty: no crash
+        parse_header(text)
 
 
 def test_an_input_given_twice_is_warned(tmp_path, mlp_paths):
