@@ -346,29 +346,3 @@ def test_the_library_refuses_what_no_prediction_can_use():
         with pytest.raises(InputError):
             Policy(**bad)
     assert Policy(max_error=math.inf).max_error == math.inf  # no budget: the shape rules' setting
-
-
-def test_a_failure_after_a_swallowed_ctrl_c_is_reported_as_the_interruption(workdir, merge_raises):
-    """torch's exporter, interrupted while it imports its modules, swallows the
-    KeyboardInterrupt and fails later ("partially initialized module"): that is the Ctrl-C,
-    exit 130, not a trace failure (exit 9) or a bug (exit 1)."""
-    import contextlib
-    import os
-
-    from pspctl.errors import TaskError
-
-    for failure, code in (
-        (AttributeError("partially initialized module 'torch._dynamo'"), 1),
-        (TaskError("x"), 9),
-    ):
-        merge_raises(failure)  # without a Ctrl-C, the failure keeps its own code
-        assert run("merge", "model0.pt", "model1.pt", "-q").exit_code == code
-
-        def swallowing(*args, failure=failure, **kwargs):
-            with contextlib.suppress(KeyboardInterrupt):  # what the library did with it
-                os.kill(os.getpid(), signal.SIGINT)
-            raise failure
-
-        importlib.import_module("pspctl.merge").merge = swallowing  # restored by merge_raises' monkeypatch
-        assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -219,10 +219,9 @@ def _ctrl_c_held() -> Iterator[None]:
     import signal
     import threading
 
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous not in (
-        signal.default_int_handler,
-        _note_interrupt,
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
         yield
         return
@@ -231,42 +230,9 @@ def _ctrl_c_held() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if held:
-        _interrupted.append(held[0])
-        raise KeyboardInterrupt
-
-
-_interrupted: list[int] = []  # the Ctrl-Cs of the running command (`_interrupts_noted`)
-
-
-def _note_interrupt(signum: int, frame: Any) -> None:
-    _interrupted.append(signum)
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _interrupts_noted() -> Iterator[None]:
-    """Note every Ctrl-C of the block in `_interrupted`, and raise it as Python's own handler
-    does. A library may swallow the KeyboardInterrupt and fail later for it (torch's exporter,
-    interrupted while it imports its modules, fails with "partially initialized module"); the
-    command then reports the interruption, not that failure. Only Python's own handler, in the
-    main thread, is replaced (as `_ctrl_c_held`)."""
-    import signal
-    import threading
-
-    _interrupted.clear()
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-    signal.signal(signal.SIGINT, _note_interrupt)
-    try:
-        yield
-    finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 _paused = False  # whether `main` or `_import_libraries` paused the garbage collector
@@ -292,25 +258,19 @@ def _one_line_errors(fn: F, command: str) -> F:
         from pspctl.errors import PspctlError, one_line, os_error
 
         try:
-            with _interrupts_noted():
-                _import_libraries()  # inside: Ctrl-C while torch is imported is one line too
-                return fn(*args, **kwargs)
+            _import_libraries()  # inside: Ctrl-C while torch is imported is one line too
+            return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, ClickException):  # typer's own; _RootGroup renders them
             raise
+        except PspctlError as e:
+            if state.debug and e.__cause__ is not None:  # e.g. where a task file's function failed
+                traceback.print_exception(e, file=sys.stderr)
+            error_line(str(e))
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             error_line("interrupted")
             raise typer.Exit(130) from None
         except Exception as e:
-            if _interrupted:  # whatever failed after a Ctrl-C failed for it
-                if state.debug:
-                    traceback.print_exception(e, file=sys.stderr)
-                error_line("interrupted")
-                raise typer.Exit(130) from None
-            if isinstance(e, PspctlError):
-                if state.debug and e.__cause__ is not None:  # e.g. where a task file's function failed
-                    traceback.print_exception(e, file=sys.stderr)
-                error_line(str(e))
-                raise typer.Exit(e.exit_code) from None
             known = os_error(e) if isinstance(e, OSError) else None  # a full disk, a read-only dir
             if known is not None:
                 if state.debug:
