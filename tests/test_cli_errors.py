@@ -124,9 +124,15 @@ def test_ctrl_c_during_the_import_of_torch_waits_for_it_to_finish(workdir, monke
             finished.append("torch")  # the import goes on to its end
 
     monkeypatch.setattr(common, "_import_libraries", slow_import)
-    assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
-    assert finished == ["torch"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    # As in a pspctl process: Python's own handler (the hold leaves any other alone). In
+    # fresh-clone full runs something earlier in the test process left another one.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+        assert finished == ["torch"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not (workdir / "w.safetensors").exists()  # nothing written
 
 
