@@ -8,6 +8,7 @@ Tensor names in the file, for an original tensor `name`:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import operator
@@ -529,12 +530,12 @@ class SuperposedFile(_Stored):
             except ValueError:
                 raise ContextError(f"unknown context {spec!r}; labels are {', '.join(self.labels)}") from None
         else:  # an integer: int, numpy's, a 0-d integer tensor; int() would truncate 1.7 to 1
-            try:
-                if isinstance(spec, bool):
-                    raise TypeError
-                k = operator.index(spec)
-            except TypeError:
-                raise ContextError(f"context {spec!r}: give an index (an integer) or a label (str)") from None
+            index = None
+            with contextlib.suppress(TypeError):
+                index = None if isinstance(spec, bool) else operator.index(spec)
+            if index is None:
+                raise ContextError(f"context {spec!r}: give an index (an integer) or a label (str)")
+            k = index
         if not 0 <= k < self.num_contexts:
             raise ContextError(
                 f"context {k} out of range: this file holds contexts 0..{self.num_contexts - 1}"

@@ -211,15 +211,18 @@ def record_folder(
             stored = size <= limit
             data = path.read_bytes() if stored else b""
             record.update(size=size, sha256=_sha256(data) if stored else sha256_file(path), stored=stored)
-            versions = _versions(folders, path.name, limit) if stored else None
+            versions = (_versions(folders, path.name, limit) or []) if stored else []
         except OSError as e:
             raise InputError(f"{e.filename or path}: cannot be read ({e.strerror or e})") from None
         if stored:
             writer.add_file(path.name, data)
-        if versions is not None and len({_sha256(v) for v in versions}) > 1:
-            record["per_context"] = [{"size": len(v), "sha256": _sha256(v)} for v in versions]
-            for k, v in enumerate(versions):
-                if _sha256(v) != record["sha256"]:
+        digests = [_sha256(v) for v in versions]
+        if len(set(digests)) > 1:
+            record["per_context"] = [
+                {"size": len(v), "sha256": d} for v, d in zip(versions, digests, strict=True)
+            ]
+            for k, (v, d) in enumerate(zip(versions, digests, strict=True)):
+                if d != record["sha256"]:
                     writer.add_file(variant_name(path.name, k), v)
         files.append(record)
     first = source if source is not None else str(folders[0])

@@ -567,11 +567,9 @@ def _settle(d: Decision, chosen: Option | None, options: Sequence[Option]) -> De
 
 
 def _is_lookup(info: TensorInfo, ties: dict[str, str], policy: Policy) -> bool:
-    """An embedding table (`policy.is_table`, or one of `policy.lookups`), under its own name
-    or under a name tied to it."""
+    """An embedding table (`policy.is_table`), under its own name or under a name tied to it."""
     names = [info.name, *(alias for alias, n in ties.items() if n == info.name)]
-    listed_ = len(info.shape) == 2 and matches_any(info.name, policy.lookups)
-    return listed_ or any(is_table(n, info.shape) for n in names)
+    return any(is_table(n, info.shape, policy.lookups) for n in names)
 
 
 def _centres(options: MergeOptions) -> tuple[str, ...]:

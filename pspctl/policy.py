@@ -161,7 +161,7 @@ def _rule(info: TensorInfo, interference: float | None, share: float, policy: Po
         return Role.PER_CONTEXT, "not floating point"
     if len(info.shape) < 2:
         return Role.PER_CONTEXT, "fewer than 2 dims"
-    if is_table(info.name, info.shape) or (len(info.shape) == 2 and _matches(info.name, policy.lookups)):
+    if is_table(info.name, info.shape, policy.lookups):
         return Role.PER_CONTEXT, "embedding lookup: no attenuation"
     if (
         policy.max_interference is not None
@@ -199,12 +199,15 @@ def is_lookup(name: str) -> bool:
     return _matches(name.lower(), EMBEDDING_PATTERNS)
 
 
-def is_table(name: str, shape: Sequence[int]) -> bool:
+def is_table(name: str, shape: Sequence[int], lookups: Sequence[str] = ()) -> bool:
     """An embedding, by name and shape: a lookup table (a matrix, read a row at a time) or one
     added to the activations as it is (ViT's `position_embeddings` [1, tokens, D] and
     `cls_token` [1, 1, D], broadcast over the batch). Nothing sums over either's "fan-in",
     so its residual reaches the activations unattenuated. A convolution named like one (a
-    ViT's patch embedding, [D, C, k, k]) is no table."""
+    ViT's patch embedding, [D, C, k, k]) is no table. `lookups`: globs of matrices that are
+    tables whatever their names say (`Policy.lookups`)."""
+    if len(shape) == 2 and _matches(name, lookups):
+        return True
     return is_lookup(name) and (len(shape) == 2 or (len(shape) >= 3 and shape[0] == 1))
 
 
