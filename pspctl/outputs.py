@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
+from pspctl import interrupts
 from pspctl.digests import INDEX_SUFFIX
 from pspctl.errors import WRITE_ERRNOS, InputError, OutputError, cannot_write
 
@@ -246,8 +247,9 @@ def atomic_path(
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
             yield tmp
             earlier = earlier_output(path)
-            _publish(tmp, path, force=force)
-            _remove_earlier(earlier, [path], inputs)
+            with interrupts.publishing(path):
+                _publish(tmp, path, force=force)
+                _remove_earlier(earlier, [path], inputs)
         except OSError as e:  # a full disk, a read-only folder: name the output, not our temp file
             raise _write_error(path, e) from e
         finally:
@@ -291,26 +293,40 @@ def staged_folder(
     try:
         staging.mkdir(mode=0o777)
         yield staging
-        if not folder.exists():
-            try:
-                moved = _rename_folder(staging, absolute)
-            except OSError as e:  # another file system, say: one line, exit 8
-                raise cannot_write(folder, e) from e
-            if moved:
-                return
-        for item in sorted(staging.iterdir()):  # check all before moving any
-            _check_target(folder / item.name, force=force, inputs=inputs)
-        earlier = [p for path in sorted(unsharded) for p in earlier_output(path)]
-        for item in sorted(staging.iterdir()):
-            if item.is_dir():  # a folder of files (an HF model folder per context): claim, then move
-                _publish_folder(item, folder / item.name)
-            else:
-                _publish(item, folder / item.name, force=force)
-        _remove_earlier(earlier, [folder / n for n in names], inputs)
+        with interrupts.publishing(folder):
+            _publish_staged(staging, folder, absolute, unsharded, names, force=force, inputs=inputs)
     except OSError as e:  # name the one output, or the folder of several
         raise _write_error(folder / names[0] if len(names) == 1 else folder, e) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish_staged(
+    staging: Path,
+    folder: Path,
+    absolute: Path,
+    unsharded: Iterable[Path],
+    names: Sequence[str],
+    *,
+    force: bool,
+    inputs: Sequence[str | Path],
+) -> None:
+    if not folder.exists():
+        try:
+            moved = _rename_folder(staging, absolute)
+        except OSError as e:  # another file system, say: one line, exit 8
+            raise cannot_write(folder, e) from e
+        if moved:
+            return
+    for item in sorted(staging.iterdir()):  # check all before moving any
+        _check_target(folder / item.name, force=force, inputs=inputs)
+    earlier = [p for path in sorted(unsharded) for p in earlier_output(path)]
+    for item in sorted(staging.iterdir()):
+        if item.is_dir():  # a folder of files (an HF model folder per context): claim, then move
+            _publish_folder(item, folder / item.name)
+        else:
+            _publish(item, folder / item.name, force=force)
+    _remove_earlier(earlier, [folder / n for n in names], inputs)
 
 
 def _unsharded(name: str) -> str:
@@ -552,6 +568,7 @@ def write_safetensors_sharded(
         clean_stale(path)
         staging = _tmp_name(path)  # a folder beside the outputs, on their file system
         published: list[Path] = []
+        complete = False  # a Ctrl-C held during the moves is raised after them
         try:
             staging.mkdir(mode=0o777)
             weight_map, total = {}, 0
@@ -577,12 +594,14 @@ def write_safetensors_sharded(
             for target in targets:  # all checked before any is moved; the index, which readers open, last
                 _check_target(target, force=force, inputs=inputs)
             earlier = earlier_output(path)
-            for target in targets:
-                _publish(staging / target.name, target, force=force)
-                published.append(target)
-            _remove_earlier(earlier, targets, inputs)
+            with interrupts.publishing(targets[-1]):
+                for target in targets:
+                    _publish(staging / target.name, target, force=force)
+                    published.append(target)
+                _remove_earlier(earlier, targets, inputs)
+                complete = True
         except BaseException as e:
-            if not force:  # take back what this run published: all or nothing
+            if not force and not complete:  # take back what this run published: all or nothing
                 for target in published:
                     with contextlib.suppress(OSError):
                         os.unlink(target)

@@ -32,7 +32,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "file format and checkpoints",
-        ("digests", "outputs", "checkpoints", "header", "fileformat", "trust", "task", "plotting", "hf"),
+        (
+            "digests",
+            "interrupts",
+            "outputs",
+            "checkpoints",
+            "header",
+            "fileformat",
+            "trust",
+            "task",
+            "plotting",
+            "hf",
+        ),
     ),
     (
         "use cases",

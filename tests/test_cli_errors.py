@@ -38,6 +38,16 @@ def workdir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as in a pspctl process started from a terminal. A test run
+    started as a background job (`pytest &`, as CI scripts may) inherits SIGINT ignored, which
+    pspctl leaves alone by design: Ctrl-C tests without this failed only in such runs."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def merge_raises(monkeypatch):
     """Make the library's merge raise `exc`: a stand-in for a bug."""
 
@@ -107,33 +117,111 @@ def test_ctrl_c_after_an_interrupted_import_imports_nothing_more(workdir, monkey
     assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
 
 
-def test_ctrl_c_during_the_import_of_torch_waits_for_it_to_finish(workdir, monkeypatch):
+def test_ctrl_c_during_the_import_of_torch_waits_for_it_to_finish(workdir, monkeypatch, python_sigint):
     """torch's import is not safe to interrupt (pybind11 aborts, or a half-made module is left
     in sys.modules): a Ctrl-C in it is held until it ends, then it is the usual one line.
 
     The import is stood in for inside the hold, not by removing torch from sys.modules: that
     is process-wide, and under load another thread of the test process re-imported torch
     first, so the stand-in never ran (a flaky pass of the whole merge)."""
+    from pspctl import interrupts
     from pspctl.cli import common
 
     finished = []
 
     def slow_import() -> None:
-        with common._ctrl_c_held():
+        with interrupts.held():
             signal.raise_signal(signal.SIGINT)  # Ctrl-C, halfway through the import
             finished.append("torch")  # the import goes on to its end
 
     monkeypatch.setattr(common, "_import_libraries", slow_import)
-    # As in a pspctl process: Python's own handler (the hold leaves any other alone). In
-    # fresh-clone full runs something earlier in the test process left another one.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
-        assert finished == ["torch"]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+    assert finished == ["torch"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     assert not (workdir / "w.safetensors").exists()  # nothing written
+
+
+def test_a_failure_after_a_swallowed_ctrl_c_is_reported_as_the_interruption(
+    workdir, monkeypatch, merge_raises, python_sigint
+):
+    """torch's exporter, interrupted while it imports its modules, swallows the
+    KeyboardInterrupt and fails later ("partially initialized module"): that is the Ctrl-C,
+    exit 130, not a trace failure (exit 9) or a bug (exit 1)."""
+    import contextlib
+
+    from pspctl.errors import TaskError
+
+    for failure, code in (
+        (AttributeError("partially initialized module 'torch._dynamo'"), 1),
+        (TaskError("x"), 9),
+    ):
+        merge_raises(failure)  # without a Ctrl-C, the failure keeps its own code
+        assert run("merge", "model0.pt", "model1.pt", "-q").exit_code == code
+
+        def swallowing(*args, failure=failure, **kwargs):
+            with contextlib.suppress(KeyboardInterrupt):  # what the library did with it
+                signal.raise_signal(signal.SIGINT)
+            raise failure
+
+        monkeypatch.setattr(importlib.import_module("pspctl.merge"), "merge", swallowing)
+        assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_a_ctrl_c_python_cannot_raise_stops_the_command_before_its_output(
+    workdir, monkeypatch, python_sigint
+):
+    """A Ctrl-C that lands in a weakref callback (a sharded merge freeing its inputs) cannot be
+    raised: Python printed "Exception ignored ... KeyboardInterrupt", the merge went on and
+    exited 0. Now nothing is written, exit 130, one line."""
+    import gc
+    import weakref
+
+    merge_module = importlib.import_module("pspctl.merge")
+    real_merge = merge_module.merge
+
+    class Freed:
+        pass
+
+    def merge_freeing(*args, **kwargs):
+        freed = Freed()
+        weakref.finalize(freed, signal.raise_signal, signal.SIGINT)  # Ctrl-C inside the callback
+        del freed
+        gc.collect()
+        return real_merge(*args, **kwargs)  # goes on, as after an ignored exception
+
+    monkeypatch.setattr(merge_module, "merge", merge_freeing)
+    hook = sys.unraisablehook
+    assert one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130) == "error: interrupted"
+    assert not (workdir / "w.safetensors").exists()
+    assert sys.unraisablehook is hook  # given back
+
+
+def test_a_ctrl_c_while_the_output_is_moved_into_place_names_it_complete(workdir, monkeypatch, python_sigint):
+    """The moves that publish outputs are not interrupted halfway; a Ctrl-C during them says
+    that the output is there and complete (it said "interrupted", as if nothing had been)."""
+    from safetensors import safe_open
+
+    from pspctl import outputs
+
+    real_publish = outputs._publish
+
+    def publish_interrupted(tmp, path, *, force):
+        signal.raise_signal(signal.SIGINT)
+        real_publish(tmp, path, force=force)
+
+    monkeypatch.setattr(outputs, "_publish", publish_interrupted)
+    line = one_line(run("merge", "model0.pt", "model1.pt", "-q"), 130)
+    assert line == "error: interrupted after writing w.safetensors (complete)"
+    with safe_open(workdir / "w.safetensors", "pt") as f:  # whole and readable
+        assert len(list(f.keys())) > 0
+
+    # Used as a library (no command noting Ctrl-C), it is raised once every move is done.
+    (workdir / "out").mkdir()
+    with pytest.raises(KeyboardInterrupt), outputs.staged_folder(workdir / "out", ["a", "b"]) as staging:
+        for name in "ab":
+            (staging / name).write_text(name)
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a", "b"]
 
 
 def test_ctrl_c_while_the_options_are_parsed_is_one_line_too(workdir, monkeypatch):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -195,7 +195,9 @@ def _import_libraries() -> None:
         if "torch" not in sys.modules:
             _paused = _paused or gc.isenabled()
             gc.disable()
-            with _ctrl_c_held():
+            from pspctl import interrupts  # imports nothing more
+
+            with interrupts.held():  # not safe to interrupt (pspctl.interrupts)
                 import torch  # noqa: F401
 
                 import pspctl.fileformat  # noqa: F401
@@ -205,34 +207,6 @@ def _import_libraries() -> None:
         if _paused:
             gc.enable()
         _paused = False
-
-
-@contextmanager
-def _ctrl_c_held() -> Iterator[None]:
-    """Hold a Ctrl-C back until the block ends, then raise it there. For torch's import, which
-    is not safe to interrupt: a KeyboardInterrupt raised inside its C++ start-up aborts the
-    process (pybind11's `terminate called`) or corrupts it (`SystemError: ... bad call
-    flags`, a segfault), and one raised in its Python part leaves a half-made `torch` in
-    sys.modules that the next import trips over (`partially initialized module 'torch'`).
-    Only Python's own handler, in the main thread, is replaced: one set by someone else (or
-    SIG_IGN) is theirs to keep."""
-    import signal
-    import threading
-
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-    held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if held:
-        raise KeyboardInterrupt
 
 
 _paused = False  # whether `main` or `_import_libraries` paused the garbage collector
@@ -252,35 +226,51 @@ def _name_pickled_code() -> None:
         ran_pickled.clear()
 
 
+def _interrupted() -> NoReturn:
+    """Exit 130 for a Ctrl-C, saying which outputs it came too late to stop."""
+    from pspctl import interrupts
+
+    written = interrupts.written()
+    error_line(f"interrupted after writing {', '.join(written)} (complete)" if written else "interrupted")
+    raise typer.Exit(130) from None
+
+
 def _one_line_errors(fn: F, command: str) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pspctl import interrupts
         from pspctl.errors import PspctlError, one_line, os_error
 
-        try:
-            _import_libraries()  # inside: Ctrl-C while torch is imported is one line too
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, ClickException):  # typer's own; _RootGroup renders them
-            raise
-        except PspctlError as e:
-            if state.debug and e.__cause__ is not None:  # e.g. where a task file's function failed
-                traceback.print_exception(e, file=sys.stderr)
-            error_line(str(e))
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            error_line("interrupted")
-            raise typer.Exit(130) from None
-        except Exception as e:
-            known = os_error(e) if isinstance(e, OSError) else None  # a full disk, a read-only dir
-            if known is not None:
-                if state.debug:
-                    traceback.print_exception(e, file=sys.stderr)
-                error_line(str(known))
-                raise typer.Exit(known.exit_code) from None
-            if state.debug:
+        with interrupts.noted():  # reported inside: it forgets its Ctrl-Cs when it ends
+            try:
+                _import_libraries()  # inside: Ctrl-C while torch is imported is one line too
+                result = fn(*args, **kwargs)
+                interrupts.check()  # a Ctrl-C that a library swallowed
+                return result
+            except (typer.Exit, typer.Abort, ClickException):  # typer's own; _RootGroup renders them
                 raise
-            error_line(f"pspctl {command} failed: {one_line(e)} (run with --debug for the traceback)")
-            raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                _interrupted()
+            except Exception as e:
+                if interrupts.interrupted():  # whatever failed after a Ctrl-C failed for it
+                    if state.debug:
+                        traceback.print_exception(e, file=sys.stderr)
+                    _interrupted()
+                if isinstance(e, PspctlError):
+                    if state.debug and e.__cause__ is not None:  # e.g. where a task file's function failed
+                        traceback.print_exception(e, file=sys.stderr)
+                    error_line(str(e))
+                    raise typer.Exit(e.exit_code) from None
+                known = os_error(e) if isinstance(e, OSError) else None  # a full disk, a read-only dir
+                if known is not None:
+                    if state.debug:
+                        traceback.print_exception(e, file=sys.stderr)
+                    error_line(str(known))
+                    raise typer.Exit(known.exit_code) from None
+                if state.debug:
+                    raise
+                error_line(f"pspctl {command} failed: {one_line(e)} (run with --debug for the traceback)")
+                raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -295,8 +285,10 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
     """A rich progress bar driven by callbacks of (done, total, item); silent with quiet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pspctl.interrupts import check  # each step: a Ctrl-C that a library swallowed stops here
+
     if quiet or not err_console.is_terminal:  # no bar in logs and pipes
-        yield lambda done, total, item: None
+        yield lambda done, total, item: check()
         return
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -305,6 +297,7 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
         task = bar.add_task(description, total=None, item="")
 
         def update(done: int, total: int, item: str) -> None:
+            check()
             bar.update(task, completed=done, total=total, item=item)
 
         yield update
