@@ -14,6 +14,7 @@ transformers (`pip install 'pspctl[hf]'`) is imported only where a model is buil
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ from pspctl.errors import InputError, MismatchError, PspctlError, listed, one_li
 from pspctl.fileformat import SuperposedFile, SuperposedWriter
 from pspctl.header import check_label, variant_name
 from pspctl.outputs import parse_size, plan_shards, shard_name, write_safetensors
-from pspctl.task import Task
+from pspctl.task import Signature, Task
 
 __all__ = [
     "INSTALL_HINT",
@@ -426,13 +427,36 @@ def example_inputs(
     """
     gen = torch.Generator().manual_seed(seed)
     vision = config.get("vision_config") or config
-    if "image_size" in vision or "num_channels" in vision:
+    if _is_vision(config):
         size = vision.get("image_size", 224)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (torch.randn(batch, vision.get("num_channels", 3), h, w, generator=gen),)
     vocab = int(config.get("vocab_size") or 2)
     limit = config.get("max_position_embeddings") or config.get("n_positions") or seq
     return (torch.randint(0, vocab, (batch, min(seq, int(limit))), generator=gen),)
+
+
+def _is_vision(config: Mapping[str, Any]) -> bool:
+    vision = config.get("vision_config") or config
+    return "image_size" in vision or "num_channels" in vision
+
+
+def text_signature(config: Mapping[str, Any]) -> Signature:
+    """What `export` gives a text model's graph (as optimum does): `input_ids` and
+    `attention_mask`, any batch and any sequence length up to the model's positions. Traced
+    and validated with the second row right-padded, so that the mask is really used."""
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+
+    def inputs() -> tuple[Tensor, ...]:
+        (ids,) = example_inputs(config)
+        mask = torch.ones_like(ids)
+        mask[1, -max(1, ids.shape[1] // 4) :] = 0
+        return ids, mask
+
+    axes = {0: "batch", 1: "sequence"}
+    return Signature(
+        ("input_ids", "attention_mask"), inputs, (axes, axes), {"sequence": int(limit)} if limit else {}
+    )
 
 
 SYNTHETIC_BATCHES = {"train": 32, "test": 4}  # batches of 8 made-up inputs per split (tune)
@@ -459,20 +483,19 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
     # folder was saved from; an Auto class only where transformers has no such class.
     cls = named if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel) else None
 
+    text = not _is_vision(config)
+
     def build_model() -> nn.Module:
         model_type = config.get("model_type")
         if model_type not in transformers.CONFIG_MAPPING:
             raise InputError(f"{sf.path}: config.json has model_type {model_type!r}, unknown to transformers")
         cfg = transformers.CONFIG_MAPPING[model_type].from_dict(config)
         cfg.use_cache = False  # logits only: a KV cache in the outputs is no tensor for export/analyze
-        if cls is None:
-            model = getattr(transformers, auto).from_config(cfg)
-            if not getattr(cfg, "is_encoder_decoder", False):
-                return model.eval()
-            return _decoder_fed(type(model))(cfg).eval()  # T5Model, say: it needs decoder inputs too
-        if getattr(cfg, "is_encoder_decoder", False):
-            return _decoder_fed(cls)(cfg).eval()
-        return cls(cfg).eval()
+        built = cls if cls is not None else type(getattr(transformers, auto).from_config(cfg))
+        decoder = bool(getattr(cfg, "is_encoder_decoder", False))  # T5, BART: decoder inputs too
+        if decoder or (text and _takes_mask(built)):
+            built = _text_fed(built, decoder=decoder)
+        return built(cfg).eval()
 
     def inputs() -> tuple[Tensor, ...]:
         return example_inputs(config)
@@ -487,20 +510,30 @@ def hf_task(sf: SuperposedFile, *, synthetic_data: bool = False) -> Task:
         build_model=build_model,
         example_inputs=inputs,
         load_data=load_data if synthetic_data else None,
+        # The class config.json names takes a mask (an Auto fallback keeps one input).
+        signature=text_signature(config) if text and cls is not None and _takes_mask(cls) else None,
     )
 
 
-def _decoder_fed(cls: type[nn.Module]) -> type[nn.Module]:
-    """`cls` (an encoder-decoder) taking one input, the token ids, which it feeds to the
-    decoder too: the one-input form `analyze`, `export` and `tune` call a model with. The
-    subclass adds no module, so its state_dict is `cls`'s."""
+def _takes_mask(cls: type[nn.Module]) -> bool:
+    return "attention_mask" in inspect.signature(cls.forward).parameters
 
-    class DecoderFed(cls):  # type: ignore[valid-type,misc]
-        def forward(self, input_ids: Tensor) -> Any:
-            return super().forward(input_ids=input_ids, decoder_input_ids=input_ids)
 
-    DecoderFed.__name__ = DecoderFed.__qualname__ = cls.__name__
-    return DecoderFed
+def _text_fed(cls: type[nn.Module], *, decoder: bool) -> type[nn.Module]:
+    """`cls` taking (input_ids, attention_mask=None) positionally, as `export` feeds a text
+    model (`text_signature`) and analyze and tune call it with the ids alone. `decoder`: an
+    encoder-decoder, fed the token ids as its decoder inputs too. The subclass adds no module,
+    so its state_dict is `cls`'s."""
+
+    class TextFed(cls):  # type: ignore[valid-type,misc]
+        def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Any:
+            extra: dict[str, Tensor] = {} if attention_mask is None else {"attention_mask": attention_mask}
+            if decoder:
+                extra["decoder_input_ids"] = input_ids
+            return super().forward(input_ids=input_ids, **extra)
+
+    TextFed.__name__ = TextFed.__qualname__ = cls.__name__
+    return TextFed
 
 
 def hf_paths(paths: Sequence[Path]) -> bool:

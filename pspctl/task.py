@@ -16,7 +16,7 @@ import itertools
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,6 +43,21 @@ _counter = itertools.count()
 
 
 @dataclass(frozen=True)
+class Signature:
+    """How `export` calls a model whose graph should take more than example_inputs() gives: a
+    Hugging Face text model takes its token ids and their attention mask, with the sequence
+    length free (as optimum exports them). The model's forward takes `inputs()` positionally.
+
+    `axes` names each input's dynamic dims, the batch (0) included; inputs that share a name
+    share the size. `bounds` caps a named dim (the model's maximum positions)."""
+
+    names: tuple[str, ...]
+    inputs: Callable[[], tuple[torch.Tensor, ...]]
+    axes: tuple[Mapping[int, str], ...]
+    bounds: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Task:
     """The functions of one loaded task file; ``source`` names it in error messages.
 
@@ -57,6 +72,7 @@ class Task:
     example_inputs: Callable[[], tuple[torch.Tensor, ...]] | None = None
     load_data: Callable[[int, str], Any] | None = None
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
+    signature: Signature | None = None  # set by pspctl (`hf.hf_task`), not by task files
 
     def __post_init__(self) -> None:
         for name in ("build_model", *OPTIONAL):

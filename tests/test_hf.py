@@ -229,9 +229,11 @@ def test_heads_without_an_auto_class_are_built_as_config_json_names_them(tmp_pat
     report = analyze(sf, max_samples=8, sparsities=[0.5])
     errors = [c.output_error for c in report.contexts]
     assert all(e is not None and 0 < e < 0.1 for e in errors), errors
-    result = run("export", tmp_path / "w.safetensors", "--context", 1, "-o", tmp_path / "m.onnx", "-q")
+    result = run("export", tmp_path / "w.safetensors", "--context", 1, "-o", tmp_path / "m.onnx", "--json")
     assert result.exit_code == 0, result.output  # validated against torch in onnxruntime
     assert (tmp_path / "m.onnx").is_file()
+    report = json.loads(result.stdout)  # any sequence length: validated at another one too
+    assert any(c["output"].endswith("(sequence 8)") for c in report["checks"]) and not report["notes"]
     # The default merge superposes nothing here: one graph of K whole models. Their head is
     # tied to the embeddings (save_pretrained dropped the copy), and BertForMaskedLM cannot be
     # traced inside torch.cond: it is then served per tensor.
@@ -278,6 +280,76 @@ def test_hf_task_picks_the_auto_class_and_makes_inputs_from_the_config():
     assert ids.shape == (2, 8) and int(ids.max()) < 7 and ids.dtype == torch.int64
     (pixels,) = example_inputs({"image_size": 16, "num_channels": 3})
     assert pixels.shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_an_hf_text_graph_takes_any_sequence_length_and_an_attention_mask(finetunes, tmp_path, multi):
+    """As optimum exports them: inputs input_ids and attention_mask, batch and sequence length
+    dynamic. Checked in onnxruntime against PyTorch at a size the graph was not traced at, with
+    padding that the mask must hide (it had one input, fixed at the traced 16 tokens)."""
+    import numpy as np
+
+    from pspctl.onnx_export.validate import session
+
+    folder, paths, models, _ = finetunes
+    out = tmp_path / "g.onnx"
+    args = ["--multi"] if multi else ["--context", "2"]
+    result = run("export", folder / "w.safetensors", *args, "-o", out, "-q", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    checked = {c["output"] for c in report["checks"]}
+    assert any("(sequence 8)" in o for o in checked) and all(c["passed"] for c in report["checks"])
+    sess = session(out)
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    assert inputs == {
+        **({"context": []} if multi else {}),
+        "input_ids": ["batch", "sequence"],
+        "attention_mask": ["batch", "sequence"],
+    }
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 64, (3, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # right padding
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    if multi:
+        feed["context"] = np.array(2, dtype=np.int64)
+    logits = sess.run(None, feed)[0]
+    retrieved = type(models[2])(models[2].config).eval()
+    retrieved.load_state_dict(SuperposedFile(folder / "w.safetensors").state_dict(2), strict=False)
+    with torch.no_grad():
+        expected = retrieved(input_ids=ids, attention_mask=mask).logits.numpy()
+        unmasked = retrieved(input_ids=ids).logits.numpy()
+    assert logits.shape == (3, 11, 64) and np.abs(logits - expected).max() < 1e-4
+    assert np.abs(logits[0] - unmasked[0]).max() > 1e-3  # the mask is used: row 0's padding is hidden
+
+
+def test_where_the_sequence_cannot_stay_dynamic_the_graph_is_traced_at_its_length(
+    finetunes, tmp_path, monkeypatch
+):
+    """An architecture the exporter cannot trace with a free sequence length still exports,
+    with the batch alone dynamic, and the report says which length it is fixed at."""
+    from pspctl.onnx_export import api
+    from pspctl.onnx_export.errors import TraceError
+    from pspctl.onnx_export.validate import session
+
+    real = api.to_onnx
+
+    def no_dynamic_sequence(*args, **kwargs):
+        if kwargs.get("axes") is not None:
+            raise TraceError("the ONNX exporter cannot trace this model: Constraints violated (sequence)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "to_onnx", no_dynamic_sequence)
+    folder, _, _, _ = finetunes
+    result = run("export", folder / "w.safetensors", "-c", "1", "-o", tmp_path / "g.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["notes"] == [
+        "sequence 16 fixed as traced: the exporter could not keep it dynamic (Constraints violated (sequence))"
+    ]
+    assert not any("(sequence" in c["output"] for c in report["checks"])  # not validated at another length
+    shapes = {i.name: i.shape for i in session(tmp_path / "g.onnx").get_inputs()}
+    assert shapes == {"input_ids": ["batch", 16], "attention_mask": ["batch", 16]}
 
 
 def test_without_transformers_one_line_names_the_extra(finetunes, monkeypatch):

@@ -28,7 +28,7 @@ from pspctl.onnx_export.report import ExportReport
 from pspctl.onnx_export.validate import compare, session, torch_outputs
 from pspctl.outputs import staged_folder
 from pspctl.sources import files_read
-from pspctl.task import Task, check_fits, load_state, on_task_data
+from pspctl.task import Signature, Task, check_fits, load_state, on_task_data
 from pspctl.types import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, Progress, Role
 
 __all__ = ["export_contexts", "export_multi"]
@@ -110,15 +110,71 @@ def _validation_inputs(task: Task, k: int) -> tuple[tuple[Tensor, ...], str, str
         if batch is not None:
             inputs = _as_inputs(batch[0], "load_data()'s inputs")
             return inputs, "load_data(k, 'test')", f"load_data({k}, 'test')"
+    signature = _signature(task)
+    if signature is not None:
+        what = f"example {' and '.join(signature.names)}"
+        return signature.inputs(), what, what
     assert task.example_inputs is not None  # checked by _fresh_model
     return _as_inputs(task.example_inputs(), "example_inputs()"), "example_inputs()", "example_inputs()"
 
 
 def _tracing_inputs(task: Task) -> tuple[Tensor, ...]:
-    assert task.example_inputs is not None
-    inputs = _as_inputs(task.example_inputs(), "example_inputs()")
+    signature = _signature(task)
+    if signature is not None:
+        inputs = signature.inputs()
+    else:
+        assert task.example_inputs is not None
+        inputs = _as_inputs(task.example_inputs(), "example_inputs()")
     # torch.export specialises a batch of 1 as a constant; trace with 2 so the batch stays dynamic.
     return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
+
+
+def _signature(task: Task) -> Signature | None:
+    return getattr(task, "signature", None)  # a Task-like object without one: example_inputs()
+
+
+def _input_names(task: Task, count: int) -> list[str]:
+    signature = _signature(task)
+    return list(signature.names) if signature is not None else io_names("input", count)
+
+
+def _traced(task: Task, module: nn.Module, args: tuple[Any, ...], path: Path, **options: Any) -> str | None:
+    """`to_onnx` with the dims the task's signature names (a text model's sequence length).
+    Where the exporter cannot keep them dynamic (a forward that turns the length into a
+    Python number), the graph is traced again with only the batch dynamic: returns the note that
+    says so, else None."""
+    signature = _signature(task)
+    if signature is None:
+        to_onnx(module, args, path, **options)
+        return None
+    try:
+        to_onnx(module, args, path, axes=signature.axes, bounds=signature.bounds, **options)
+        return None
+    except TraceError as e:
+        to_onnx(module, args, path, **options)
+        named = {
+            n: args[-len(signature.axes) + i].shape[d]
+            for i, ax in enumerate(signature.axes)
+            for d, n in ax.items()
+        }
+        fixed = ", ".join(f"{n} {size}" for n, size in named.items() if n != "batch")
+        reason = str(e).removeprefix("the ONNX exporter cannot trace this model: ")
+        return f"{fixed} fixed as traced: the exporter could not keep it dynamic ({reason})"
+
+
+def _shorter(task: Task, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+    """`inputs` cut to half along the signature's dynamic dims other than the batch, to
+    validate a graph at a size it was not traced at; None if there is nothing to cut."""
+    signature = _signature(task)
+    if signature is None:
+        return None
+    cut = []
+    for t, axes in zip(inputs, signature.axes, strict=True):
+        for d in axes:
+            if d != 0 and t.shape[d] > 1:
+                t = t.narrow(d, 0, t.shape[d] // 2)
+        cut.append(t)
+    return tuple(cut) if any(a.shape != b.shape for a, b in zip(cut, inputs, strict=True)) else None
 
 
 def _staging(targets: list[Path], *, force: bool, directory: Path | None, file: SuperposedFile, task: Task):
@@ -171,15 +227,31 @@ def _outputs(task: Task, model: nn.Module, inputs: tuple[Tensor, ...], what: str
         return torch_outputs(model, inputs)
 
 
-def _export_one(task: Task, file: SuperposedFile, k: int, path: Path, opset: int) -> nn.Module:
+def _export_one(
+    task: Task, file: SuperposedFile, k: int, path: Path, opset: int
+) -> tuple[nn.Module, str | None]:
+    """Context k's graph at `path`; the retrieved model, and `_traced`'s note."""
     model = _retrieved(task, file, k)
     example = _tracing_inputs(task)
     n_out = len(_outputs(task, model, example, "example_inputs()"))
-    to_onnx(
-        model, example, path,
-        input_names=io_names("input", len(example)), output_names=io_names("output", n_out), opset=opset,
+    note = _traced(
+        task, model, example, path,
+        input_names=_input_names(task, len(example)), output_names=io_names("output", n_out), opset=opset,
     )  # fmt: skip
-    return model
+    return model, note
+
+
+def _batches(task: Task, k: int, note: str | None) -> Iterator[tuple[tuple[Tensor, ...], str, str, str]]:
+    """What each graph of context k is validated on, as `_validation_inputs` gives it, and
+    the suffix naming its outputs in the report; then, where the graph kept a sequence dim
+    dynamic, the same cut to half length (`_shorter`)."""
+    inputs, where, what = _validation_inputs(task, k)
+    yield inputs, where, what, ""
+    shorter = None if note else _shorter(task, inputs)
+    signature = _signature(task)
+    if shorter is not None and signature is not None:
+        sizes = ", ".join(f"{n} {shorter[0].shape[d]}" for d, n in signature.axes[0].items() if d != 0)
+        yield shorter, where, what, f" ({sizes})"
 
 
 def export_contexts(
@@ -216,16 +288,20 @@ def export_contexts(
     with _unless_strict(report, strict), staged as staging:
         for done, (k, target) in enumerate(todo, 1):
             graph = staging / target.name
-            model = _export_one(task, file, k, graph, opset)
-            inputs, report.inputs_from, what = _validation_inputs(task, k)
-            want = _outputs(task, model, inputs, what)  # first: PyTorch says best why inputs do not fit
+            model, note = _export_one(task, file, k, graph, opset)
+            if note is not None and note not in report.notes:
+                report.notes.append(note)
             sess = session(graph)
-            got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)})
-            names = [o.name for o in sess.get_outputs()]
-            report.checks += compare(
-                got, want, names,
-                context=k, label=file.labels[k], atol=atol, rtol=rtol,
-            )  # fmt: skip
+            for inputs, report.inputs_from, what, size in _batches(task, k, note):
+                want = _outputs(task, model, inputs, what)  # first: PyTorch says best why inputs do not fit
+                got = sess.run(
+                    None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)}
+                )
+                names = [o.name + size for o in sess.get_outputs()]
+                report.checks += compare(
+                    got, want, names,
+                    context=k, label=file.labels[k], atol=atol, rtol=rtol,
+                )  # fmt: skip
             report.files[str(target)] = _graph_bytes(graph)
             tick(done, len(todo), file.labels[k])
         _fail_if_needed(report)
@@ -280,12 +356,14 @@ def export_multi(
             to_float32(wrapper)  # the file's own tensors it holds (superposed, stacked)
             report.layers = dict(wrapper.layers)
             try:
-                to_onnx(
-                    wrapper, (torch.tensor(0), *example), graph,
-                    input_names=["context", *io_names("input", len(example))],
+                note = _traced(
+                    task, wrapper, (torch.tensor(0), *example), graph,
+                    input_names=["context", *_input_names(task, len(example))],
                     output_names=[*names, "context_valid"], opset=opset, varargs=True,
                     branches=BRANCH in wrapper.layers.values(),
                 )  # fmt: skip
+                if note is not None:
+                    report.notes.append(note)
                 break
             except TraceError:
                 if wrapper.copies is None:  # no other way to serve it
@@ -299,15 +377,16 @@ def export_multi(
         sess = session(graph)
         feeds = [i.name for i in sess.get_inputs()]
         for k in range(K):
-            inputs, report.inputs_from, what = _validation_inputs(task, k)
-            want = _outputs(task, _retrieved(task, file, k, in_float32=True), inputs, what)
-            got = sess.run(None, _feed(feeds, k, inputs))
-            if not bool(got[-1]):
-                raise ValidationError(f"context {k} is in range but the graph flags it invalid")
-            report.checks += compare(
-                got[:-1], want, names,
-                context=k, label=file.labels[k], atol=atol, rtol=rtol,
-            )  # fmt: skip
+            model = _retrieved(task, file, k, in_float32=True)
+            for inputs, report.inputs_from, what, size in _batches(task, k, note):
+                want = _outputs(task, model, inputs, what)
+                got = sess.run(None, _feed(feeds, k, inputs))
+                if not bool(got[-1]):
+                    raise ValidationError(f"context {k} is in range but the graph flags it invalid")
+                report.checks += compare(
+                    got[:-1], want, [n + size for n in names],
+                    context=k, label=file.labels[k], atol=atol, rtol=rtol,
+                )  # fmt: skip
             tick(k + 2, steps, file.labels[k])
         for bad in (-1, K):
             if bool(sess.run(None, _feed(feeds, bad, inputs))[-1]):
@@ -316,7 +395,7 @@ def export_multi(
         if measure_per_context:
             single = staging / "per-context" / "graph.onnx"
             single.parent.mkdir()
-            _export_one(task, file, 0, single, opset)
+            _export_one(task, file, 0, single, opset)  # its note is the multi-context graph's
             report.per_context_bytes = K * _graph_bytes(single)
             shutil.rmtree(single.parent)
             tick(steps, steps, "per-context size")

@@ -7,7 +7,7 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,33 @@ _CLASS = re.compile(r"<class '([\w.]+)'>:")
 _WHERE = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
 
 
-def _dynamic_batch(args: Sequence[object], varargs: bool) -> tuple[object, ...]:
-    """dim 0 of every tensor input is the batch; `varargs` nests the inputs as forward(context, *inputs)."""
-    batch = torch.export.Dim("batch")
-    specs = tuple({0: batch} if isinstance(a, Tensor) and a.dim() > 0 else None for a in args)
+BATCH_ONLY: Mapping[int, str] = {0: "batch"}
+
+
+def _dynamic_shapes(
+    args: Sequence[object],
+    varargs: bool,
+    axes: Sequence[Mapping[int, str]] | None,
+    bounds: Mapping[str, int],
+) -> tuple[object, ...]:
+    """torch.export's dynamic shapes: `axes[i]` names input i's dynamic dims (by default dim
+    0 of every tensor input, the batch); a name shared by inputs is one size, capped by
+    `bounds`. `varargs` nests the inputs as forward(context, *inputs)."""
+    dims: dict[str, Any] = {}
+
+    def dim(name: str) -> Any:
+        if name not in dims:
+            dims[name] = (
+                torch.export.Dim(name, max=bounds[name]) if name in bounds else torch.export.Dim(name)
+            )
+        return dims[name]
+
+    specs = tuple(
+        {d: dim(n) for d, n in (axes[i] if axes is not None else BATCH_ONLY).items()}
+        if isinstance(a, Tensor) and a.dim() > 0
+        else None
+        for i, a in enumerate(args)
+    )
     return (None, specs) if varargs else specs
 
 
@@ -78,8 +101,13 @@ def to_onnx(
     varargs: bool = False,
     weight_bytes: int | None = None,
     branches: bool = False,
+    axes: Sequence[Mapping[int, str]] | None = None,
+    bounds: Mapping[str, int] | None = None,
 ) -> None:
     """Export `module` (in eval mode) to `path` with a dynamic batch dim, then run onnx's checker.
+
+    `axes` (one per input, after the context with `varargs`) names the dims that vary, the
+    batch (0) included; `bounds` caps them by name (`pspctl.task.Signature`).
 
     Weights over EXTERNAL_DATA_BYTES go to `<path>.data` beside the graph (ONNX external data).
     `branches`: the module picks among branches (`torch.cond`): their constants are moved into
@@ -100,7 +128,9 @@ def to_onnx(
                     module,
                     args,
                     dynamo=True,
-                    dynamic_shapes=_dynamic_batch(args[1:] if varargs else args, varargs),
+                    dynamic_shapes=_dynamic_shapes(
+                        args[1:] if varargs else args, varargs, axes, bounds or {}
+                    ),
                     input_names=list(input_names),
                     output_names=list(output_names),
                     opset_version=opset,
