@@ -113,11 +113,12 @@ def held() -> Iterator[None]:
 
 
 @contextmanager
-def publishing(path: object) -> Iterator[None]:
-    """Around the moves that put an output in place: none after a Ctrl-C, and all or none of
-    them. A Ctrl-C meanwhile is raised once they are done, with `written` naming the output."""
+def publishing(*paths: object) -> Iterator[None]:
+    """Around the moves that put outputs in place: none after a Ctrl-C, and all or none of
+    them. A Ctrl-C meanwhile is raised once they are done, with `written` naming `paths`
+    (the outputs as the user knows them; none for a file that is not one, the trust store)."""
     check()
     with held():
         yield
         if _noting:
-            _written.append(str(path))
+            _written.extend(str(p) for p in paths)

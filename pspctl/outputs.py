@@ -104,6 +104,31 @@ def clean_stale(path: Path) -> list[Path]:
     return removed
 
 
+def _uninterrupted(clean_up: Callable[[Path], None], path: Path) -> None:
+    """`clean_up(path)` whatever Ctrl-C comes: one during it is raised after it, and one that
+    lands as it starts (before the hold) is raised after it is done again, in full."""
+    try:
+        with interrupts.held():
+            clean_up(path)
+    except KeyboardInterrupt:
+        clean_up(path)
+        raise
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _staged(path: Path) -> bool:
+    """Whether `path` is in a staging folder (`staged_folder`): not an output until that moves."""
+    return any(p.name.endswith(TMP_SUFFIX) for p in path.absolute().parents)
+
+
 def _appeared(path: Path) -> OutputError:
     return OutputError(f"{path}: appeared while pspctl was writing it (another run?); nothing replaced")
 
@@ -227,11 +252,13 @@ def _remove_earlier(earlier: Sequence[Path], keep: Sequence[Path], inputs: Seque
 
 @contextlib.contextmanager
 def atomic_path(
-    path: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()
+    path: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = (), output: bool = True
 ) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it becomes `path` only if the body succeeds.
 
     Missing parent folders are made (mkdir -p), and removed again if the body fails.
+    `output`: a file the user asked for, named if a Ctrl-C comes as it is moved into place
+    (`pspctl.interrupts.written`); not so the trust store, or a file staged in a folder.
 
     Raises:
         OutputError: `path` is a directory, one of `inputs`, exists without `force` (now or
@@ -247,14 +274,13 @@ def atomic_path(
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 less the umask
             yield tmp
             earlier = earlier_output(path)
-            with interrupts.publishing(path):
+            with interrupts.publishing(*([path] if output and not _staged(path) else [])):
                 _publish(tmp, path, force=force)
                 _remove_earlier(earlier, [path], inputs)
         except OSError as e:  # a full disk, a read-only folder: name the output, not our temp file
             raise _write_error(path, e) from e
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _uninterrupted(_unlink, tmp)
 
 
 @contextlib.contextmanager
@@ -293,12 +319,12 @@ def staged_folder(
     try:
         staging.mkdir(mode=0o777)
         yield staging
-        with interrupts.publishing(folder):
+        with interrupts.publishing(*(folder / n for n in names)):
             _publish_staged(staging, folder, absolute, unsharded, names, force=force, inputs=inputs)
     except OSError as e:  # name the one output, or the folder of several
         raise _write_error(folder / names[0] if len(names) == 1 else folder, e) from e
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _uninterrupted(_rmtree, staging)
 
 
 def _publish_staged(
@@ -381,9 +407,10 @@ def _parents_made(path: Path) -> Iterator[None]:
                 made.append(parent)
         yield
     except BaseException:
-        for parent in reversed(made):
-            with contextlib.suppress(OSError):
-                os.rmdir(parent)
+        with interrupts.held():
+            for parent in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
         raise
 
 
@@ -594,7 +621,7 @@ def write_safetensors_sharded(
             for target in targets:  # all checked before any is moved; the index, which readers open, last
                 _check_target(target, force=force, inputs=inputs)
             earlier = earlier_output(path)
-            with interrupts.publishing(targets[-1]):
+            with interrupts.publishing(targets[-1]):  # the index names them all
                 for target in targets:
                     _publish(staging / target.name, target, force=force)
                     published.append(target)
@@ -602,14 +629,15 @@ def write_safetensors_sharded(
                 complete = True
         except BaseException as e:
             if not force and not complete:  # take back what this run published: all or nothing
-                for target in published:
-                    with contextlib.suppress(OSError):
-                        os.unlink(target)
+                with interrupts.held():
+                    for target in published:
+                        with contextlib.suppress(OSError):
+                            os.unlink(target)
             if isinstance(e, OSError):
                 raise _write_error(path, e) from e
             raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            _uninterrupted(_rmtree, staging)
     return targets
 
 

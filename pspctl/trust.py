@@ -75,5 +75,5 @@ def remember(task: Path | str) -> None:
             return
         tasks[key] = where
         text = json.dumps({"format": FORMAT, "tasks": dict(sorted(tasks.items()))}, indent=1) + "\n"
-        with atomic_path(store_path(), force=True) as tmp:
+        with atomic_path(store_path(), force=True, output=False) as tmp:
             tmp.write_text(text)

@@ -271,6 +271,121 @@ def test_the_installed_entry_point(workdir, debug):
         )
 
 
+ENDS = """
+import atexit, signal, sys
+import typer.main
+
+if sys.argv[1] == "building":  # Ctrl-C while typer builds the click command, before it runs
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    typer.main.get_command = interrupted
+else:  # Ctrl-C while Python shuts down, after the command has finished
+    atexit.register(signal.raise_signal, signal.SIGINT)
+sys.argv = ["pspctl", "info", sys.argv[2]]
+from pspctl.cli import main
+main()
+"""
+
+
+LOADING = """
+import sys
+
+class Interrupted:  # Ctrl-C while typer loads, as pspctl's command line is imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupted())
+import pspctl.cli
+"""
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line_and_exit_130():
+    """Raised as SystemExit out of that import, the process sometimes still died by the signal."""
+    out = subprocess.run(
+        [sys.executable, "-c", LOADING], capture_output=True, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    assert (out.returncode, out.stdout, out.stderr) == (130, "", "error: interrupted\n")
+
+
+@pytest.mark.parametrize("when", ["building", "shutdown"])
+def test_ctrl_c_before_and_after_the_command_is_one_line_or_its_own_exit(workdir, when):
+    """A Ctrl-C while typer builds the command printed a KeyboardInterrupt traceback; one while
+    Python shut down after the command printed "Exception ignored in atexit callback" or
+    killed the process by the signal. The first is the usual one line, exit 130; after the
+    command, the process ends at once with its own exit code and output, without Python's
+    shutdown (the atexit callback that sends the Ctrl-C never runs)."""
+    assert run("merge", "model0.pt", "model1.pt", "-q").exit_code == 0
+    out = subprocess.run(
+        [sys.executable, "-c", ENDS, when, "w.safetensors"],
+        capture_output=True, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )  # fmt: skip
+    if when == "building":
+        assert (out.returncode, out.stdout, out.stderr) == (130, "", "error: interrupted\n")
+    else:
+        assert out.returncode == 0 and out.stderr == "" and "2 contexts" in out.stdout
+
+
+def test_a_ctrl_c_while_analyze_plots_leaves_neither_output(workdir, monkeypatch):
+    """analyze --json --plot moved the JSON into place before it plotted: a Ctrl-C or a
+    failure while plotting left the JSON alone. Now the JSON waits for the plot."""
+    from pspctl.analysis import plot
+
+    assert run("merge", "model0.pt", "model1.pt", "-q").exit_code == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot, "plot_report", interrupted)
+    result = run("analyze", "--json", "a.json", "--plot", "a.png", "-q")
+    assert result.exit_code == 130 and result.stderr == "error: interrupted\n"  # after the report
+    assert not (workdir / "a.json").exists() and not (workdir / "a.png").exists()
+    assert not list(workdir.glob(".*pspctl-tmp"))
+
+
+def test_only_the_outputs_the_user_named_are_reported_written(tmp_path, python_sigint):
+    """`interrupts.written` names the outputs as the user knows them: each file of a staged
+    folder (not the folder, nor the temporary files staged in it), and not the trust store."""
+    from pspctl import interrupts
+    from pspctl.outputs import atomic_path, staged_folder
+
+    with interrupts.noted():
+        with staged_folder(tmp_path / "out", ["a.onnx", "b.onnx"]) as staging:
+            for name in ("a.onnx", "b.onnx"):
+                with atomic_path(staging / name) as tmp:  # extract --context all writes so
+                    tmp.write_text(name)
+        with atomic_path(tmp_path / "trusted.json", force=True, output=False) as tmp:
+            tmp.write_text("{}")
+        with atomic_path(tmp_path / "w.json") as tmp:
+            tmp.write_text("{}")
+        assert interrupts.written() == [
+            str(tmp_path / "out" / "a.onnx"),
+            str(tmp_path / "out" / "b.onnx"),
+            str(tmp_path / "w.json"),
+        ]
+    assert interrupts.written() == []  # forgotten with the command
+
+
+def test_a_second_ctrl_c_waits_for_the_clean_up(tmp_path, monkeypatch, python_sigint):
+    """Two quick Ctrl-Cs: the second aborted the removal of the staging folder, which was left
+    with its files (a sharded merge, extract --context all). It now waits for it."""
+    from pspctl import outputs
+
+    real_rmtree = outputs.shutil.rmtree
+
+    def rmtree_interrupted(path, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, as the clean-up starts
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", rmtree_interrupted)
+    with pytest.raises(KeyboardInterrupt), outputs.staged_folder(tmp_path / "out", ["a", "b"]) as staging:
+        (staging / "a").write_text("a")
+        raise KeyboardInterrupt  # the first
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no files, no out/
+
+
 # --- click's own errors: options that do not parse ----------------------------------------
 
 

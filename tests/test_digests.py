@@ -94,6 +94,9 @@ def test_commands_import_torch_with_the_collector_paused_then_frozen(tmp_path):
         "import gc, sys\n"
         "from pspctl.cli import common\n"
         f"sys.argv = ['pspctl', 'info', {str(tmp_path / 'missing.safetensors')!r}]\n"
+        "def finished(code):\n"  # main ends the process (os._exit): look before it does
+        "    raise SystemExit(code)\n"
+        "common._finished = finished\n"
         "try:\n"
         "    common.main()\n"
         "except SystemExit as e:\n"

@@ -3,6 +3,7 @@ measurements live in pspctl.analysis."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -108,18 +109,24 @@ def analyze(
             max_samples=samples, max_drop=max_drop, max_output_error=max_output_error, trust_pickle=trust_pickle, seed=seed, progress=update,
         )  # fmt: skip
     render(report)
-    if json_file is not None:
-        import json
+    written = []
+    # The JSON is moved into place after the plot is made, so that a failure or a Ctrl-C while
+    # plotting leaves neither.
+    with contextlib.ExitStack() as stack:
+        if json_file is not None:
+            import json
 
-        from pspctl.checkpoints import atomic_path
+            from pspctl.checkpoints import atomic_path
 
-        with atomic_path(json_file, force=force) as tmp:
+            tmp = stack.enter_context(atomic_path(json_file, force=force))
             tmp.write_text(json.dumps(report.to_dict(), indent=1))
-        console.print(f"wrote {json_file}")
-    if plot is not None:
-        from pspctl.analysis.plot import plot_report
+            written.append(json_file)
+        if plot is not None:
+            from pspctl.analysis.plot import plot_report
 
-        console.print(f"wrote {plot_report(report, plot, force=force)}")
+            written.insert(0, plot_report(report, plot, force=force))
+    for path in written:
+        console.print(f"wrote {path}")
 
 
 def render(r: Report) -> None:
